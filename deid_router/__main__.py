@@ -1,0 +1,3 @@
+from deid_router.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,469 @@
+"""Typed, validated configuration (see ../shared/contract.md).
+
+Every problem is collected (file, key, reason) so that ``check-config`` can print them all at
+once. Unknown keys are errors: a typo must never silently weaken de-identification. Relative
+paths resolve against the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deid_router.errors import ConfigError
+
+ENV_CONFIG = "DEID_ROUTER_CONFIG"
+ENV_QUEUE_URL = "DEID_ROUTER_QUEUE_URL"
+
+RULE_ACTIONS = ("keep", "remove", "empty", "dummy", "replace", "uid", "hash", "shift_date", "clean")
+DEID_OPTIONS = (
+    "retain_safe_private",
+    "retain_uids",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_patient_characteristics",
+    "retain_long_full_dates",
+    "retain_long_modified_dates",
+    "clean_descriptors",
+    "clean_structured_content",
+    "clean_graphics",
+)
+BURNED_IN_CHOICES = ("quarantine", "forward")
+MATCH_KEYS = ("calling_aet", "called_aet", "modality", "sop_class_uid")
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+_TAG_RE = re.compile(r"^\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)$")
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    ae_title: str = "DEID_ROUTER"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allowed_calling_aets: tuple[str, ...] = ()
+    max_associations: int = 16
+    max_pdu_size: int = 0  # 0: unlimited, fastest for pynetdicom
+    network_timeout_seconds: float = 60.0
+    dimse_timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    root: Path
+    keep_raw_hours: float = 0.0
+    min_free_mb: int = 512  # below this free space, new associations are refused (transient)
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    url: str
+    max_attempts: int = 10
+    retry_initial_seconds: float = 2.0
+    retry_max_seconds: float = 600.0
+    workers: int = 0  # 0: one per CPU core
+    lease_seconds: float = 60.0
+    batch_size: int = 32
+    poll_seconds: float = 0.5
+
+
+@dataclass(frozen=True)
+class DeidRule:
+    tag: str  # keyword or "(gggg,eeee)", as written
+    action: str
+    value: str | None = None
+
+
+@dataclass(frozen=True)
+class DeidConfig:
+    secret_file: Path
+    options: tuple[str, ...] = ()
+    burned_in_annotation: str = "quarantine"
+    rules: tuple[DeidRule, ...] = ()
+    pseudonym_prefix: str = "DEID-"
+    pseudonym_length: int = 10
+    patient_name_pattern: str = "ANON^{pseudonym}"
+    date_shift_min_days: int = -3650
+    date_shift_max_days: int = -365
+    patient_mapping_csv: Path | None = None
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    name: str
+    type: str  # "dicom" | "folder"
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    path: Path | None = None
+    calling_ae_title: str = ""  # empty: the listener's AE title
+    max_associations: int = 1
+    connect_timeout_seconds: float = 10.0
+    acse_timeout_seconds: float = 30.0
+    dimse_timeout_seconds: float = 60.0
+    network_timeout_seconds: float = 60.0
+    max_pdu_size: int = 0
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    name: str
+    destinations: tuple[str, ...]
+    match: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    listener: ListenerConfig
+    storage: StorageConfig
+    queue: QueueConfig
+    deid: DeidConfig
+    destinations: tuple[DestinationConfig, ...]
+    routes: tuple[RouteConfig, ...]
+    warnings: tuple[str, ...] = ()
+
+    def destination(self, name: str) -> DestinationConfig:
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+
+class _Reader:
+    """Collects problems while pulling typed values out of nested TOML tables."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[tuple[str, str, str]] = []
+
+    def problem(self, key: str, reason: str) -> None:
+        self.problems.append((self.file, key, reason))
+
+    def table(self, data: dict[str, Any], key: str) -> dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            self.problem(key, "must be a table")
+            return {}
+        return value
+
+    def unknown(self, data: dict[str, Any], prefix: str, allowed: tuple[str, ...]) -> None:
+        for k in data:
+            if k not in allowed:
+                where = f"{prefix}.{k}" if prefix else k
+                self.problem(where, f"unknown key (allowed: {', '.join(allowed)})")
+
+    def get(self, data: dict[str, Any], prefix: str, key: str, kind: type, default: Any) -> Any:
+        where = f"{prefix}.{key}"
+        if key not in data:
+            return default
+        value = data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
+            self.problem(where, f"must be a {kind.__name__}, got {type(value).__name__}")
+            return default
+        return value
+
+    def number(
+        self, data: dict[str, Any], prefix: str, key: str, kind: type, default: Any, minimum: float
+    ) -> Any:
+        value = self.get(data, prefix, key, kind, default)
+        if value < minimum:
+            self.problem(f"{prefix}.{key}", f"must be >= {minimum}")
+            return default
+        return value
+
+    def strings(self, data: dict[str, Any], prefix: str, key: str) -> tuple[str, ...]:
+        value = data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.problem(f"{prefix}.{key}", "must be a list of strings")
+            return ()
+        return tuple(value)
+
+    def ae_title(self, value: str, where: str) -> None:
+        if not _AE_RE.match(value) or not value.strip():
+            self.problem(where, "must be 1-16 printable characters without backslash")
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _writable_dir(r: _Reader, where: str, path: Path) -> None:
+    """The directory must exist and be writable, or be creatable under a writable parent."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        r.problem(where, f"{path} is not a directory")
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        r.problem(where, f"{path} is not writable")
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate a config file; raise ConfigError listing every problem."""
+    if path is None:
+        env = os.environ.get(ENV_CONFIG)
+        if not env:
+            raise ConfigError([("-", "--config", f"no config given: pass --config PATH or set {ENV_CONFIG}")])
+        path = env
+    file = Path(path).expanduser().resolve()
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([(str(file), "-", "file not found")]) from None
+    except PermissionError:
+        raise ConfigError([(str(file), "-", "file not readable (permission denied)")]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([(str(file), "-", f"not valid TOML: {exc}")]) from None
+    return parse_config(raw, file)
+
+
+def parse_config(raw: dict[str, Any], file: Path) -> Config:
+    """Validate an already-parsed TOML document."""
+    r = _Reader(str(file))
+    base = file.parent
+    warnings: list[str] = []
+    r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes"))
+
+    # [listener]
+    li = r.table(raw, "listener")
+    r.unknown(li, "listener", tuple(ListenerConfig.__dataclass_fields__))
+    d = ListenerConfig()
+    listener = ListenerConfig(
+        ae_title=r.get(li, "listener", "ae_title", str, d.ae_title),
+        host=r.get(li, "listener", "host", str, d.host),
+        port=r.number(li, "listener", "port", int, d.port, 0),
+        allowed_calling_aets=r.strings(li, "listener", "allowed_calling_aets"),
+        max_associations=r.number(li, "listener", "max_associations", int, d.max_associations, 1),
+        max_pdu_size=r.number(li, "listener", "max_pdu_size", int, d.max_pdu_size, 0),
+        network_timeout_seconds=r.number(li, "listener", "network_timeout_seconds", float, 60.0, 0.1),
+        dimse_timeout_seconds=r.number(li, "listener", "dimse_timeout_seconds", float, 60.0, 0.1),
+    )
+    r.ae_title(listener.ae_title, "listener.ae_title")
+    for i, aet in enumerate(listener.allowed_calling_aets):
+        r.ae_title(aet, f"listener.allowed_calling_aets[{i}]")
+    if listener.port > 65535:
+        r.problem("listener.port", "must be <= 65535")
+
+    # [storage]
+    st = r.table(raw, "storage")
+    r.unknown(st, "storage", tuple(StorageConfig.__dataclass_fields__))
+    root = _resolve(base, r.get(st, "storage", "root", str, "var"))
+    storage = StorageConfig(
+        root=root,
+        keep_raw_hours=r.number(st, "storage", "keep_raw_hours", float, 0.0, 0),
+        min_free_mb=r.number(st, "storage", "min_free_mb", int, 512, 0),
+    )
+    _writable_dir(r, "storage.root", root)
+
+    # [queue]
+    qu = r.table(raw, "queue")
+    r.unknown(qu, "queue", tuple(QueueConfig.__dataclass_fields__))
+    url = os.environ.get(ENV_QUEUE_URL) or r.get(qu, "queue", "url", str, "")
+    if not url:
+        url = f"sqlite:///{root / 'queue.sqlite3'}"
+    elif not (url.startswith("sqlite:") or url.startswith("postgresql")):
+        r.problem("queue.url", "must be empty (SQLite under storage.root), sqlite:///PATH or postgresql+psycopg://...")
+    queue = QueueConfig(
+        url=url,
+        max_attempts=r.number(qu, "queue", "max_attempts", int, 10, 1),
+        retry_initial_seconds=r.number(qu, "queue", "retry_initial_seconds", float, 2.0, 0),
+        retry_max_seconds=r.number(qu, "queue", "retry_max_seconds", float, 600.0, 0),
+        workers=r.number(qu, "queue", "workers", int, 0, 0),
+        lease_seconds=r.number(qu, "queue", "lease_seconds", float, 60.0, 1),
+        batch_size=r.number(qu, "queue", "batch_size", int, 32, 1),
+        poll_seconds=r.number(qu, "queue", "poll_seconds", float, 0.5, 0.01),
+    )
+    if queue.retry_max_seconds < queue.retry_initial_seconds:
+        r.problem("queue.retry_max_seconds", "must be >= queue.retry_initial_seconds")
+
+    # [deid]
+    de = r.table(raw, "deid")
+    r.unknown(de, "deid", tuple(f for f in DeidConfig.__dataclass_fields__))
+    options = r.strings(de, "deid", "options")
+    for opt in options:
+        if opt not in DEID_OPTIONS:
+            r.problem("deid.options", f"unknown option {opt!r} (known: {', '.join(DEID_OPTIONS)})")
+    if "retain_long_full_dates" in options and "retain_long_modified_dates" in options:
+        r.problem("deid.options", "retain_long_full_dates and retain_long_modified_dates exclude each other")
+    burned = r.get(de, "deid", "burned_in_annotation", str, "quarantine")
+    if burned not in BURNED_IN_CHOICES:
+        r.problem("deid.burned_in_annotation", f"must be one of {', '.join(BURNED_IN_CHOICES)}")
+    secret_file = _resolve(base, r.get(de, "deid", "secret_file", str, "var/secret.key"))
+    if secret_file.exists():
+        if not os.access(secret_file, os.R_OK):
+            r.problem("deid.secret_file", f"{secret_file} is not readable")
+    else:
+        _writable_dir(r, "deid.secret_file", secret_file.parent)
+    rules: list[DeidRule] = []
+    raw_rules = de.get("rules", [])
+    if not isinstance(raw_rules, list):
+        r.problem("deid.rules", "must be an array of tables ([[deid.rules]])")
+        raw_rules = []
+    for i, rule in enumerate(raw_rules):
+        where = f"deid.rules[{i}]"
+        if not isinstance(rule, dict):
+            r.problem(where, "must be a table")
+            continue
+        r.unknown(rule, where, ("tag", "action", "value"))
+        tag = r.get(rule, where, "tag", str, "")
+        action = r.get(rule, where, "action", str, "")
+        value = rule.get("value")
+        if not tag:
+            r.problem(f"{where}.tag", "is required")
+        elif not _TAG_RE.match(tag) and not _known_keyword(tag):
+            r.problem(f"{where}.tag", f"{tag!r} is neither a DICOM keyword nor (gggg,eeee)")
+        if action not in RULE_ACTIONS:
+            r.problem(f"{where}.action", f"must be one of {', '.join(RULE_ACTIONS)}")
+        if action == "replace" and not isinstance(value, str):
+            r.problem(f"{where}.value", "is required (a string) for action 'replace'")
+        elif action != "replace" and value is not None:
+            r.problem(f"{where}.value", "is only allowed with action 'replace'")
+        rules.append(DeidRule(tag=tag, action=action, value=value if isinstance(value, str) else None))
+    mapping_raw = r.get(de, "deid", "patient_mapping_csv", str, "")
+    mapping = _resolve(base, mapping_raw) if mapping_raw else None
+    if mapping is not None and not (mapping.is_file() and os.access(mapping, os.R_OK)):
+        r.problem("deid.patient_mapping_csv", f"{mapping} is not a readable file")
+    dd = DeidConfig(secret_file=secret_file)
+    deid = DeidConfig(
+        secret_file=secret_file,
+        options=options,
+        burned_in_annotation=burned,
+        rules=tuple(rules),
+        pseudonym_prefix=r.get(de, "deid", "pseudonym_prefix", str, dd.pseudonym_prefix),
+        pseudonym_length=r.number(de, "deid", "pseudonym_length", int, dd.pseudonym_length, 6),
+        patient_name_pattern=r.get(de, "deid", "patient_name_pattern", str, dd.patient_name_pattern),
+        date_shift_min_days=r.get(de, "deid", "date_shift_min_days", int, dd.date_shift_min_days),
+        date_shift_max_days=r.get(de, "deid", "date_shift_max_days", int, dd.date_shift_max_days),
+        patient_mapping_csv=mapping,
+    )
+    if deid.date_shift_min_days > deid.date_shift_max_days:
+        r.problem("deid.date_shift_max_days", "must be >= deid.date_shift_min_days")
+    if "{pseudonym}" not in deid.patient_name_pattern:
+        r.problem("deid.patient_name_pattern", "must contain {pseudonym}")
+    if len(deid.pseudonym_prefix) + deid.pseudonym_length > 64:
+        r.problem("deid.pseudonym_length", "prefix plus length must fit PatientID (64 characters)")
+
+    # [[destinations]]
+    destinations: list[DestinationConfig] = []
+    raw_dests = raw.get("destinations", [])
+    if not isinstance(raw_dests, list):
+        r.problem("destinations", "must be an array of tables ([[destinations]])")
+        raw_dests = []
+    seen: set[str] = set()
+    for i, dest in enumerate(raw_dests):
+        where = f"destinations[{i}]"
+        if not isinstance(dest, dict):
+            r.problem(where, "must be a table")
+            continue
+        r.unknown(dest, where, tuple(DestinationConfig.__dataclass_fields__))
+        name = r.get(dest, where, "name", str, "")
+        if not name:
+            r.problem(f"{where}.name", "is required")
+        elif name in seen:
+            r.problem(f"{where}.name", f"duplicate destination name {name!r}")
+        seen.add(name)
+        kind = r.get(dest, where, "type", str, "")
+        dc = DestinationConfig(name=name, type=kind)
+        common = dict(
+            name=name,
+            type=kind,
+            max_associations=r.number(dest, where, "max_associations", int, 1, 1),
+            connect_timeout_seconds=r.number(dest, where, "connect_timeout_seconds", float, dc.connect_timeout_seconds, 0.1),
+            acse_timeout_seconds=r.number(dest, where, "acse_timeout_seconds", float, dc.acse_timeout_seconds, 0.1),
+            dimse_timeout_seconds=r.number(dest, where, "dimse_timeout_seconds", float, dc.dimse_timeout_seconds, 0.1),
+            network_timeout_seconds=r.number(dest, where, "network_timeout_seconds", float, dc.network_timeout_seconds, 0.1),
+            max_pdu_size=r.number(dest, where, "max_pdu_size", int, 0, 0),
+        )
+        if kind == "dicom":
+            for key in ("ae_title", "host", "port"):
+                if key not in dest:
+                    r.problem(f"{where}.{key}", "is required for type 'dicom'")
+            if "path" in dest:
+                r.problem(f"{where}.path", "is only allowed for type 'folder'")
+            ae = r.get(dest, where, "ae_title", str, "")
+            calling = r.get(dest, where, "calling_ae_title", str, "")
+            if "ae_title" in dest:
+                r.ae_title(ae, f"{where}.ae_title")
+            if calling:
+                r.ae_title(calling, f"{where}.calling_ae_title")
+            port = r.number(dest, where, "port", int, 0, 1)
+            if port > 65535:
+                r.problem(f"{where}.port", "must be <= 65535")
+            destinations.append(
+                DestinationConfig(
+                    ae_title=ae, host=r.get(dest, where, "host", str, ""), port=port,
+                    calling_ae_title=calling, **common,  # type: ignore[arg-type]
+                )
+            )
+        elif kind == "folder":
+            if "path" not in dest:
+                r.problem(f"{where}.path", "is required for type 'folder'")
+            for key in ("ae_title", "host", "port", "calling_ae_title"):
+                if key in dest:
+                    r.problem(f"{where}.{key}", "is only allowed for type 'dicom'")
+            p = _resolve(base, r.get(dest, where, "path", str, "."))
+            _writable_dir(r, f"{where}.path", p)
+            destinations.append(DestinationConfig(path=p, **common))  # type: ignore[arg-type]
+        else:
+            r.problem(f"{where}.type", "must be 'dicom' or 'folder'")
+
+    # [[routes]]
+    routes: list[RouteConfig] = []
+    raw_routes = raw.get("routes", [])
+    if not isinstance(raw_routes, list):
+        r.problem("routes", "must be an array of tables ([[routes]])")
+        raw_routes = []
+    for i, route in enumerate(raw_routes):
+        where = f"routes[{i}]"
+        if not isinstance(route, dict):
+            r.problem(where, "must be a table")
+            continue
+        r.unknown(route, where, ("name", "destinations", "match"))
+        name = r.get(route, where, "name", str, f"route{i}")
+        dests = r.strings(route, where, "destinations")
+        if not dests:
+            r.problem(f"{where}.destinations", "must name at least one destination")
+        for dn in dests:
+            if dn not in seen:
+                r.problem(f"{where}.destinations", f"names unknown destination {dn!r}")
+        match = r.table(route, "match") if "match" in route else {}
+        r.unknown(match, f"{where}.match", MATCH_KEYS)
+        clean_match: dict[str, str] = {}
+        for k, v in match.items():
+            if k in MATCH_KEYS:
+                if isinstance(v, str):
+                    clean_match[k] = v
+                else:
+                    r.problem(f"{where}.match.{k}", "must be a string (a glob)")
+        routes.append(RouteConfig(name=name, destinations=dests, match=clean_match))
+    if not destinations:
+        r.problem("destinations", "at least one [[destinations]] is required")
+    if not routes:
+        r.problem("routes", "at least one [[routes]] is required, or nothing would be forwarded")
+
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Config(
+        path=file,
+        listener=listener,
+        storage=storage,
+        queue=queue,
+        deid=deid,
+        destinations=tuple(destinations),
+        routes=tuple(routes),
+        warnings=tuple(warnings),
+    )
+
+
+def _known_keyword(name: str) -> bool:
+    from pydicom.datadict import tag_for_keyword
+
+    return tag_for_keyword(name) is not None

@@ -1,0 +1,29 @@
+"""What happened to one attempt at a job: the vocabulary shared by forwarders and the decider.
+
+Forwarders (and the de-identification step) produce an :class:`Outcome`; ``jobs.policy``
+alone turns it into the job's next state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class OutcomeKind(str, Enum):
+    DELIVERED = "delivered"
+    DELIVERED_WARNING = "delivered_warning"
+    RETRY = "retry"  # transient: try again after a backoff
+    PERMANENT = "permanent"  # retrying cannot help: fail and quarantine now
+    QUARANTINE = "quarantine"  # de-identification refused the instance: never send it
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: OutcomeKind
+    status_code: int | None = None  # DIMSE status when there was one
+    reason: str = ""  # short, PHI-free (a code or fixed text; never a tag value)
+
+    @property
+    def delivered(self) -> bool:
+        return self.kind in (OutcomeKind.DELIVERED, OutcomeKind.DELIVERED_WARNING)
