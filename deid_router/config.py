@@ -190,7 +190,7 @@ class _Reader:
 
 def _resolve(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
-    return p if p.is_absolute() else (base / p)
+    return Path(os.path.normpath(p if p.is_absolute() else base / p))
 
 
 def _writable_dir(r: _Reader, where: str, path: Path) -> None:

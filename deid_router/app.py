@@ -1,0 +1,208 @@
+"""Composition root: build every part from the config, start them, stop them.
+
+``serve`` runs the listener and the scheduler in the main process and de-identification
+workers in separate processes (de-identification is CPU work in Python: processes use every
+core while intake never waits for it). Workers claim jobs from the database, so the same code
+scales to several nodes sharing one PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import FrameType
+
+from sqlalchemy import Engine
+
+from deid_router.config import Config, load_config
+from deid_router.db.crosswalk import DbCrosswalk
+from deid_router.db.engine import make_engine, migrate
+from deid_router.db.repository import JobRepository
+from deid_router.deid.crosswalk import Crosswalk
+from deid_router.deid.engine import Deidentifier
+from deid_router.deid.keys import Keys
+from deid_router.forward.base import Destination, build_destination
+from deid_router.jobs.policy import RetryPolicy
+from deid_router.jobs.worker import Worker
+from deid_router.observability.logging import configure_logging, get_logger
+from deid_router.routing import Router
+from deid_router.scheduler import Housekeeping, start_scheduler
+from deid_router.scp.listener import Intake, Listener
+from deid_router.store.holding import Holding
+
+log = get_logger("app")
+
+SHUTDOWN_GRACE_SECONDS = 20.0
+
+
+@dataclass
+class Context:
+    """The shared parts every process builds from the same config."""
+
+    config: Config
+    keys: Keys
+    engine: Engine
+    repo: JobRepository
+    holding: Holding
+
+    def crosswalk(self) -> Crosswalk:
+        return DbCrosswalk(self.repo, self.keys, self.config.deid.patient_mapping_csv)
+
+    def deidentifier(self) -> Deidentifier:
+        return Deidentifier(self.config.deid, self.keys, self.crosswalk())
+
+    def destinations(self) -> dict[str, Destination]:
+        calling = self.config.listener.ae_title
+        return {d.name: build_destination(d, calling) for d in self.config.destinations}
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def build_context(config: Config, *, run_migrations: bool = False) -> Context:
+    holding = Holding(config.storage.root)
+    config.storage.root.mkdir(parents=True, exist_ok=True)
+    keys = Keys.load_or_create(config.deid.secret_file)
+    engine = make_engine(config.queue.url)
+    if run_migrations:
+        migrate(engine)
+    return Context(config, keys, engine, JobRepository(engine), holding)
+
+
+def worker_count(config: Config) -> int:
+    return config.queue.workers or (os.cpu_count() or 1)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies, so a killed node leaves no orphans."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def worker_process_main(config_path: str, index: int, log_level: str) -> None:
+    """Entry point of one worker process."""
+    _die_with_parent()
+    configure_logging(log_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    config = load_config(config_path)
+    ctx = build_context(config)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{index}:{uuid.uuid4().hex[:6]}"
+    worker = Worker(
+        owner=owner,
+        repo=ctx.repo,
+        holding=ctx.holding,
+        deidentifier=ctx.deidentifier(),
+        destinations=ctx.destinations(),
+        policy=RetryPolicy.from_config(config.queue),
+        lease_seconds=config.queue.lease_seconds,
+        batch_size=config.queue.batch_size,
+        poll_seconds=config.queue.poll_seconds,
+    )
+    log.info("worker_started", owner=owner)
+    try:
+        worker.run(stop)
+    finally:
+        ctx.close()
+        log.info("worker_stopped", owner=owner, processed=worker.stats.processed)
+
+
+class Node:
+    """One running deid-router: listener + scheduler here, workers in child processes."""
+
+    def __init__(self, config: Config, log_level: str = "INFO") -> None:
+        self.config = config
+        self.log_level = log_level
+        self.ctx = build_context(config, run_migrations=True)
+        removed = self.ctx.holding.prepare()
+        if removed:
+            log.warning("partial_files_removed", count=removed)
+        intake = Intake(
+            self.ctx.holding,
+            self.ctx.repo,
+            Router(config.routes),
+            self.ctx.keys,
+            config.storage.min_free_mb * 1024 * 1024,
+        )
+        self.listener = Listener(config.listener, intake, self.ctx.holding.incoming_dir)
+        self.housekeeping = Housekeeping(self.ctx.repo, self.ctx.holding, config.storage.keep_raw_hours)
+        self._workers: list[BaseProcess] = []
+        self._mp = multiprocessing.get_context("spawn")
+        self._scheduler = None
+
+    def _spawn_worker(self, index: int) -> BaseProcess:
+        proc = self._mp.Process(
+            target=worker_process_main,
+            args=(str(self.config.path), index, self.log_level),
+            name=f"deid-worker-{index}",
+            daemon=False,
+        )
+        proc.start()
+        return proc
+
+    def start(self) -> None:
+        self.housekeeping.requeue_stale()
+        self.listener.start()
+        self._scheduler = start_scheduler(self.housekeeping, self.config.queue.lease_seconds)  # type: ignore[assignment]
+        self._workers = [self._spawn_worker(i) for i in range(worker_count(self.config))]
+        log.info("node_started", workers=len(self._workers), port=self.listener.port)
+
+    def supervise(self, stop: threading.Event) -> None:
+        """Block until ``stop``; restart any worker process that died meanwhile."""
+        while not stop.wait(1.0):
+            for i, proc in enumerate(self._workers):
+                if not proc.is_alive():
+                    log.error("worker_died", index=i, exitcode=proc.exitcode)
+                    self._workers[i] = self._spawn_worker(i)
+
+    def stop(self) -> None:
+        """Stop accepting, let transfers finish, let workers release their jobs, exit."""
+        log.info("node_stopping")
+        self.listener.shutdown(SHUTDOWN_GRACE_SECONDS)
+        for proc in self._workers:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in self._workers:
+            proc.join(timeout=8.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=2.0)
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        self.ctx.close()
+        log.info("node_stopped")
+
+
+def serve(config_path: Path, log_level: str = "INFO") -> int:
+    config = load_config(config_path)
+    configure_logging(log_level)
+    node = Node(config, log_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node.start()
+    try:
+        node.supervise(stop)
+    finally:
+        node.stop()
+    return 0

@@ -1,0 +1,272 @@
+"""The commands of ../shared/contract.md.
+
+Exit codes: 0 ok, 2 bad configuration or usage, 1 anything else. Errors are printed as one
+line naming the problem and the fix, never as a bare traceback, and never with a tag value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from deid_router.config import ENV_CONFIG, Config, load_config
+from deid_router.errors import ConfigError, DeidRouterError, QueueError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # usage errors exit 2, as the contract says
+        self.print_usage(sys.stderr)
+        print(f"deid-router: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        default=os.environ.get(ENV_CONFIG),
+        help=f"path to the TOML configuration (default: ${ENV_CONFIG})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="deid-router", description="De-identifying DICOM router.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("serve", help="run the node in the foreground")
+    _config_arg(p)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    p = sub.add_parser("status", help="job counts by state and destination, quarantine size")
+    _config_arg(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("deidentify", help="de-identify files and folders offline")
+    _config_arg(p)
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: CPU cores)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be done per attribute")
+
+    p = sub.add_parser("check-config", help="validate the configuration")
+    _config_arg(p)
+
+    p = sub.add_parser("quarantine", help="list, show, release or purge quarantined instances")
+    _config_arg(p)
+    qsub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    qsub.add_parser("list")
+    qs = qsub.add_parser("show")
+    qs.add_argument("id", type=int)
+    qr = qsub.add_parser("release")
+    qr.add_argument("id", type=int)
+    qsub.add_parser("purge")
+
+    p = sub.add_parser("retry", help="re-queue a failed job, or all failed jobs")
+    _config_arg(p)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("job_id", nargs="?", type=int)
+    group.add_argument("--failed", action="store_true")
+
+    p = sub.add_parser("crosswalk", help="re-identification for the data custodian (audited)")
+    _config_arg(p)
+    csub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    cl = csub.add_parser("lookup")
+    cl.add_argument("pseudonym")
+    ce = csub.add_parser("export")
+    ce.add_argument("--out", type=Path, help="CSV file to write (default: standard output)")
+    for sp in (cl, ce):
+        sp.add_argument("--actor", default=os.environ.get("USER", "unknown"), help="who asks (audited)")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    if not args.config:
+        raise ConfigError([("-", "--config", f"no configuration: pass --config PATH or set {ENV_CONFIG}")])
+    return load_config(args.config)
+
+
+def _context(args: argparse.Namespace) -> Any:
+    from deid_router.app import build_context
+
+    return build_context(_load(args), run_migrations=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deid_router.app import serve
+
+    _load(args)  # fail fast with exit 2 before anything starts
+    return serve(Path(args.config), args.log_level)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from deid_router.deid.profile import weakening_rules
+
+    for warning in list(config.warnings) + weakening_rules(config.deid):
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{config.path}: ok ({len(config.destinations)} destinations, {len(config.routes)} routes)")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    ctx = _context(args)
+    try:
+        counts = ctx.repo.status_counts()
+    finally:
+        ctx.close()
+    if args.json:
+        print(json.dumps(counts, sort_keys=True))
+        return EXIT_OK
+    jobs = counts["jobs"]
+    print("jobs:        " + "  ".join(f"{k}={v}" for k, v in jobs.items()))
+    for name, states in sorted(counts["destinations"].items()):
+        print(f"  {name:<10} " + "  ".join(f"{k}={v}" for k, v in states.items()))
+    print(f"quarantined: {counts['quarantined']}")
+    return EXIT_OK
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    ctx = _context(args)
+    try:
+        repo = ctx.repo
+        if args.action == "list":
+            entries = repo.quarantine_list()
+            if not entries:
+                print("quarantine is empty")
+            for e in entries:
+                print(_entry_line(e))
+            return EXIT_OK
+        if args.action == "show":
+            entry = repo.quarantine_get(args.id)
+            if entry is None:
+                print(f"no quarantine entry {args.id} (see: deid-router quarantine list)", file=sys.stderr)
+                return EXIT_ERROR
+            print(_entry_line(entry))
+            for ev in getattr(entry, "events", []) or []:
+                print("  " + _event_line(ev))
+            return EXIT_OK
+        if args.action == "release":
+            if repo.quarantine_get(args.id) is None:
+                print(f"no quarantine entry {args.id} (see: deid-router quarantine list)", file=sys.stderr)
+                return EXIT_ERROR
+            changed = repo.quarantine_release(args.id)
+            repo.audit("quarantine_release", os.environ.get("USER", "unknown"), f"entry={args.id}")
+            print(f"entry {args.id}: " + ("released, job re-queued" if changed else "already released"))
+            return EXIT_OK
+        # purge
+        paths = repo.quarantine_purge()
+        for rel in paths:
+            ctx.holding.delete(rel)
+        repo.audit("quarantine_purge", os.environ.get("USER", "unknown"), f"files={len(paths)}")
+        print(f"purged; {len(paths)} raw files deleted")
+        return EXIT_OK
+    finally:
+        ctx.close()
+
+
+def _entry_line(e: Any) -> str:
+    fields = []
+    for name in ("id", "job_id", "instance_id", "destination", "reason", "created_at", "released_at"):
+        if hasattr(e, name):
+            fields.append(f"{name}={getattr(e, name)}")
+    return "  ".join(fields)
+
+
+def _event_line(ev: Any) -> str:
+    fields = []
+    for name in ("at", "from_state", "to_state", "attempt", "status_code", "reason"):
+        if hasattr(ev, name):
+            val = getattr(ev, name)
+            if name == "status_code" and isinstance(val, int):
+                val = f"0x{val:04X}"
+            fields.append(f"{name}={val}")
+    return "  ".join(fields)
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    ctx = _context(args)
+    try:
+        repo = ctx.repo
+        actor = os.environ.get("USER", "unknown")
+        if args.failed:
+            n = repo.retry_failed()
+            repo.audit("retry_failed", actor, f"jobs={n}")
+            print(f"{n} failed jobs re-queued")
+            return EXIT_OK
+        changed = repo.retry_job(args.job_id)
+        repo.audit("retry_job", actor, f"job={args.job_id}")
+        print(f"job {args.job_id}: " + ("re-queued" if changed else "not failed (nothing to do)"))
+        return EXIT_OK
+    finally:
+        ctx.close()
+
+
+def cmd_crosswalk(args: argparse.Namespace) -> int:
+    from deid_router.db.crosswalk import export_crosswalk, lookup_pseudonym
+
+    ctx = _context(args)
+    try:
+        if args.action == "lookup":
+            rows = lookup_pseudonym(ctx.repo, ctx.keys, args.pseudonym, actor=args.actor)
+            if not rows:
+                print("no such pseudonym", file=sys.stderr)
+                return EXIT_ERROR
+            for kind, original in rows:
+                print(f"{kind}\t{original}")
+            return EXIT_OK
+        out = open(args.out, "w", encoding="utf-8", newline="") if args.out else sys.stdout
+        try:
+            n = export_crosswalk(ctx.repo, ctx.keys, out, actor=args.actor)
+        finally:
+            if args.out:
+                out.close()
+        print(f"{n} rows exported", file=sys.stderr)
+        return EXIT_OK
+    finally:
+        ctx.close()
+
+
+def cmd_deidentify(args: argparse.Namespace) -> int:
+    from deid_router.offline import run_offline
+
+    config = _load(args)
+    return run_offline(config, [Path(i) for i in args.inputs], args.out, args.workers, args.dry_run)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": cmd_serve,
+    "status": cmd_status,
+    "deidentify": cmd_deidentify,
+    "check-config": cmd_check_config,
+    "quarantine": cmd_quarantine,
+    "retry": cmd_retry,
+    "crosswalk": cmd_crosswalk,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        for file, key, reason in exc.problems:
+            print(f"{file}: {key}: {reason}", file=sys.stderr)
+        return EXIT_USAGE
+    except QueueError as exc:
+        print(f"deid-router: queue database unavailable ({exc}); check queue.url and that the database is up", file=sys.stderr)
+        return EXIT_ERROR
+    except DeidRouterError as exc:
+        print(f"deid-router: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+    except BrokenPipeError:
+        return EXIT_OK

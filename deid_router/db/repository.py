@@ -1,0 +1,735 @@
+"""The job repository: the only code that writes SQL for the queue.
+
+Every method is one short transaction (``engine.begin()``); every state write goes through
+``jobs.states.assert_transition`` and leaves a ``job_events`` row. Database trouble leaves
+this module as :class:`deid_router.errors.QueueError` with the driver error as ``__cause__``
+and a message that names the operation only (never a value).
+
+Concurrency: on PostgreSQL claims use ``FOR UPDATE SKIP LOCKED``; on SQLite every write
+transaction starts with ``BEGIN IMMEDIATE`` (see ``db.engine``) so the select-then-update
+of a claim is serialised by the database write lock.
+
+Owners (``lease_owner``) must be unique per worker (host, pid and a random suffix): the
+lease is what lets a stale worker be ignored.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypedDict
+
+from sqlalchemy import Engine, and_, case, exists, func, insert, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+
+from deid_router.db.engine import READ_ONLY_OPTION
+from deid_router.db.models import AuditEvent, Crosswalk, Instance, Job, QuarantineRow, utc_now
+from deid_router.db.models import JobEvent as JobEventRow
+from deid_router.errors import QueueError
+from deid_router.jobs.policy import Decision
+from deid_router.jobs.states import ALL_STATES, LIVE_STATES, JobState, assert_transition
+
+__all__ = [
+    "ClaimedJob",
+    "EnqueueResult",
+    "JobEvent",
+    "JobRepository",
+    "NewInstance",
+    "QuarantineEntry",
+    "StatusCounts",
+    "new_instance_id",
+]
+
+CONFLICT_REASON = "conflict_same_sop_instance_uid"
+_NON_TERMINAL = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRYING.value)
+_IN_CHUNK = 500  # keep IN (...) lists well under SQLite's variable limit
+
+
+def new_instance_id() -> str:
+    """A fresh instance id (uuid4 hex): also the raw file's name, never derived from a UID."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    instance_id: str
+    sop_key: str
+    content_sha256: str
+    raw_path: str
+    size: int
+    sop_class_uid: str
+    transfer_syntax: str
+    calling_aet: str
+    called_aet: str
+    modality: str
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    instance_id: str
+    job_ids: list[int]
+    duplicate: bool  # nothing new to do: the caller deletes its new raw file
+    conflict: bool  # same SOP Instance UID, different content: quarantined, never sent
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    job_id: int
+    instance_id: str
+    destination: str
+    attempts: int
+    raw_path: str
+    sop_class_uid: str
+    transfer_syntax: str
+    sop_key: str
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    at: datetime
+    from_state: str | None
+    to_state: str
+    attempt: int
+    status_code: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    id: int
+    instance_id: str
+    job_id: int | None
+    destination: str | None
+    reason: str
+    detail: str
+    created_at: datetime
+    released_at: datetime | None
+    purged_at: datetime | None
+    raw_path: str
+    events: tuple[JobEvent, ...] = field(default=())
+
+
+class StatusCounts(TypedDict):
+    jobs: dict[str, int]
+    destinations: dict[str, dict[str, int]]
+    quarantined: int
+
+
+def _zero_counts() -> dict[str, int]:
+    return {s.value: 0 for s in ALL_STATES}
+
+
+def _chunks(ids: Sequence[int]) -> Iterator[Sequence[int]]:
+    for i in range(0, len(ids), _IN_CHUNK):
+        yield ids[i : i + _IN_CHUNK]
+
+
+class JobRepository:
+    """Durable queue operations on an engine made by ``db.engine.make_engine``."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], datetime] = utc_now) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._pg = engine.dialect.name == "postgresql"
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def _tx(self, op: str) -> Iterator[Connection]:
+        """One write transaction; driver errors become QueueError naming ``op`` only."""
+        try:
+            with self._engine.begin() as conn:
+                yield conn
+        except DBAPIError as exc:
+            raise QueueError(f"queue database error during {op}") from exc
+
+    @contextmanager
+    def _read(self, op: str) -> Iterator[Connection]:
+        """A read-only transaction (plain BEGIN on SQLite: does not take the write lock)."""
+        try:
+            with self._engine.connect() as conn:
+                conn = conn.execution_options(**{READ_ONLY_OPTION: True})
+                with conn.begin():
+                    yield conn
+        except DBAPIError as exc:
+            raise QueueError(f"queue database error during {op}") from exc
+
+    @staticmethod
+    def _event(
+        conn: Connection,
+        rows: Sequence[dict[str, Any]],
+    ) -> None:
+        if rows:
+            conn.execute(insert(JobEventRow), list(rows))
+
+    @staticmethod
+    def _ev(
+        job_id: int, at: datetime, src: str | None, dst: str, attempt: int,
+        status: int | None = None, reason: str = "",
+    ) -> dict[str, Any]:
+        assert_transition(src, dst)
+        return {"job_id": job_id, "at": at, "from_state": src, "to_state": dst, "attempt": attempt,
+                "status_code": status, "reason": reason}
+
+    # ------------------------------------------------------------------ enqueue
+
+    def enqueue(self, inst: NewInstance, destinations: Sequence[str]) -> EnqueueResult:
+        """Insert the instance and one queued job per destination, in ONE transaction.
+
+        A re-send of identical content that already has live (or delivered) jobs creates
+        nothing (``duplicate``); a re-send with the same SOP key but different content is
+        kept and quarantined (``conflict``), never overwriting what was received first.
+        """
+        dests = list(dict.fromkeys(destinations))
+        if not dests:
+            raise ValueError("enqueue needs at least one destination (an unrouted raw file would never be purged)")
+        now = self._clock()
+        with self._tx("enqueue") as conn:
+            if self._pg:
+                # Serialise concurrent re-sends of the same instance (SQLite: BEGIN IMMEDIATE).
+                conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": inst.sop_key})
+            existing = conn.execute(
+                select(Instance.id, Instance.content_sha256).where(Instance.sop_key == inst.sop_key)
+            ).all()
+            same = [r.id for r in existing if r.content_sha256 == inst.content_sha256]
+            conflict = any(r.content_sha256 != inst.content_sha256 for r in existing)
+            covered: set[str] = set()
+            if same:
+                covered = set(
+                    conn.execute(
+                        select(Job.destination).where(
+                            Job.instance_id.in_(same),
+                            Job.destination.in_(dests),
+                            Job.state.in_([s.value for s in LIVE_STATES]),
+                        )
+                    ).scalars()
+                )
+            needed = [d for d in dests if d not in covered]
+            if not needed:
+                return EnqueueResult(instance_id=same[0], job_ids=[], duplicate=True, conflict=False)
+            conn.execute(
+                insert(Instance).values(
+                    id=inst.instance_id, sop_key=inst.sop_key, content_sha256=inst.content_sha256,
+                    raw_path=inst.raw_path, size=inst.size, sop_class_uid=inst.sop_class_uid,
+                    transfer_syntax=inst.transfer_syntax, calling_aet=inst.calling_aet,
+                    called_aet=inst.called_aet, modality=inst.modality, received_at=now,
+                )
+            )
+            state = JobState.FAILED if conflict else JobState.QUEUED
+            reason = CONFLICT_REASON if conflict else ""
+            job_ids: list[int] = []
+            events: list[dict[str, Any]] = []
+            for dest in needed:
+                job_id = conn.execute(
+                    insert(Job).values(
+                        instance_id=inst.instance_id, destination=dest, state=state.value, attempts=0,
+                        run_after=now, last_reason=reason, created_at=now, updated_at=now,
+                    ).returning(Job.id)
+                ).scalar_one()
+                job_ids.append(job_id)
+                events.append(self._ev(job_id, now, None, state.value, 0, None, reason or "received"))
+            self._event(conn, events)
+            if conflict:
+                conn.execute(
+                    insert(QuarantineRow).values(
+                        instance_id=inst.instance_id, job_id=None, reason=CONFLICT_REASON,
+                        detail="a different instance with the same SOP Instance UID was received earlier",
+                        created_at=now,
+                    )
+                )
+        return EnqueueResult(instance_id=inst.instance_id, job_ids=job_ids, duplicate=False, conflict=conflict)
+
+    # ------------------------------------------------------------------ claim / lease
+
+    def _due(self, now: datetime) -> Any:
+        return or_(
+            Job.state == JobState.QUEUED.value,
+            and_(Job.state == JobState.RETRYING.value, Job.run_after <= now),
+        )
+
+    def claim(
+        self,
+        owner: str,
+        lease_seconds: float,
+        limit: int,
+        destination: str | None = None,
+        exclude_destinations: Collection[str] = (),
+    ) -> list[ClaimedJob]:
+        """Atomically take up to ``limit`` due jobs, oldest ``run_after`` first.
+
+        Two claimers never get the same job: PostgreSQL skips rows another transaction has
+        locked; SQLite holds the write lock for the whole select-then-update.
+        """
+        if limit <= 0:
+            return []
+        now = self._clock()
+        expires = now + timedelta(seconds=lease_seconds)
+        with self._tx("claim") as conn:
+            q = select(Job.id, Job.state, Job.attempts).where(self._due(now))
+            if destination is not None:
+                q = q.where(Job.destination == destination)
+            if exclude_destinations:
+                q = q.where(Job.destination.not_in(list(exclude_destinations)))
+            q = q.order_by(Job.run_after, Job.id).limit(limit).with_for_update(skip_locked=True)
+            picked = conn.execute(q).all()
+            if not picked:
+                return []
+            ids = [r.id for r in picked]
+            events = [
+                self._ev(r.id, now, r.state, JobState.RUNNING.value, r.attempts + 1, None, "claimed")
+                for r in picked
+            ]
+            conn.execute(
+                update(Job)
+                .where(Job.id.in_(ids))
+                .values(
+                    state=JobState.RUNNING.value, attempts=Job.attempts + 1, lease_owner=owner,
+                    lease_expires_at=expires, updated_at=now,
+                ),
+                execution_options={"synchronize_session": False},
+            )
+            self._event(conn, events)
+            rows = conn.execute(
+                select(
+                    Job.id, Job.instance_id, Job.destination, Job.attempts, Instance.raw_path,
+                    Instance.sop_class_uid, Instance.transfer_syntax, Instance.sop_key,
+                )
+                .join(Instance, Instance.id == Job.instance_id)
+                .where(Job.id.in_(ids))
+                .order_by(Job.run_after, Job.id)
+            ).all()
+        return [
+            ClaimedJob(
+                job_id=r.id, instance_id=r.instance_id, destination=r.destination, attempts=r.attempts,
+                raw_path=r.raw_path, sop_class_uid=r.sop_class_uid, transfer_syntax=r.transfer_syntax,
+                sop_key=r.sop_key,
+            )
+            for r in rows
+        ]
+
+    def next_due_destinations(self) -> list[str]:
+        """Destinations with due jobs, most overdue first, so a dispatcher can serve each fairly."""
+        now = self._clock()
+        with self._read("next_due_destinations") as conn:
+            rows = conn.execute(
+                select(Job.destination, func.min(Job.run_after).label("first"))
+                .where(self._due(now))
+                .group_by(Job.destination)
+                .order_by("first", Job.destination)
+            ).all()
+        return [r.destination for r in rows]
+
+    def heartbeat(self, owner: str, job_ids: Sequence[int], lease_seconds: float) -> int:
+        """Extend the leases ``owner`` still holds; returns how many were extended.
+
+        A count lower than ``len(job_ids)`` means some leases were lost (requeued).
+        """
+        if not job_ids:
+            return 0
+        now = self._clock()
+        n = 0
+        with self._tx("heartbeat") as conn:
+            for chunk in _chunks(list(job_ids)):
+                res = conn.execute(
+                    update(Job)
+                    .where(Job.id.in_(chunk), Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
+                    .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+                )
+                n += res.rowcount
+        return n
+
+    def finish(self, job_id: int, owner: str, decision: Decision) -> bool:
+        """Apply ``policy.decide``'s decision; False (and no write) if ``owner`` lost the lease.
+
+        A worker whose lease expired and whose job was re-queued or re-claimed must not
+        overwrite the newer state.
+        """
+        now = self._clock()
+        dst = decision.to_state.value
+        with self._tx("finish") as conn:
+            row = conn.execute(
+                select(Job.id, Job.state, Job.attempts, Job.instance_id)
+                .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
+                .with_for_update()
+            ).first()
+            if row is None:
+                return False
+            ev = self._ev(job_id, now, row.state, dst, row.attempts, decision.status_code, decision.reason)
+            conn.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(
+                    state=dst, run_after=decision.run_after or now, lease_owner=None, lease_expires_at=None,
+                    last_status=decision.status_code, last_reason=decision.reason, updated_at=now,
+                )
+            )
+            self._event(conn, [ev])
+            if decision.quarantine:
+                conn.execute(
+                    insert(QuarantineRow).values(
+                        instance_id=row.instance_id, job_id=job_id, reason=decision.reason,
+                        detail=f"attempt {row.attempts}", created_at=now,
+                    )
+                )
+        return True
+
+    def _requeue_running(self, conn: Connection, where: Any, reason: str, refund: bool) -> int:
+        now = self._clock()
+        rows = conn.execute(
+            select(Job.id, Job.state, Job.attempts).where(Job.state == JobState.RUNNING.value, where)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if not rows:
+            return 0
+        events = []
+        for r in rows:
+            attempt = max(0, r.attempts - 1) if refund else r.attempts
+            events.append(self._ev(r.id, now, r.state, JobState.QUEUED.value, attempt, None, reason))
+        ids = [r.id for r in rows]
+        for chunk in _chunks(ids):
+            conn.execute(
+                update(Job)
+                .where(Job.id.in_(chunk))
+                .values(
+                    state=JobState.QUEUED.value,
+                    attempts=case((Job.attempts > 0, Job.attempts - 1), else_=0) if refund else Job.attempts,
+                    lease_owner=None, lease_expires_at=None, run_after=now, last_reason=reason, updated_at=now,
+                )
+            )
+        self._event(conn, events)
+        return len(rows)
+
+    def release(self, owner: str, job_ids: Sequence[int] | None = None) -> int:
+        """Give running jobs back at shutdown (running -> queued); the attempt is refunded."""
+        with self._tx("release") as conn:
+            where: Any = Job.lease_owner == owner
+            if job_ids is not None:
+                if not job_ids:
+                    return 0
+                where = and_(where, Job.id.in_(list(job_ids)))
+            return self._requeue_running(conn, where, "released", refund=True)
+
+    def requeue_stale(self) -> int:
+        """Running jobs whose lease expired go back to the queue; the attempt stays counted."""
+        now = self._clock()
+        with self._tx("requeue_stale") as conn:
+            return self._requeue_running(conn, Job.lease_expires_at < now, "lease_expired", refund=False)
+
+    # ------------------------------------------------------------------ operator actions
+
+    def _requeue_failed(self, conn: Connection, job_rows: Sequence[Any], reason: str) -> list[int]:
+        """failed/retrying -> queued with attempts reset; release their quarantine rows."""
+        now = self._clock()
+        ids: list[int] = []
+        events = []
+        for r in job_rows:
+            events.append(self._ev(r.id, now, r.state, JobState.QUEUED.value, 0, None, reason))
+            ids.append(r.id)
+        if not ids:
+            return []
+        instance_ids = sorted({r.instance_id for r in job_rows})
+        for chunk in _chunks(ids):
+            conn.execute(
+                update(Job).where(Job.id.in_(chunk)).values(
+                    state=JobState.QUEUED.value, attempts=0, run_after=now, lease_owner=None,
+                    lease_expires_at=None, last_reason=reason, updated_at=now,
+                )
+            )
+            conn.execute(
+                update(QuarantineRow)
+                .where(QuarantineRow.job_id.in_(chunk), QuarantineRow.released_at.is_(None),
+                       QuarantineRow.purged_at.is_(None))
+                .values(released_at=now)
+            )
+        self._event(conn, events)
+        # Instance-level entries (conflicts) are released once no job of the instance is failed.
+        still_failed = exists().where(
+            Job.instance_id == QuarantineRow.instance_id, Job.state == JobState.FAILED.value
+        )
+        for ichunk in range(0, len(instance_ids), _IN_CHUNK):
+            conn.execute(
+                update(QuarantineRow)
+                .where(
+                    QuarantineRow.instance_id.in_(instance_ids[ichunk : ichunk + _IN_CHUNK]),
+                    QuarantineRow.job_id.is_(None), QuarantineRow.released_at.is_(None),
+                    QuarantineRow.purged_at.is_(None), ~still_failed,
+                )
+                .values(released_at=now)
+            )
+        return ids
+
+    def _retryable(self) -> Any:
+        """Jobs whose raw file is still held: a purged instance cannot be sent again."""
+        return select(Job.id, Job.state, Job.instance_id).join(Instance, Instance.id == Job.instance_id).where(
+            Instance.raw_deleted_at.is_(None)
+        )
+
+    def retry_job(self, job_id: int) -> bool:
+        """Operator retry of one job (failed or waiting): True if it is queued or further along.
+
+        Idempotent: retrying a job that is already queued, running or done changes nothing.
+        """
+        with self._tx("retry_job") as conn:
+            state = conn.execute(select(Job.state).where(Job.id == job_id).with_for_update()).scalar()
+            if state is None:
+                return False
+            if state in (JobState.QUEUED.value, JobState.RUNNING.value, JobState.DONE.value):
+                return True
+            rows = conn.execute(self._retryable().where(Job.id == job_id)).all()
+            if not rows:
+                return False
+            self._requeue_failed(conn, rows, "operator_retry")
+            return True
+
+    def retry_failed(self) -> int:
+        """Operator retry of every failed job whose raw file is still held; returns the count."""
+        with self._tx("retry_failed") as conn:
+            rows = conn.execute(
+                self._retryable().where(Job.state == JobState.FAILED.value).with_for_update(of=Job)
+            ).all()
+            return len(self._requeue_failed(conn, rows, "operator_retry"))
+
+    def _entry(self, conn: Connection, where: Any) -> list[QuarantineEntry]:
+        rows = conn.execute(
+            select(QuarantineRow, Job.destination, Instance.raw_path)
+            .join(Instance, Instance.id == QuarantineRow.instance_id)
+            .outerjoin(Job, Job.id == QuarantineRow.job_id)
+            .where(where)
+            .order_by(QuarantineRow.id)
+        ).all()
+        out = []
+        for q, dest, raw_path in rows:
+            out.append(
+                QuarantineEntry(
+                    id=q.id, instance_id=q.instance_id, job_id=q.job_id, destination=dest, reason=q.reason,
+                    detail=q.detail, created_at=q.created_at, released_at=q.released_at, purged_at=q.purged_at,
+                    raw_path=raw_path,
+                )
+            )
+        return out
+
+    def quarantine_list(self, include_closed: bool = False) -> list[QuarantineEntry]:
+        """Open entries (neither released nor purged), oldest first; all with ``include_closed``."""
+        with self._read("quarantine_list") as conn:
+            where: Any = True if include_closed else and_(
+                QuarantineRow.released_at.is_(None), QuarantineRow.purged_at.is_(None)
+            )
+            return self._entry(conn, where)
+
+    def quarantine_get(self, qid: int) -> QuarantineEntry | None:
+        """One entry with the event history of its job (or of all the instance's jobs)."""
+        with self._read("quarantine_get") as conn:
+            found = self._entry(conn, QuarantineRow.id == qid)
+            if not found:
+                return None
+            e = found[0]
+            if e.job_id is not None:
+                job_ids = [e.job_id]
+            else:
+                job_ids = list(conn.execute(select(Job.id).where(Job.instance_id == e.instance_id)).scalars())
+            events = self._events(conn, job_ids)
+        return QuarantineEntry(**{**e.__dict__, "events": tuple(events)})
+
+    def quarantine_release(self, qid: int) -> bool:
+        """Re-queue the entry's job (or every failed job of its instance); idempotent.
+
+        False when the entry does not exist or was purged (its raw file is gone).
+        """
+        now = self._clock()
+        with self._tx("quarantine_release") as conn:
+            q = conn.execute(select(QuarantineRow).where(QuarantineRow.id == qid).with_for_update()).scalar()
+            if q is None or q.purged_at is not None:
+                return False
+            if q.released_at is not None:
+                return True
+            where = Job.id == q.job_id if q.job_id is not None else Job.instance_id == q.instance_id
+            rows = conn.execute(
+                self._retryable().where(where, Job.state.in_([JobState.FAILED.value, JobState.RETRYING.value]))
+            ).all()
+            self._requeue_failed(conn, rows, "quarantine_release")
+            conn.execute(
+                update(QuarantineRow).where(QuarantineRow.id == qid, QuarantineRow.released_at.is_(None))
+                .values(released_at=now)
+            )
+            return True
+
+    def quarantine_purge(self) -> list[str]:
+        """Mark open entries purged; return raw paths the caller should now delete.
+
+        The paths are of instances with a purged entry, no pending job and a raw file not yet
+        marked deleted: calling again before ``mark_raw_deleted`` returns them again, so a
+        crash between purge and unlink never leaks an identified file.
+        """
+        now = self._clock()
+        with self._tx("quarantine_purge") as conn:
+            conn.execute(
+                update(QuarantineRow)
+                .where(QuarantineRow.released_at.is_(None), QuarantineRow.purged_at.is_(None))
+                .values(purged_at=now)
+            )
+            pending = exists().where(Job.instance_id == Instance.id, Job.state.in_(_NON_TERMINAL))
+            purged = exists().where(QuarantineRow.instance_id == Instance.id, QuarantineRow.purged_at.is_not(None))
+            return list(
+                conn.execute(
+                    select(Instance.raw_path)
+                    .where(Instance.raw_deleted_at.is_(None), purged, ~pending)
+                    .order_by(Instance.raw_path)
+                ).scalars()
+            )
+
+    def quarantine_size(self) -> int:
+        """Number of open quarantine entries."""
+        with self._read("quarantine_size") as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).select_from(QuarantineRow)
+                    .where(QuarantineRow.released_at.is_(None), QuarantineRow.purged_at.is_(None))
+                ).scalar_one()
+            )
+
+    # ------------------------------------------------------------------ reporting / housekeeping
+
+    def status_counts(self, destinations: Sequence[str] = ()) -> StatusCounts:
+        """Counts for ``deid-router status``: every state present (0 when none).
+
+        ``destinations`` lists configured names that should appear even with no jobs.
+        """
+        with self._read("status_counts") as conn:
+            rows = conn.execute(
+                select(Job.destination, Job.state, func.count()).group_by(Job.destination, Job.state)
+            ).all()
+            quarantined = conn.execute(
+                select(func.count()).select_from(QuarantineRow)
+                .where(QuarantineRow.released_at.is_(None), QuarantineRow.purged_at.is_(None))
+            ).scalar_one()
+        jobs = _zero_counts()
+        per: dict[str, dict[str, int]] = {d: _zero_counts() for d in destinations}
+        for dest, state, n in rows:
+            jobs[state] = jobs.get(state, 0) + int(n)
+            per.setdefault(dest, _zero_counts())[state] = int(n)
+        return {"jobs": jobs, "destinations": dict(sorted(per.items())), "quarantined": int(quarantined)}
+
+    def purgeable_instances(self, older_than: datetime) -> list[tuple[str, str]]:
+        """``(instance_id, raw_path)`` of delivered instances whose raw file may now be deleted.
+
+        All jobs done, the last one before ``older_than``, raw still present and no open
+        quarantine entry.
+        """
+        not_done = exists().where(Job.instance_id == Instance.id, Job.state != JobState.DONE.value)
+        open_q = exists().where(
+            QuarantineRow.instance_id == Instance.id, QuarantineRow.released_at.is_(None),
+            QuarantineRow.purged_at.is_(None),
+        )
+        last_done = select(func.max(Job.updated_at)).where(Job.instance_id == Instance.id).scalar_subquery()
+        with self._read("purgeable_instances") as conn:
+            rows = conn.execute(
+                select(Instance.id, Instance.raw_path)
+                .where(Instance.raw_deleted_at.is_(None), ~not_done, ~open_q, last_done < older_than)
+                .order_by(Instance.received_at)
+            ).all()
+        return [(r.id, r.raw_path) for r in rows]
+
+    def mark_raw_deleted(self, instance_id: str) -> None:
+        """Record that the raw file of ``instance_id`` is gone (it can no longer be retried)."""
+        now = self._clock()
+        with self._tx("mark_raw_deleted") as conn:
+            conn.execute(
+                update(Instance).where(Instance.id == instance_id, Instance.raw_deleted_at.is_(None))
+                .values(raw_deleted_at=now)
+            )
+
+    def mark_raw_path_deleted(self, raw_path: str) -> None:
+        """Same as :meth:`mark_raw_deleted`, for the paths returned by :meth:`quarantine_purge`."""
+        now = self._clock()
+        with self._tx("mark_raw_deleted") as conn:
+            conn.execute(
+                update(Instance).where(Instance.raw_path == raw_path, Instance.raw_deleted_at.is_(None))
+                .values(raw_deleted_at=now)
+            )
+
+    @staticmethod
+    def _events(conn: Connection, job_ids: Sequence[int]) -> list[JobEvent]:
+        if not job_ids:
+            return []
+        rows = conn.execute(
+            select(JobEventRow).where(JobEventRow.job_id.in_(list(job_ids))).order_by(JobEventRow.id)
+        ).scalars()
+        return [JobEvent(r.at, r.from_state, r.to_state, r.attempt, r.status_code, r.reason) for r in rows]
+
+    def job_events(self, job_id: int) -> list[JobEvent]:
+        """The job's history, oldest first."""
+        with self._read("job_events") as conn:
+            return self._events(conn, [job_id])
+
+    def job_state(self, job_id: int) -> tuple[str, int] | None:
+        """``(state, attempts)`` of one job, for operators and tests."""
+        with self._read("job_state") as conn:
+            row = conn.execute(select(Job.state, Job.attempts).where(Job.id == job_id)).first()
+        return None if row is None else (row.state, row.attempts)
+
+    # ------------------------------------------------------------------ crosswalk / audit
+
+    def crosswalk_record(self, kind: str, token: str, pseudonym: str, original_encrypted: bytes) -> bool:
+        """Insert a mapping; a concurrent or repeated first sighting is a no-op.
+
+        Returns True when this call inserted the row.
+        """
+        values = {"kind": kind, "token": token, "pseudonym": pseudonym,
+                  "original_encrypted": original_encrypted, "created_at": self._clock()}
+        stmt: Any
+        if self._pg:
+            stmt = postgresql.insert(Crosswalk).values(**values).on_conflict_do_nothing(
+                index_elements=["kind", "token"]
+            )
+        else:
+            stmt = sqlite.insert(Crosswalk).values(**values).on_conflict_do_nothing(index_elements=["kind", "token"])
+        with self._tx("crosswalk_record") as conn:
+            return bool(conn.execute(stmt).rowcount)
+
+    def crosswalk_lookup(self, pseudonym: str) -> list[tuple[str, bytes]]:
+        """``(kind, original_encrypted)`` for a pseudonym (callers audit the lookup)."""
+        with self._read("crosswalk_lookup") as conn:
+            rows = conn.execute(
+                select(Crosswalk.kind, Crosswalk.original_encrypted)
+                .where(Crosswalk.pseudonym == pseudonym).order_by(Crosswalk.id)
+            ).all()
+        return [(r.kind, bytes(r.original_encrypted)) for r in rows]
+
+    def crosswalk_all(self) -> Iterator[tuple[str, str, bytes]]:
+        """Every ``(kind, pseudonym, original_encrypted)``, in pages of 1000 (for exports)."""
+        last = 0
+        while True:
+            with self._read("crosswalk_all") as conn:
+                rows = conn.execute(
+                    select(Crosswalk.id, Crosswalk.kind, Crosswalk.pseudonym, Crosswalk.original_encrypted)
+                    .where(Crosswalk.id > last).order_by(Crosswalk.id).limit(1000)
+                ).all()
+            if not rows:
+                return
+            for r in rows:
+                yield (r.kind, r.pseudonym, bytes(r.original_encrypted))
+            last = rows[-1].id
+
+    def crosswalk_count(self) -> int:
+        """Number of crosswalk rows."""
+        with self._read("crosswalk_count") as conn:
+            return int(conn.execute(select(func.count()).select_from(Crosswalk)).scalar_one())
+
+    def audit(self, action: str, actor: str, detail: str) -> None:
+        """Append an audit record (crosswalk lookups and exports, operator actions)."""
+        with self._tx("audit") as conn:
+            conn.execute(insert(AuditEvent).values(at=self._clock(), action=action, actor=actor, detail=detail))
+
+    def audit_events(self) -> list[tuple[datetime, str, str, str]]:
+        """All audit records, oldest first."""
+        with self._read("audit_events") as conn:
+            rows = conn.execute(
+                select(AuditEvent.at, AuditEvent.action, AuditEvent.actor, AuditEvent.detail).order_by(AuditEvent.id)
+            ).all()
+        return [(r.at, r.action, r.actor, r.detail) for r in rows]
+

@@ -1,0 +1,169 @@
+"""The de-identification profile as data: Table E.1-1 + selected options + per-route rules.
+
+Everything is resolved once, in the constructor, into one dict ``tag -> action code`` so
+that the engine does one dictionary lookup per element.
+
+Action codes used by the engine:
+    X remove, Z empty, D dummy, K keep, C clean, U keyed UID, S shift date,
+    H keyed hash (rule), R replace with a fixed value (rule).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from pydicom.datadict import tag_for_keyword
+
+from deid_router.config import DEID_OPTIONS, DeidConfig
+
+EDITION = "2026d"
+_TAG_RE = re.compile(r"^\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)$")
+
+# Compound codes of the basic profile resolved to the weakest removal that keeps the IOD valid.
+_BASIC = {"X": "X", "Z": "Z", "D": "D", "U": "U", "K": "K", "C": "C",
+          "X/Z": "Z", "X/D": "D", "X/Z/D": "D", "Z/D": "D", "X/Z/U*": "U"}
+_RULE_CODES = {"keep": "K", "remove": "X", "empty": "Z", "dummy": "D", "replace": "R",
+               "uid": "U", "hash": "H", "shift_date": "S", "clean": "C"}
+# Codes that keep (part of) the original information.
+KEEPING = frozenset("KCS")
+
+CURVE = "curve"
+OVERLAY_DATA = "overlay_data"
+OVERLAY_COMMENTS = "overlay_comments"
+PRIVATE = "private"
+
+
+@lru_cache(maxsize=1)
+def table_rows() -> tuple[dict[str, Any], ...]:
+    """Table E.1-1 rows as shipped in the package."""
+    text = resources.files("deid_router.deid").joinpath("data/ps3.15-e1-1.json").read_text("utf-8")
+    return tuple(json.loads(text))
+
+
+@lru_cache(maxsize=1)
+def safe_private_rows() -> tuple[dict[str, Any], ...]:
+    text = resources.files("deid_router.deid").joinpath("data/safe-private.json").read_text("utf-8")
+    return tuple(json.loads(text))
+
+
+def parse_tag(text: str) -> int | None:
+    """``(gggg,eeee)`` or a keyword -> tag int; None if neither."""
+    m = _TAG_RE.match(text.strip())
+    if m:
+        return int(m.group(1) + m.group(2), 16)
+    found = tag_for_keyword(text.strip())
+    return int(found) if found is not None else None
+
+
+def _row_key(tag: str) -> int | str:
+    if tag.startswith("(50xx"):
+        return CURVE
+    if tag == "(60xx,3000)":
+        return OVERLAY_DATA
+    if tag == "(60xx,4000)":
+        return OVERLAY_COMMENTS
+    if tag.startswith("(gggg"):
+        return PRIVATE
+    return int(tag[1:5] + tag[6:10], 16)
+
+
+def resolve_row(row: dict[str, Any], options: tuple[str, ...]) -> str:
+    """Effective action of one table row for the selected options.
+
+    The first selected option (in ``DEID_OPTIONS`` order) with a non-empty cell wins over
+    ``basic``; ``retain_long_modified_dates`` C means "shift the date" (S).
+    """
+    for opt in DEID_OPTIONS:
+        if opt in options and row[opt]:
+            cell = str(row[opt])
+            if cell == "C" and opt == "retain_long_modified_dates":
+                return "S"
+            return "K" if cell == "K" else "C"
+    return _BASIC[str(row["basic"])]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Per-tag actions, pattern actions, safe-private keys and rule values, resolved once."""
+
+    actions: dict[int, str]
+    patterns: dict[str, str]
+    safe_private: frozenset[tuple[str, int, int]]
+    replace_values: dict[int, str]
+    rule_tags: frozenset[int]
+    options: tuple[str, ...]
+    shift_dates: bool
+    full_dates: bool
+    retain_uids: bool
+
+    @classmethod
+    def build(cls, config: DeidConfig, with_rules: bool = True) -> Profile:
+        options = tuple(config.options)
+        actions: dict[int, str] = {}
+        patterns: dict[str, str] = {}
+        for row in table_rows():
+            key = _row_key(str(row["tag"]))
+            code = resolve_row(row, options)
+            if isinstance(key, int):
+                actions[key] = code
+            else:
+                patterns[key] = code
+        safe = frozenset(
+            (str(r["private_creator"]).strip().upper(), int(str(r["group"]), 16), int(str(r["element"]), 16))
+            for r in safe_private_rows()
+        )
+        replace_values: dict[int, str] = {}
+        rule_tags: set[int] = set()
+        if with_rules:
+            for rule in config.rules:
+                tag = parse_tag(rule.tag)
+                if tag is None:
+                    continue  # config validation reports it
+                actions[tag] = _RULE_CODES[rule.action]
+                rule_tags.add(tag)
+                if rule.action == "replace":
+                    replace_values[tag] = rule.value or ""
+        return cls(
+            actions=actions,
+            patterns=patterns,
+            safe_private=safe,
+            replace_values=replace_values,
+            rule_tags=frozenset(rule_tags),
+            options=options,
+            shift_dates="retain_long_modified_dates" in options,
+            full_dates="retain_long_full_dates" in options,
+            retain_uids="retain_uids" in options,
+        )
+
+
+def weakening_rules(config: DeidConfig) -> list[str]:
+    """Warnings for rules that keep what the profile would remove or replace (for check-config)."""
+    base = Profile.build(config, with_rules=False)
+    warnings: list[str] = []
+    for i, rule in enumerate(config.rules):
+        tag = parse_tag(rule.tag)
+        if tag is None:
+            continue
+        code = _RULE_CODES.get(rule.action, "")
+        if code not in ("K", "C", "S"):
+            continue
+        if tag >> 16 & 1:
+            profile_code = "K" if "retain_safe_private" in base.options and base.patterns[PRIVATE] != "X" else "X"
+            profile_code = base.patterns[PRIVATE]
+        else:
+            profile_code = base.actions.get(tag, "K")
+        if profile_code == code or profile_code == "K":
+            continue
+        if code == "S" and profile_code in ("S",):
+            continue
+        verb = {"X": "remove", "Z": "empty", "D": "replace with a dummy", "U": "replace with a keyed UID",
+                "C": "clean", "S": "date-shift"}.get(profile_code, "change")
+        warnings.append(
+            f"deid.rules[{i}]: action {rule.action!r} on {rule.tag} weakens the profile, which would {verb} it"
+        )
+    return warnings

@@ -1,0 +1,66 @@
+"""What a forwarder is: a destination that turns a batch of de-identified files into outcomes.
+
+The job layer hands over :class:`Delivery` items and receives one :class:`Outcome` per job
+id. Destinations never raise for per-item or association problems: the outcome is the
+answer, so one bad instance or one unreachable PACS can never crash a worker.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from deid_router.config import DestinationConfig
+from deid_router.jobs.outcome import Outcome
+
+# A UID as PS3.5 9.1 allows it (digits and dots, at most 64 characters); used before a UID
+# may become part of a file path.
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_valid_uid(value: str) -> bool:
+    """True when ``value`` is safe to use as a path component (a syntactically valid UID)."""
+    return 0 < len(value) <= 64 and _UID_RE.match(value) is not None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One de-identified Part-10 file to deliver for one job (UIDs are output UIDs)."""
+
+    job_id: int
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+
+
+class Destination(Protocol):
+    """A place de-identified instances go to (a PACS, a folder)."""
+
+    name: str
+
+    def send(self, items: Sequence[Delivery]) -> dict[int, Outcome]:
+        """Deliver ``items``; return an outcome for every job id, never raise for delivery problems."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and other resources; safe to call twice."""
+        ...
+
+
+def build_destination(cfg: DestinationConfig, calling_ae_title: str) -> Destination:
+    """Build the destination described by ``cfg`` (``calling_ae_title``: the listener's AE title)."""
+    if cfg.type == "folder":
+        from deid_router.forward.folder import FolderDestination
+
+        return FolderDestination(cfg)
+    if cfg.type == "dicom":
+        from deid_router.forward.dicom import DicomDestination
+
+        return DicomDestination(cfg, calling_ae_title)
+    raise ValueError(f"unknown destination type {cfg.type!r} for destination {cfg.name!r}")

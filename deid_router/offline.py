@@ -1,0 +1,155 @@
+"""Offline batch de-identification (``deid-router deidentify``).
+
+Same engine, keys and crosswalk as the node. Files are spread over worker processes; each
+output is written atomically under ``OUT/<study>/<series>/<sop>.dcm`` (output UIDs); an input
+the engine refuses is copied to the sibling ``quarantine/`` folder with a reason file that
+names the reason and the attribute path, never a value.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from deid_router.config import Config
+from deid_router.errors import DeidError, DeidRouterError
+from deid_router.store.holding import Holding
+
+_worker_state: dict[str, object] = {}
+
+
+@dataclass(frozen=True)
+class FileResult:
+    src: str
+    status: str  # "ok" | "quarantined" | "skipped"
+    detail: str = ""
+
+
+def iter_inputs(inputs: list[Path]) -> Iterator[Path]:
+    for item in inputs:
+        if item.is_dir():
+            for p in sorted(item.rglob("*")):
+                if p.is_file() and p.name != "DICOMDIR":
+                    yield p
+        else:
+            yield item
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _init_worker(config: Config) -> None:
+    from deid_router.app import build_context
+
+    ctx = build_context(config)
+    _worker_state["ctx"] = ctx
+    _worker_state["deid"] = ctx.deidentifier()
+
+
+def _process(src: str, out: str, quarantine: str) -> FileResult:
+    from deid_router.deid.engine import Deidentifier
+
+    deid = _worker_state["deid"]
+    assert isinstance(deid, Deidentifier)
+    path = Path(src)
+    if not path.is_file():
+        return FileResult(src, "skipped", "not a file")
+    if not _is_dicom(path):
+        return FileResult(src, "skipped", "not a DICOM Part-10 file")
+    out_dir = Path(out)
+    holding = Holding(out_dir)
+    tmp = out_dir / f".{uuid.uuid4().hex}.dcm"
+    try:
+        with holding.atomic_writer(tmp) as fh:
+            result = deid.deidentify_file(path, fh)
+        final = out_dir / result.study_instance_uid / result.series_instance_uid / f"{result.sop_instance_uid}.dcm"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+        return FileResult(src, "ok")
+    except DeidError as exc:
+        tmp.unlink(missing_ok=True)
+        qdir = Path(quarantine)
+        qdir.mkdir(parents=True, exist_ok=True)
+        name = uuid.uuid4().hex
+        shutil.copyfile(path, qdir / f"{name}.dcm")
+        (qdir / f"{name}.reason.txt").write_text(
+            f"source: {src}\nreason: {exc.reason}\npath: {exc.path}\ndetail: {exc.detail}\n", encoding="utf-8"
+        )
+        return FileResult(src, "quarantined", exc.reason)
+    except (DeidRouterError, OSError) as exc:
+        tmp.unlink(missing_ok=True)
+        return FileResult(src, "quarantined", type(exc).__name__)
+
+
+def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry_run: bool) -> int:
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        for m in missing:
+            print(f"deid-router: input not found: {m}", file=sys.stderr)
+        return 2
+    files = list(iter_inputs(inputs))
+    if dry_run:
+        return _dry_run(config, files)
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    quarantine = out.parent / "quarantine"
+    n_workers = max(1, min(workers or (os.cpu_count() or 1), len(files) or 1))
+    counts = {"ok": 0, "quarantined": 0, "skipped": 0}
+    total = len(files)
+    with ProcessPoolExecutor(max_workers=n_workers, initializer=_init_worker, initargs=(config,)) as pool:
+        futures = [pool.submit(_process, str(f), str(out), str(quarantine)) for f in files]
+        for done, fut in enumerate(as_completed(futures), 1):
+            res = fut.result()
+            counts[res.status] += 1
+            if res.status == "quarantined":
+                print(f"\nquarantined: {res.src} ({res.detail})", file=sys.stderr)
+            _progress(done, total, counts)
+    print(file=sys.stderr)
+    print(
+        f"{counts['ok']} de-identified into {out}, {counts['quarantined']} quarantined"
+        + (f" into {quarantine}" if counts["quarantined"] else "")
+        + f", {counts['skipped']} skipped (not DICOM)"
+    )
+    return 1 if counts["quarantined"] else 0
+
+
+def _progress(done: int, total: int, counts: dict[str, int]) -> None:
+    width = 30
+    filled = int(width * done / total) if total else width
+    bar = "#" * filled + "-" * (width - filled)
+    sys.stderr.write(f"\r[{bar}] {done}/{total}  ok={counts['ok']} quarantined={counts['quarantined']}")
+    sys.stderr.flush()
+
+
+def _dry_run(config: Config, files: list[Path]) -> int:
+    from pydicom import dcmread
+
+    from deid_router.app import build_context
+    from deid_router.deid.crosswalk import NullCrosswalk
+    from deid_router.deid.engine import Deidentifier
+    from deid_router.deid.plan import dry_run
+
+    ctx = build_context(config)
+    try:
+        deid = Deidentifier(config.deid, ctx.keys, NullCrosswalk())
+        for f in files:
+            if not _is_dicom(f):
+                continue
+            print(f"== {f}")
+            for line in dry_run(deid, dcmread(f, stop_before_pixels=True)):
+                print("  " + "\t".join("" if v is None else str(v) for v in line))
+    finally:
+        ctx.close()
+    return 0

@@ -1,0 +1,69 @@
+"""Periodic housekeeping on APScheduler: stale leases, raw-file purge, queue metrics."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from deid_router.db.repository import JobRepository
+from deid_router.errors import QueueError, StorageError
+from deid_router.observability.logging import get_logger
+from deid_router.store.holding import Holding
+
+log = get_logger("scheduler")
+
+
+class Housekeeping:
+    """The periodic tasks, callable directly (tests) or from the scheduler."""
+
+    def __init__(self, repo: JobRepository, holding: Holding, keep_raw_hours: float) -> None:
+        self.repo = repo
+        self.holding = holding
+        self.keep_raw = timedelta(hours=keep_raw_hours)
+
+    def requeue_stale(self) -> int:
+        try:
+            n = self.repo.requeue_stale()
+        except QueueError:
+            log.error("stale_lease_check_failed")
+            return 0
+        if n:
+            log.warning("stale_leases_requeued", count=n)
+        return n
+
+    def purge_raw(self) -> int:
+        """Delete raw (identified) files once every job of the instance is done and kept long enough."""
+        try:
+            ready = self.repo.purgeable_instances(datetime.now(UTC) - self.keep_raw)
+        except QueueError:
+            log.error("raw_purge_query_failed")
+            return 0
+        purged = 0
+        for instance_id, raw_path in ready:
+            try:
+                self.holding.delete(raw_path)
+                self.repo.mark_raw_deleted(instance_id)
+                purged += 1
+            except (StorageError, QueueError):
+                log.error("raw_purge_failed", instance_id=instance_id)
+        if purged:
+            log.info("raw_purged", count=purged)
+        return purged
+
+    def report(self) -> None:
+        try:
+            counts = self.repo.status_counts()
+        except QueueError:
+            log.error("queue_metrics_failed")
+            return
+        log.info("queue_metrics", jobs=counts["jobs"], quarantined=counts["quarantined"])
+
+
+def start_scheduler(tasks: Housekeeping, lease_seconds: float) -> BackgroundScheduler:
+    sched = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
+    sched.add_job(tasks.requeue_stale, "interval", seconds=max(lease_seconds / 2.0, 1.0), id="stale_leases")
+    sched.add_job(tasks.purge_raw, "interval", seconds=30, id="purge_raw")
+    sched.add_job(tasks.report, "interval", seconds=60, id="metrics")
+    sched.start()
+    return sched

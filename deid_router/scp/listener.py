@@ -1,0 +1,257 @@
+"""The DICOM listener: a pynetdicom AE answering C-ECHO and C-STORE.
+
+The C-STORE handler never decodes more than the header, never builds a path from a value the
+peer sent, and answers 0x0000 only after the raw file is fsync'd and its jobs are committed.
+pynetdicom's chunked receive writes the dataset to a temporary file inside the holding area
+(same filesystem), which :class:`Intake` then renames into place: memory stays flat for
+multi-gigabyte instances.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import _config as pnd_config
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from deid_router.config import ListenerConfig
+from deid_router.deid.keys import Keys
+from deid_router.db.repository import JobRepository, NewInstance
+from deid_router.errors import QueueError, StorageError
+from deid_router.observability.logging import get_logger
+from deid_router.routing import Router, RoutingFacts
+from deid_router.scp import statuses
+from deid_router.store.holding import Holding
+
+log = get_logger("scp")
+
+# Transfer syntaxes accepted for every storage SOP class: the common ones of the issue.
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2",  # implicit VR little endian
+    "1.2.840.10008.1.2.1",  # explicit VR little endian
+    "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian
+    "1.2.840.10008.1.2.2",  # explicit VR big endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG extended
+    "1.2.840.10008.1.2.4.57",  # JPEG lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE lossless
+]
+
+
+def set_nodelay(event: Any) -> None:
+    """pynetdicom never sets TCP_NODELAY: without it each response waits for a delayed ACK."""
+    try:
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """What the handler knows about one C-STORE, none of it a dataset value except UIDs."""
+
+    received_path: Path
+    command_sop_class_uid: str
+    command_sop_instance_uid: str
+    transfer_syntax: str
+    calling_aet: str
+    called_aet: str
+
+
+class Intake:
+    """Hold then enqueue one received instance; returns the DIMSE status to answer."""
+
+    def __init__(
+        self, holding: Holding, repo: JobRepository, router: Router, keys: Keys, min_free_bytes: int
+    ) -> None:
+        self.holding = holding
+        self.repo = repo
+        self.router = router
+        self.keys = keys
+        self.min_free_bytes = min_free_bytes
+
+    def accept(self, req: StoreRequest) -> int:
+        sop_hash = self.keys.token("log", req.command_sop_instance_uid)[:16]
+        ctx = {"calling_aet": req.calling_aet, "uid_hash": sop_hash}
+        try:
+            if self.holding.free_bytes() < self.min_free_bytes:
+                log.warning("instance_refused_low_disk", **ctx)
+                return statuses.OUT_OF_RESOURCES
+        except OSError:
+            return statuses.OUT_OF_RESOURCES
+        try:
+            header = dcmread(req.received_path, stop_before_pixels=True)
+            sop_class = str(header.SOPClassUID)
+            sop_instance = str(header.SOPInstanceUID)
+            modality = str(header.get("Modality", "") or "")
+        except (InvalidDicomError, AttributeError, ValueError, KeyError, EOFError, OSError, TypeError) as exc:
+            log.warning("instance_refused_unreadable", error=type(exc).__name__, **ctx)
+            return statuses.CANNOT_UNDERSTAND
+        except Exception as exc:  # pydicom raises many things on hostile input
+            log.warning("instance_refused_unreadable", error=type(exc).__name__, **ctx)
+            return statuses.CANNOT_UNDERSTAND
+        if sop_class != req.command_sop_class_uid:
+            log.warning("instance_refused_sop_class_mismatch", **ctx)
+            return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
+        if sop_instance != req.command_sop_instance_uid:
+            log.warning("instance_refused_sop_instance_mismatch", **ctx)
+            return statuses.CANNOT_UNDERSTAND
+        destinations = self.router.destinations_for(
+            RoutingFacts(req.calling_aet, req.called_aet, modality[:16], sop_class)
+        )
+        if not destinations:
+            log.warning("instance_refused_no_route", modality=modality[:16], **ctx)
+            return statuses.SOP_CLASS_NOT_SUPPORTED
+
+        instance_id = self.holding.new_id()
+        try:
+            stored = self.holding.adopt_raw(instance_id, req.received_path)
+        except StorageError as exc:
+            log.error("instance_store_failed", reason=str(exc), **ctx)
+            return statuses.OUT_OF_RESOURCES
+        try:
+            result = self.repo.enqueue(
+                NewInstance(
+                    instance_id=instance_id,
+                    sop_key=self.keys.token("sop_instance_uid", sop_instance),
+                    content_sha256=stored.sha256,
+                    raw_path=stored.relative_path,
+                    size=stored.size,
+                    sop_class_uid=sop_class[:64],
+                    transfer_syntax=req.transfer_syntax[:64],
+                    calling_aet=req.calling_aet[:16],
+                    called_aet=req.called_aet[:16],
+                    modality=modality[:16],
+                ),
+                destinations,
+            )
+        except QueueError as exc:
+            self._discard(stored.relative_path)
+            log.error("instance_enqueue_failed", reason=type(exc.__cause__ or exc).__name__, **ctx)
+            return statuses.OUT_OF_RESOURCES
+        except Exception as exc:
+            self._discard(stored.relative_path)
+            log.error("instance_enqueue_failed", reason=type(exc).__name__, **ctx)
+            return statuses.OUT_OF_RESOURCES
+        if result.duplicate:
+            self._discard(stored.relative_path)
+            log.info("instance_duplicate", instance_id=result.instance_id, **ctx)
+        else:
+            log.info(
+                "instance_received",
+                instance_id=instance_id,
+                jobs=len(result.job_ids),
+                size=stored.size,
+                conflict=result.conflict,
+                **ctx,
+            )
+        return statuses.SUCCESS
+
+    def _discard(self, relative_path: str) -> None:
+        try:
+            self.holding.delete(relative_path)
+        except StorageError:
+            log.error("raw_discard_failed")
+
+
+class Listener:
+    """Owns the pynetdicom AE and its server thread."""
+
+    def __init__(self, config: ListenerConfig, intake: Intake, incoming_dir: Path) -> None:
+        self.config = config
+        self.intake = intake
+        self.incoming_dir = incoming_dir
+        self._server: Any = None
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        # Global pynetdicom settings, set once: receive to disk, any storage class.
+        pnd_config.STORE_RECV_CHUNKED_DATASET = True
+        pnd_config.UNRESTRICTED_STORAGE_SERVICE = True
+        # pynetdicom's NamedTemporaryFile lands in tempfile's directory: put it on the holding
+        # filesystem so the received file can be renamed into place instead of copied.
+        tempfile.tempdir = str(self.incoming_dir)
+        ae = AE(ae_title=self.config.ae_title)
+        ae.maximum_associations = self.config.max_associations
+        ae.maximum_pdu_size = self.config.max_pdu_size
+        ae.network_timeout = self.config.network_timeout_seconds
+        ae.dimse_timeout = self.config.dimse_timeout_seconds
+        ae.acse_timeout = 30
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(self.config.allowed_calling_aets)
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        return ae
+
+    def _on_store(self, event: Any) -> int:
+        req = event.request
+        assoc = event.assoc
+        return self.intake.accept(
+            StoreRequest(
+                received_path=event.dataset_path,
+                command_sop_class_uid=str(req.AffectedSOPClassUID),
+                command_sop_instance_uid=str(req.AffectedSOPInstanceUID),
+                transfer_syntax=str(event.context.transfer_syntax),
+                calling_aet=assoc.requestor.ae_title.strip(),
+                called_aet=assoc.acceptor.ae_title.strip(),
+            )
+        )
+
+    def _on_echo(self, event: Any) -> int:
+        return statuses.SUCCESS
+
+    def _on_rejected(self, event: Any) -> None:
+        log.warning("association_rejected", calling_aet=event.assoc.requestor.ae_title.strip())
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        self._server = self.ae.start_server(
+            (self.config.host, self.config.port), block=False, evt_handlers=handlers
+        )
+        log.info("listener_started", ae_title=self.config.ae_title, port=self.port)
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self.config.port
+        return int(self._server.server_address[1])
+
+    def active_associations(self) -> int:
+        return len([a for a in self.ae.active_associations if a.is_acceptor])
+
+    def shutdown(self, grace_seconds: float = 20.0) -> None:
+        """Stop accepting, let running transfers finish for a while, then abort the rest.
+
+        An aborted transfer was never acknowledged, so the modality keeps and re-sends it.
+        """
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server = None
+        deadline = time.monotonic() + grace_seconds
+        while self.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for assoc in list(self.ae.active_associations):
+            assoc.abort()
+        log.info("listener_stopped")

@@ -1,0 +1,148 @@
+"""The holding area: raw (identified) instances on disk, written so that a crash never leaves
+a half file under a final name.
+
+Layout is a pure function of ids this node generated (never of values a peer sent):
+``<root>/raw/<id[:2]>/<id>.dcm`` for raw instances and ``<root>/work/<job_id>.dcm`` for
+de-identified files waiting to be sent. Temporary files end in ``.part`` and are removed at
+start, so a kill at any point leaves nothing behind that a later run could mistake for data.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from deid_router.errors import StorageError
+
+PART_SUFFIX = ".part"
+_COPY_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    relative_path: str  # relative to the holding root, as recorded in the database
+    size: int
+    sha256: str
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Holding:
+    """Durable storage of raw instances and work files under one root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.raw_dir = root / "raw"
+        self.work_dir = root / "work"
+        self.incoming_dir = root / "incoming"  # pynetdicom's chunked receive writes here
+
+    def prepare(self) -> int:
+        """Create the directories and remove partial files left by a crash; return how many."""
+        for d in (self.root, self.raw_dir, self.work_dir, self.incoming_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for d in (self.raw_dir, self.work_dir, self.incoming_dir):
+            for p in _walk_files(d):
+                if p.name.endswith(PART_SUFFIX) or d is not self.raw_dir:
+                    p.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex
+
+    def raw_relative(self, instance_id: str) -> str:
+        if not instance_id.isalnum():
+            raise StorageError("instance ids are generated hex strings")
+        return f"raw/{instance_id[:2]}/{instance_id}.dcm"
+
+    def absolute(self, relative_path: str) -> Path:
+        path = (self.root / relative_path).resolve()
+        if self.root.resolve() not in path.parents:
+            raise StorageError("path outside the holding root")
+        return path
+
+    def work_path(self, job_id: int) -> Path:
+        return self.work_dir / f"{int(job_id)}.dcm"
+
+    def write_raw(self, instance_id: str, chunks: Iterable[bytes]) -> StoredFile:
+        """Write a raw instance durably (temp file, fsync, rename, fsync dir)."""
+        rel = self.raw_relative(instance_id)
+        final = self.root / rel
+        digest = hashlib.sha256()
+        size = 0
+        with self.atomic_writer(final) as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+        return StoredFile(rel, size, digest.hexdigest())
+
+    def adopt_raw(self, instance_id: str, src: Path) -> StoredFile:
+        """Move a file received on disk (same filesystem) into place durably, hashing it."""
+        rel = self.raw_relative(instance_id)
+        final = self.root / rel
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(src, "rb") as fh:
+                while chunk := fh.read(_COPY_CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                os.fsync(fh.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, final)
+            fsync_dir(final.parent)
+        except OSError as exc:
+            raise StorageError(f"could not store raw instance: {errno.errorcode.get(exc.errno or 0, 'EIO')}") from exc
+        return StoredFile(rel, size, digest.hexdigest())
+
+    @contextmanager
+    def atomic_writer(self, final: Path) -> Iterator[BinaryIO]:
+        """Yield a file object; on clean exit the content is fsync'd and renamed to ``final``."""
+        tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}{PART_SUFFIX}")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"could not write file: {errno.errorcode.get(exc.errno or 0, 'EIO')}") from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def delete(self, relative_path: str) -> None:
+        try:
+            self.absolute(relative_path).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError("could not delete raw file") from exc
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            yield Path(dirpath) / name
