@@ -50,6 +50,12 @@ _NON_TERMINAL = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRYIN
 _IN_CHUNK = 500  # keep IN (...) lists well under SQLite's variable limit
 
 
+_Q_COLS = (
+    QuarantineRow.id, QuarantineRow.instance_id, QuarantineRow.job_id, QuarantineRow.reason, QuarantineRow.detail,
+    QuarantineRow.created_at, QuarantineRow.released_at, QuarantineRow.purged_at,
+)
+
+
 def new_instance_id() -> str:
     """A fresh instance id (uuid4 hex): also the raw file's name, never derived from a UID."""
     return uuid.uuid4().hex
@@ -496,14 +502,15 @@ class JobRepository:
 
     def _entry(self, conn: Connection, where: Any) -> list[QuarantineEntry]:
         rows = conn.execute(
-            select(QuarantineRow, Job.destination, Instance.raw_path)
+            select(*_Q_COLS, Job.destination, Instance.raw_path)
             .join(Instance, Instance.id == QuarantineRow.instance_id)
             .outerjoin(Job, Job.id == QuarantineRow.job_id)
             .where(where)
             .order_by(QuarantineRow.id)
         ).all()
         out = []
-        for q, dest, raw_path in rows:
+        for q in rows:
+            dest, raw_path = q.destination, q.raw_path
             out.append(
                 QuarantineEntry(
                     id=q.id, instance_id=q.instance_id, job_id=q.job_id, destination=dest, reason=q.reason,
@@ -542,7 +549,7 @@ class JobRepository:
         """
         now = self._clock()
         with self._tx("quarantine_release") as conn:
-            q = conn.execute(select(QuarantineRow).where(QuarantineRow.id == qid).with_for_update()).scalar()
+            q = conn.execute(select(*_Q_COLS).where(QuarantineRow.id == qid).with_for_update()).first()
             if q is None or q.purged_at is not None:
                 return False
             if q.released_at is not None:
@@ -657,8 +664,10 @@ class JobRepository:
         if not job_ids:
             return []
         rows = conn.execute(
-            select(JobEventRow).where(JobEventRow.job_id.in_(list(job_ids))).order_by(JobEventRow.id)
-        ).scalars()
+            select(JobEventRow.at, JobEventRow.from_state, JobEventRow.to_state, JobEventRow.attempt,
+                   JobEventRow.status_code, JobEventRow.reason)
+            .where(JobEventRow.job_id.in_(list(job_ids))).order_by(JobEventRow.id)
+        ).all()
         return [JobEvent(r.at, r.from_state, r.to_state, r.attempt, r.status_code, r.reason) for r in rows]
 
     def job_events(self, job_id: int) -> list[JobEvent]:
@@ -689,7 +698,8 @@ class JobRepository:
         else:
             stmt = sqlite.insert(Crosswalk).values(**values).on_conflict_do_nothing(index_elements=["kind", "token"])
         with self._tx("crosswalk_record") as conn:
-            return bool(conn.execute(stmt).rowcount)
+            # Explicit RETURNING: rowcount is unreliable once the dialect adds implicit RETURNING.
+            return conn.execute(stmt.returning(Crosswalk.id)).first() is not None
 
     def crosswalk_lookup(self, pseudonym: str) -> list[tuple[str, bytes]]:
         """``(kind, original_encrypted)`` for a pseudonym (callers audit the lookup)."""

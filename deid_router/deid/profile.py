@@ -153,7 +153,6 @@ def weakening_rules(config: DeidConfig) -> list[str]:
         if code not in ("K", "C", "S"):
             continue
         if tag >> 16 & 1:
-            profile_code = "K" if "retain_safe_private" in base.options and base.patterns[PRIVATE] != "X" else "X"
             profile_code = base.patterns[PRIVATE]
         else:
             profile_code = base.actions.get(tag, "K")

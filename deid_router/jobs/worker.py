@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from deid_router.db.repository import ClaimedJob, JobRepository
 from deid_router.deid.engine import Deidentifier
 from deid_router.errors import DeidError, QueueError, StorageError
+from deid_router.faults import fault_point
 from deid_router.forward.base import Delivery, Destination
 from deid_router.jobs.outcome import Outcome, OutcomeKind
 from deid_router.jobs.policy import RetryPolicy, decide
@@ -87,6 +88,7 @@ class Worker:
         jobs = self.repo.claim(self.owner, self.lease_seconds, self.batch_size, destination=name)
         if not jobs:
             return 0
+        fault_point("after_claim")
         with self._held_lock:
             self._held.update(j.job_id for j in jobs)
         try:
@@ -107,6 +109,7 @@ class Worker:
                 outcomes[job.job_id] = outcome  # type: ignore[assignment]
         if deliveries:
             outcomes.update(self.destinations[name].send(deliveries))
+            fault_point("after_send_before_done")
         for job in jobs:
             outcome = outcomes.get(job.job_id) or Outcome(OutcomeKind.RETRY, None, "no_outcome")
             self._finish(job, outcome)
@@ -117,6 +120,7 @@ class Worker:
         dst = self.holding.work_path(job.job_id)
         try:
             with self.holding.atomic_writer(dst) as fh:
+                fault_point("during_deid")
                 result = self.deidentifier.deidentify_file(src, fh)
         except DeidError as exc:
             log.warning("job_deid_refused", job_id=job.job_id, reason=exc.reason, path=exc.path)
@@ -127,6 +131,11 @@ class Worker:
         except FileNotFoundError:
             log.error("job_raw_missing", job_id=job.job_id)
             return None, Outcome(OutcomeKind.PERMANENT, None, "raw_file_missing")
+        except QueueError:
+            raise  # the crosswalk could not be written: the batch is released, nothing is sent
+        except Exception as exc:  # a bug must cost retries, then quarantine; never a dead worker
+            log.error("job_deid_crashed", job_id=job.job_id, error=type(exc).__name__)
+            return None, Outcome(OutcomeKind.RETRY, None, f"internal_error:{type(exc).__name__}")
         return (
             Delivery(
                 job_id=job.job_id,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from deid_router.config import ListenerConfig
 from deid_router.deid.keys import Keys
 from deid_router.db.repository import JobRepository, NewInstance
 from deid_router.errors import QueueError, StorageError
+from deid_router.faults import fault_point
 from deid_router.observability.logging import get_logger
 from deid_router.routing import Router, RoutingFacts
 from deid_router.scp import statuses
@@ -85,14 +87,18 @@ class Intake:
         self.keys = keys
         self.min_free_bytes = min_free_bytes
 
+    def has_space(self) -> bool:
+        """True while the holding disk has more free space than the configured reserve."""
+        try:
+            return self.holding.free_bytes() >= self.min_free_bytes
+        except OSError:
+            return False
+
     def accept(self, req: StoreRequest) -> int:
         sop_hash = self.keys.token("log", req.command_sop_instance_uid)[:16]
         ctx = {"calling_aet": req.calling_aet, "uid_hash": sop_hash}
-        try:
-            if self.holding.free_bytes() < self.min_free_bytes:
-                log.warning("instance_refused_low_disk", **ctx)
-                return statuses.OUT_OF_RESOURCES
-        except OSError:
+        if not self.has_space():
+            log.warning("instance_refused_low_disk", **ctx)
             return statuses.OUT_OF_RESOURCES
         try:
             header = dcmread(req.received_path, stop_before_pixels=True)
@@ -124,6 +130,7 @@ class Intake:
         except StorageError as exc:
             log.error("instance_store_failed", reason=str(exc), **ctx)
             return statuses.OUT_OF_RESOURCES
+        fault_point("after_fsync_before_commit")
         try:
             result = self.repo.enqueue(
                 NewInstance(
@@ -148,6 +155,7 @@ class Intake:
             self._discard(stored.relative_path)
             log.error("instance_enqueue_failed", reason=type(exc).__name__, **ctx)
             return statuses.OUT_OF_RESOURCES
+        fault_point("after_commit_before_response")
         if result.duplicate:
             self._discard(stored.relative_path)
             log.info("instance_duplicate", instance_id=result.instance_id, **ctx)
@@ -169,6 +177,31 @@ class Intake:
             log.error("raw_discard_failed")
 
 
+class ReserveAwareAE(AE):
+    """An AE that refuses new associations (A-ASSOCIATE-RJ, transient, local limit exceeded)
+    while the holding disk is below its free-space reserve.
+
+    pynetdicom rejects transiently when the active acceptors exceed ``maximum_associations``;
+    reporting a limit of 0 while space is short is that same rejection, so the modality keeps
+    its images and tries again later instead of filling our disk.
+    """
+
+    def __init__(self, ae_title: str, has_space: Callable[[], bool]) -> None:
+        super().__init__(ae_title=ae_title)
+        self._has_space = has_space
+
+    @property  # type: ignore[override]
+    def maximum_associations(self) -> int:
+        if not self._has_space():
+            log.warning("association_refused_low_disk")
+            return 0
+        return self._maximum_associations
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        self._maximum_associations = max(1, int(value))
+
+
 class Listener:
     """Owns the pynetdicom AE and its server thread."""
 
@@ -186,7 +219,7 @@ class Listener:
         # pynetdicom's NamedTemporaryFile lands in tempfile's directory: put it on the holding
         # filesystem so the received file can be renamed into place instead of copied.
         tempfile.tempdir = str(self.incoming_dir)
-        ae = AE(ae_title=self.config.ae_title)
+        ae = ReserveAwareAE(self.config.ae_title, self.intake.has_space)
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = self.config.max_pdu_size
         ae.network_timeout = self.config.network_timeout_seconds

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from deid_router.errors import StorageError
+from deid_router.faults import fault_point
 
 PART_SUFFIX = ".part"
 _COPY_CHUNK = 1 << 20
@@ -105,6 +106,7 @@ class Holding:
                 while chunk := fh.read(_COPY_CHUNK):
                     digest.update(chunk)
                     size += len(chunk)
+                fault_point("after_raw_write_before_fsync")
                 os.fsync(fh.fileno())
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, final)

@@ -1,0 +1,498 @@
+"""The de-identification engine: PS3.15 Annex E Table E.1-1, options, rules, keyed remapping.
+
+One pass over the dataset (recursing into sequences) applies the pre-resolved action of each
+tag; a residual-PHI scan of the output follows. Any doubt raises DeidError, never a partial
+result: the caller quarantines the instance.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import pydicom
+from pydicom.datadict import keyword_dict
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.uid import UID_dictionary
+
+from deid_router.config import DeidConfig
+from deid_router.deid import actions as act
+from deid_router.deid import dates
+from deid_router.deid.crosswalk import Crosswalk, NullCrosswalk, load_patient_mapping
+from deid_router.deid.keys import Keys
+from deid_router.deid.profile import CURVE, EDITION, OVERLAY_COMMENTS, OVERLAY_DATA, PRIVATE, Profile
+from deid_router.deid.residual import NAME_KEYWORDS, PATIENT_KEYWORDS, VALUE_KEYWORDS, Identifiers, scan
+from deid_router.errors import DeidError
+
+log = logging.getLogger(__name__)
+
+METHOD = f"deid-router 0.1 PS3.15 E.1-1 {EDITION}"
+
+_T_PATIENT_NAME = 0x00100010
+_T_PATIENT_ID = 0x00100020
+_T_ISSUER = 0x00100021
+_T_BIRTH_DATE = 0x00100030
+_T_ACCESSION = 0x00080050
+_T_STUDY_ID = 0x00200010
+_T_OTHER_IDS_SEQ = 0x00101002
+_T_BURNED_IN = 0x00280301
+_T_IDENTITY_REMOVED = 0x00120062
+_T_METHOD = 0x00120063
+_T_METHOD_CODES = 0x00120064
+_T_LONGITUDINAL = 0x00280303
+_PSEUDO_TAGS = frozenset({_T_PATIENT_NAME, _T_PATIENT_ID, _T_ACCESSION, _T_STUDY_ID})
+_OWN_TAGS = frozenset({_T_IDENTITY_REMOVED, _T_METHOD, _T_METHOD_CODES, _T_LONGITUDINAL,
+                       _T_PATIENT_ID, _T_PATIENT_NAME})
+# UIDs that name classes, syntaxes and coding schemes are never instance-identifying.
+_CLASS_UID_TAGS = frozenset(
+    int(tag) for kw, tag in keyword_dict.items()
+    if kw.endswith(("ClassUID", "TransferSyntaxUID", "CodingSchemeUID", "MappingResourceUID"))
+    or kw in ("PrivateInformationCreatorUID", "ContextGroupExtensionCreatorUID", "TemplateExtensionCreatorUID")
+)
+# File meta elements that may carry a sender's identity.
+_META_DROP = (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102)
+
+OPTION_CODES: dict[str, tuple[str, str]] = {
+    "basic": ("113100", "Basic Application Confidentiality Profile"),
+    "clean_graphics": ("113103", "Clean Graphics Option"),
+    "clean_structured_content": ("113104", "Clean Structured Content Option"),
+    "clean_descriptors": ("113105", "Clean Descriptors Option"),
+    "retain_long_full_dates": ("113106", "Retain Longitudinal Temporal Information Full Dates Option"),
+    "retain_long_modified_dates": ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+    "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
+    "retain_device_identity": ("113109", "Retain Device Identity Option"),
+    "retain_uids": ("113110", "Retain UIDs Option"),
+    "retain_safe_private": ("113111", "Retain Safe Private Option"),
+    "retain_institution_identity": ("113112", "Retain Institution Identity Option"),
+}
+_SC_US_PREFIXES = ("1.2.840.10008.5.1.4.1.1.7.", "1.2.840.10008.5.1.4.1.1.6.")
+_SC_US_EXACT = frozenset({"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.3.1"})
+
+
+@dataclass(frozen=True)
+class DeidResult:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str
+
+
+class _State:
+    """Per-instance working state of one de-identification."""
+
+    __slots__ = ("ids", "offset", "patient_key", "patient_id_out", "patient_name_out", "pending")
+
+    def __init__(self) -> None:
+        self.ids = Identifiers()
+        self.offset = 0
+        self.patient_key = ""
+        self.patient_id_out = ""
+        self.patient_name_out = ""
+        self.pending: list[tuple[str, str, str]] = []
+
+
+def _first(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, MultiValue)):
+        return str(value[0]) if len(value) else ""
+    return str(value)
+
+
+def _path_name(tag: int, ds: Dataset) -> str:
+    elem_kw = pydicom.datadict.keyword_for_tag(tag) if not (tag >> 16) & 1 else ""
+    return elem_kw or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+class Deidentifier:
+    """De-identifies datasets and files according to one DeidConfig and one secret."""
+
+    def __init__(self, config: DeidConfig, keys: Keys, crosswalk: Crosswalk | None = None) -> None:
+        self.config = config
+        self.keys = keys
+        self.crosswalk: Crosswalk = crosswalk if crosswalk is not None else NullCrosswalk()
+        self.profile = Profile.build(config)
+        self._actions = self.profile.actions
+        self._patterns = self.profile.patterns
+        self._mapping: dict[str, str] | None = (
+            load_patient_mapping(config.patient_mapping_csv) if config.patient_mapping_csv else None
+        )
+        self._uid_cache: dict[str, str] = {}
+        self._generic = tuple(p for p in config.patient_name_pattern.replace("{pseudonym}", "^").split("^") if p)
+        codes = [OPTION_CODES["basic"]] + [OPTION_CODES[o] for o in config.options if o in OPTION_CODES]
+        self._method_codes = tuple(codes)
+        self._strong_name_tags = tuple(
+            (int(keyword_dict[k]), k in PATIENT_KEYWORDS) for k in NAME_KEYWORDS
+            if k in keyword_dict and self._actions.get(int(keyword_dict[k]), "K") != "K"
+        )
+        self._strong_value_tags = tuple(
+            (int(keyword_dict[k]), k in PATIENT_KEYWORDS) for k in VALUE_KEYWORDS
+            if k in keyword_dict and self._actions.get(int(keyword_dict[k]), "K") != "K"
+        )
+        if self.profile.full_dates:
+            self._longitudinal = "UNMODIFIED"
+        elif self.profile.shift_dates:
+            self._longitudinal = "MODIFIED"
+        else:
+            self._longitudinal = "REMOVED"
+
+    # ------------------------------------------------------------------ public API
+    def deidentify(self, ds: Dataset) -> Dataset:
+        """De-identify ``ds`` (including file_meta) in place and return it."""
+        try:
+            return self._deidentify(ds)
+        except DeidError:
+            raise
+        except Exception as exc:  # every surprise quarantines: never forward a half-done dataset
+            raise DeidError("invalid_dataset", f"unexpected {type(exc).__name__}") from exc
+
+    def deidentify_file(self, src: Path, dst: BinaryIO) -> DeidResult:
+        """Header-only de-identification of a Part-10 file; pixel data bytes are copied raw."""
+        from deid_router.deid.file_io import deidentify_file
+
+        return deidentify_file(self, src, dst)
+
+    def result_of(self, ds: Dataset) -> DeidResult:
+        meta = getattr(ds, "file_meta", None)
+        ts = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+        return DeidResult(
+            sop_class_uid=str(ds.get("SOPClassUID", "") or ""),
+            sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
+            study_instance_uid=str(ds.get("StudyInstanceUID", "") or ""),
+            series_instance_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+            transfer_syntax_uid=ts,
+            modality=str(ds.get("Modality", "") or ""),
+        )
+
+    # ------------------------------------------------------------------ top level
+    def _deidentify(self, ds: Dataset) -> Dataset:
+        if not _first(ds.get("SOPInstanceUID", None) and ds.SOPInstanceUID).strip():
+            raise DeidError("invalid_dataset", "SOPInstanceUID is missing", "SOPInstanceUID")
+        self._check_burned_in(ds)
+        st = _State()
+        self._prepare(ds, st)
+        self._walk(ds, st, "", top=True)
+        self._finish(ds, st)
+        for kind, original, pseudonym in st.pending:
+            self.crosswalk.record(kind, original, pseudonym)
+        return ds
+
+    def _check_burned_in(self, ds: Dataset) -> None:
+        if self.config.burned_in_annotation != "quarantine":
+            return
+        value = _first(ds.get("BurnedInAnnotation", None) and ds.BurnedInAnnotation).strip().upper()
+        if value == "YES":
+            raise DeidError("burned_in_annotation", "BurnedInAnnotation is YES", "BurnedInAnnotation")
+        if not value:
+            sop = _first(ds.get("SOPClassUID", None) and ds.SOPClassUID).strip()
+            if sop in _SC_US_EXACT or sop.startswith(_SC_US_PREFIXES):
+                raise DeidError(
+                    "burned_in_annotation", "BurnedInAnnotation absent on a secondary-capture/ultrasound class",
+                    "BurnedInAnnotation",
+                )
+
+    def _prepare(self, ds: Dataset, st: _State) -> None:
+        """Collect the strong identifiers and derive the patient's pseudonyms and date offset."""
+        ids = st.ids
+        for t, patient in self._strong_name_tags:
+            e = ds.get(t)
+            if e is not None and e.value:
+                for v in ([e.value] if not isinstance(e.value, MultiValue) else list(e.value)):
+                    ids.add_name(str(v), patient)
+        for t, patient in self._strong_value_tags:
+            e = ds.get(t)
+            if e is not None and e.value and e.VR != "SQ":
+                for v in ([e.value] if not isinstance(e.value, MultiValue) else list(e.value)):
+                    ids.add_value(str(v), patient)
+        other = ds.get(_T_OTHER_IDS_SEQ)
+        if other is not None and other.VR == "SQ":
+            for item in other.value or ():
+                pid_e = item.get(_T_PATIENT_ID)
+                if pid_e is not None and pid_e.value:
+                    ids.add_value(str(pid_e.value))
+        if self._actions.get(_T_BIRTH_DATE, "K") != "K":
+            bd = ds.get(_T_BIRTH_DATE)
+            if bd is not None and bd.value:
+                ids.add_birth_date(_first(bd.value))
+        pid = _first(ds.get(_T_PATIENT_ID).value if _T_PATIENT_ID in ds else "").strip()
+        issuer = _first(ds.get(_T_ISSUER).value if _T_ISSUER in ds else "").strip()
+        st.patient_key = issuer + "\0" + pid
+        cfg = self.config
+        subject = None
+        if self._mapping is not None:
+            subject = self._mapping.get(pid)
+            if subject is None:
+                subject = self.crosswalk.preassigned(pid)
+            if subject is None:
+                raise DeidError("unmapped_patient", "PatientID not in the patient mapping", "PatientID")
+        else:
+            subject = self.crosswalk.preassigned(pid)
+        if subject is not None:
+            st.patient_id_out = subject
+            core = subject
+        else:
+            core = self.keys.pseudonym("patient_id", st.patient_key, cfg.pseudonym_length)
+            st.patient_id_out = cfg.pseudonym_prefix + core
+        st.patient_name_out = cfg.patient_name_pattern.format(pseudonym=core)
+        st.pending.append(("patient_id", st.patient_key, st.patient_id_out))
+        st.offset = self.keys.day_offset(st.patient_key, cfg.date_shift_min_days, cfg.date_shift_max_days)
+
+    # ------------------------------------------------------------------ the walk
+    def _remap(self, value: str, st: _State) -> str:
+        v = value.strip().rstrip("\0")
+        if not v:
+            return ""
+        out = self._uid_cache.get(v)
+        if out is None:
+            out = self.keys.uid(v)
+            if len(self._uid_cache) > 200_000:
+                self._uid_cache.clear()
+            self._uid_cache[v] = out
+        st.ids.orig_uids.add(v)
+        return out
+
+    def _remap_value(self, value: object, st: _State, force: bool) -> object:
+        """Remap one or many UIDs; registered UIDs stay unless ``force``."""
+        if isinstance(value, (list, MultiValue)):
+            return [self._remap_one(str(v), st, force) for v in value]
+        if value is None:
+            return value
+        return self._remap_one(str(value), st, force)
+
+    def _remap_one(self, v: str, st: _State, force: bool) -> str:
+        s = v.strip().rstrip("\0")
+        if not s:
+            return ""
+        if not force and s in UID_dictionary:
+            return s
+        return self._remap(s, st)
+
+    def _shift(self, vr: str, value: object, st: _State) -> object:
+        fn = dates.shift_da if vr == "DA" else dates.shift_dt
+        if isinstance(value, (list, MultiValue)):
+            out = [fn(str(v), st.offset) for v in value]
+            return [o for o in out if o] or ""
+        if value is None or value == "":
+            return value
+        return fn(str(value), st.offset)
+
+    def _walk(self, ds: Dataset, st: _State, path: str, top: bool = False) -> None:
+        actions = self._actions
+        patterns = self._patterns
+        ids = st.ids
+        profile = self.profile
+        creators: list[int] = []
+        kept_blocks: set[int] = set()
+        overlay_x = patterns[OVERLAY_DATA] == "X"
+        for tag in list(ds.keys()):
+            t = int(tag)
+            group = t >> 16
+            a = actions.get(t)
+            if a is None:
+                if group & 1:
+                    lo = t & 0xFFFF
+                    if lo < 0x10:
+                        del ds[t]
+                        continue
+                    if lo <= 0xFF:
+                        creators.append(t)
+                        continue
+                    creator_tag = (t & 0xFFFF0000) | (lo >> 8)
+                    if patterns[PRIVATE] == "C":
+                        c = ds.get(creator_tag)
+                        cval = str(_first(c.value)).strip().upper() if c is not None else ""
+                        if cval and (cval, group, lo & 0xFF) in profile.safe_private:
+                            kept_blocks.add(creator_tag)
+                            elem = ds[t]
+                            if elem.VR == "SQ":
+                                for i, item in enumerate(elem.value or ()):
+                                    self._walk(item, st, f"{path}{_path_name(t, ds)}[{i}].")
+                            else:
+                                ids.add_kept(elem.value)
+                            continue
+                    del ds[t]
+                    continue
+                if (group & 0xFF00) == 0x5000:
+                    a = patterns[CURVE]
+                elif (group & 0xFF01) == 0x6000 and group <= 0x601E:
+                    lo = t & 0xFFFF
+                    if lo == 0x3000:
+                        a = patterns[OVERLAY_DATA]
+                    elif lo == 0x4000:
+                        a = patterns[OVERLAY_COMMENTS]
+                    else:
+                        a = "X" if overlay_x else ""
+                    if overlay_x:
+                        a = "X"
+                elif group == 0x0002:
+                    continue
+                else:
+                    a = ""
+            elif group & 1:
+                # an explicit rule on a private tag: its block's creator stays if it is kept
+                if a != "X":
+                    kept_blocks.add((t & 0xFFFF0000) | ((t & 0xFFFF) >> 8))
+            if a == "X":
+                elem = ds[t]
+                if elem.VR == "SQ":
+                    self._collect_removed(elem.value, st)
+                else:
+                    ids.add_weak(elem.VR, elem.value)
+                del ds[t]
+                continue
+            elem = ds[t]
+            vr = elem.VR
+            if vr == "SQ":
+                if a == "Z":
+                    self._collect_removed(elem.value, st)
+                    elem.value = Sequence()
+                else:
+                    name = _path_name(t, ds)
+                    for i, item in enumerate(elem.value or ()):
+                        self._walk(item, st, f"{path}{name}[{i}].")
+                continue
+            if t in _PSEUDO_TAGS and a in "ZDCUSH" and self._pseudonymize(elem, t, st, top):
+                continue
+            value = elem.value
+            if a == "" or a == "K":
+                if vr == "UI":
+                    if a == "" and not profile.retain_uids and t not in _CLASS_UID_TAGS:
+                        elem.value = self._remap_value(value, st, force=False)
+                    else:
+                        ids.kept_uids.update(str(v) for v in (value if isinstance(value, (list, MultiValue)) else [value]) if v)
+                elif vr in ("DA", "DT") and profile.shift_dates:
+                    ids.add_weak(vr, value)
+                    elem.value = self._shift(vr, value, st)
+                elif vr == "AS" and a == "K" and value:
+                    elem.value = dates.clamp_age(_first(value))
+                else:
+                    ids.add_kept(value)
+                continue
+            if a == "Z":
+                ids.add_weak(vr, value)
+                elem.value = act.empty(vr)
+            elif a == "D":
+                ids.add_weak(vr, value)
+                if vr == "UI":
+                    elem.value = self._remap_value(value, st, force=True)
+                elif vr in ("DA", "DT") and profile.shift_dates:
+                    elem.value = self._shift(vr, value, st)
+                else:
+                    elem.value = act.dummy(vr)
+            elif a == "U":
+                if vr == "UI":
+                    elem.value = self._remap_value(value, st, force=False)
+                else:
+                    ids.add_weak(vr, value)
+                    elem.value = act.dummy(vr)
+            elif a == "C":
+                if vr in ("DA", "DT"):
+                    ids.add_weak(vr, value)
+                    elem.value = self._shift(vr, value, st) if profile.shift_dates else act.empty(vr)
+                elif vr == "AS":
+                    elem.value = dates.clamp_age(_first(value)) if value else value
+                elif vr == "UI":
+                    elem.value = self._remap_value(value, st, force=False)
+                elif vr in act.TEXT_VRS and value:
+                    ids.add_kept(value)
+                    if isinstance(value, (list, MultiValue)):
+                        elem.value = [ids.clean(str(v)) for v in value]
+                    else:
+                        elem.value = ids.clean(str(value))
+                else:
+                    ids.add_kept(value)
+            elif a == "S":
+                if vr in ("DA", "DT"):
+                    ids.add_weak(vr, value)
+                    elem.value = self._shift(vr, value, st)
+                elif vr != "TM":
+                    ids.add_weak(vr, value)
+                    elem.value = act.dummy(vr)
+            elif a == "H":
+                ids.add_weak(vr, value)
+                if vr == "UI":
+                    elem.value = self._remap_value(value, st, force=True)
+                elif vr in act.TEXT_VRS and value:
+                    elem.value = act.fit(vr, self.keys.token(f"rule:{t:08X}", str(value)))
+                else:
+                    elem.value = act.dummy(vr)
+            elif a == "R":
+                ids.add_weak(vr, value)
+                elem.value = self.profile.replace_values.get(t, "")
+        for c in creators:
+            if c not in kept_blocks:
+                del ds[c]
+
+    def _pseudonymize(self, elem: pydicom.DataElement, t: int, st: _State, top: bool) -> bool:
+        """PatientID, PatientName, AccessionNumber, StudyID -> keyed pseudonyms. False: not handled."""
+        original = _first(elem.value).strip()
+        if t == _T_PATIENT_ID:
+            if not top:
+                return False
+            elem.value = st.patient_id_out
+            return True
+        if t == _T_PATIENT_NAME:
+            if not top:
+                return False
+            elem.value = st.patient_name_out
+            return True
+        if not original:
+            elem.value = ""
+            return True
+        kind = "accession_number" if t == _T_ACCESSION else "study_id"
+        st.ids.add_weak(elem.VR, original)
+        pseudo = self.keys.pseudonym(kind, original, 16)
+        elem.value = pseudo
+        st.pending.append((kind, original, pseudo))
+        return True
+
+    def _collect_removed(self, items: object, st: _State) -> None:
+        """Record the identifying values inside a removed or emptied sequence."""
+        actions = self._actions
+        for item in items or ():  # type: ignore[attr-defined]
+            for elem in item:
+                if elem.VR == "SQ":
+                    self._collect_removed(elem.value, st)
+                    continue
+                a = actions.get(int(elem.tag), "K")
+                if a not in ("K", "C"):
+                    st.ids.add_weak(elem.VR, elem.value)
+
+    # ------------------------------------------------------------------ finishing
+    def _finish(self, ds: Dataset, st: _State) -> None:
+        ds.PatientIdentityRemoved = "YES"
+        methods: list[str] = []
+        if _T_METHOD in ds:
+            old = ds[_T_METHOD].value
+            methods = [str(v) for v in (old if isinstance(old, (list, MultiValue)) else [old]) if v]
+        if METHOD not in methods:
+            methods.append(METHOD)
+        ds.DeidentificationMethod = methods if len(methods) > 1 else methods[0]
+        seq = ds.DeidentificationMethodCodeSequence if _T_METHOD_CODES in ds else Sequence()
+        present = {str(it.get("CodeValue", "")) for it in seq}
+        for value, meaning in self._method_codes:
+            if value in present:
+                continue
+            item = Dataset()
+            item.CodeValue = value
+            item.CodingSchemeDesignator = "DCM"
+            item.CodeMeaning = meaning
+            seq.append(item)
+        ds.DeidentificationMethodCodeSequence = seq
+        ds.LongitudinalTemporalInformationModified = self._longitudinal
+        meta = getattr(ds, "file_meta", None)
+        if isinstance(meta, (FileMetaDataset, Dataset)) and len(meta):
+            for t in _META_DROP:
+                if t in meta:
+                    del meta[t]
+            if "MediaStorageSOPInstanceUID" in meta:
+                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if hasattr(ds, "preamble"):
+            ds.preamble = b"\0" * 128
+        scan(ds, st.ids, _OWN_TAGS, _CLASS_UID_TAGS, self._generic)

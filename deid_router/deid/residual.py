@@ -1,0 +1,213 @@
+"""Identifiers of one instance, cleaning of free text, and the residual-PHI scan of the output.
+
+Two classes of identifiers are collected from the ORIGINAL dataset:
+
+* strong: the patient's name parts, patient IDs, accession number, birth date (four
+  spellings) -- unless the profile keeps that attribute. Any occurrence in the output is
+  residual PHI.
+* context: institution, physician and operator names. Cleaning removes them (like the
+  strong ones) from free text; in the output they count as weak identifiers.
+* weak: every other value (>= 4 characters, not a generic token) of a text attribute that
+  the profile removes or replaces. They are only flagged when the profile did not choose to
+  keep the same text elsewhere (so "CT HEAD" removed in one place and kept in another is
+  not a false positive).
+
+Original UIDs that were remapped must not appear in any UI value of the output.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from deid_router.errors import DeidError
+
+PATIENT_KEYWORDS = frozenset({
+    "PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName", "PatientID",
+    "OtherPatientIDs", "AccessionNumber", "MedicalRecordLocator", "PatientAddress", "PatientTelephoneNumbers",
+})
+NAME_KEYWORDS = (
+    "PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
+    "ReferringPhysicianName", "PerformingPhysicianName", "NameOfPhysiciansReadingStudy",
+    "OperatorsName", "PhysiciansOfRecord", "RequestingPhysician", "ConsultingPhysicianName",
+    "ScheduledPerformingPhysicianName", "ResponsiblePerson", "PersonName",
+)
+VALUE_KEYWORDS = (
+    "PatientID", "OtherPatientIDs", "AccessionNumber", "MedicalRecordLocator", "PatientAddress",
+    "PatientTelephoneNumbers", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+    "RequestedProcedureID", "AdmissionID", "FillerOrderNumberImagingServiceRequest",
+    "PlacerOrderNumberImagingServiceRequest", "PatientInsurancePlanCodeSequence",
+)
+GENERIC = frozenset({
+    "YES", "NO", "NONE", "NULL", "UNKNOWN", "ANONYMOUS", "ANONYMIZED", "REMOVED", "MALE", "FEMALE",
+    "OTHER", "TRUE", "FALSE", "ANON", "TEST", "DEID", "PATIENT", "HOSPITAL", "DOCTOR", "MR", "MRS", "DR",
+    "NAME", "ORIGINAL", "DERIVED", "PRIMARY", "SECONDARY", "AXIAL", "LOCALIZER", "IMAGE",
+})
+TEXT_VRS = frozenset({"AE", "LO", "SH", "PN", "ST", "LT", "UT", "UC", "DA"})
+SCAN_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"})
+_SPLIT_NAME = re.compile(r"[\^=,\s]+")
+_BOUND_L = r"(?<![0-9A-Za-z])"
+_BOUND_R = r"(?![0-9A-Za-z])"
+
+
+def name_parts(value: str) -> list[str]:
+    """Components of a PN (family, given, middle...) of at least 3 characters."""
+    return [p for p in _SPLIT_NAME.split(value) if len(p) >= 3 and p.upper() not in GENERIC]
+
+
+def date_forms(da: str) -> list[str]:
+    """A DA value as YYYYMMDD, DD.MM.YYYY, YYYY-MM-DD and MM/DD/YYYY."""
+    da = da.strip()
+    if len(da) != 8 or not da.isdigit():
+        return [da] if len(da) >= 4 else []
+    y, m, d = da[:4], da[4:6], da[6:]
+    return [da, f"{d}.{m}.{y}", f"{y}-{m}-{d}", f"{m}/{d}/{y}"]
+
+
+def _is_identifying(value: str) -> bool:
+    v = value.strip()
+    if len(v) < 3 or v.upper() in GENERIC:
+        return False
+    digits = sum(c.isdigit() for c in v)
+    letters = sum(c.isalpha() for c in v)
+    if letters == 0 and digits < 4:
+        return False
+    return True
+
+
+def values_of(value: object) -> list[str]:
+    """String values of an element value (multi-valued, PN, bytes of private elements)."""
+    if value is None:
+        return []
+    if isinstance(value, (str, int, float)):
+        return [str(value)] if value != "" else []
+    if isinstance(value, (list, MultiValue, tuple)):
+        return [str(v) for v in value if v is not None and str(v) != ""]
+    if isinstance(value, (bytes, bytearray)):
+        return [bytes(value).decode("latin-1")]
+    return [str(value)]
+
+
+def _alternation(items: Iterable[str]) -> re.Pattern[str] | None:
+    uniq = sorted({i.strip() for i in items if i.strip()}, key=lambda s: (-len(s), s))
+    if not uniq:
+        return None
+    body = "|".join(re.escape(u) for u in uniq)
+    return re.compile(f"{_BOUND_L}(?:{body}){_BOUND_R}", re.IGNORECASE)
+
+
+class Identifiers:
+    """The identifiers of one instance; collected before, used during and after the walk."""
+
+    __slots__ = ("strong", "context", "weak", "kept", "orig_uids", "kept_uids", "_clean_re")
+
+    def __init__(self) -> None:
+        self.strong: set[str] = set()
+        self.context: set[str] = set()
+        self.weak: list[str] = []
+        self.kept: list[str] = []
+        self.orig_uids: set[str] = set()
+        self.kept_uids: set[str] = set()
+        self._clean_re: re.Pattern[str] | None = None
+
+    def add_name(self, value: str, patient: bool = True) -> None:
+        """A person name; ``patient``: the patient's own (always flagged) or staff (context)."""
+        target = self.strong if patient else self.context
+        for p in name_parts(value):
+            target.add(p)
+        self._clean_re = None
+
+    def add_value(self, value: str, patient: bool = True) -> None:
+        v = value.strip()
+        if _is_identifying(v):
+            (self.strong if patient else self.context).add(v)
+            self._clean_re = None
+
+    def add_birth_date(self, value: str) -> None:
+        for f in date_forms(value):
+            self.strong.add(f)
+        self._clean_re = None
+
+    def add_weak(self, vr: str, value: object) -> None:
+        if vr not in TEXT_VRS:
+            return
+        for v in values_of(value):
+            if vr == "PN":
+                self.weak.extend(name_parts(v))
+            elif _is_identifying(v) and len(v.strip()) >= 4:
+                self.weak.append(v.strip())
+
+    def add_kept(self, value: object) -> None:
+        self.kept.extend(values_of(value))
+
+    def clean(self, text: str) -> str:
+        """Remove every strong identifier token from free text."""
+        if not self.strong and not self.context:
+            return text
+        if self._clean_re is None:
+            self._clean_re = _alternation(self.strong | self.context)
+        assert self._clean_re is not None
+        out = self._clean_re.sub("", text)
+        if out != text:
+            out = re.sub(r"[ \t]{2,}", " ", out).strip()
+        return out
+
+    def scan_pattern(self, generic: Iterable[str] = ()) -> re.Pattern[str] | None:
+        """Strong identifiers plus the weak ones the profile did not keep elsewhere."""
+        kept_blob = "\n".join(self.kept).upper()
+        extra = {g.upper() for g in generic}
+        weak = {w for w in (*self.weak, *self.context) if w.upper() not in kept_blob and w.upper() not in extra}
+        strong = {s for s in self.strong if s.upper() not in extra}
+        return _alternation(strong | weak)
+
+
+def scan(
+    ds: Dataset, ids: Identifiers, skip: frozenset[int], class_uids: frozenset[int] = frozenset(),
+    generic: Iterable[str] = (),
+) -> None:
+    """Raise DeidError('residual_phi') naming the first attribute path that still holds an identifier.
+
+    ``skip``: top-level tags written by the engine itself; ``class_uids``: UI tags naming
+    classes/syntaxes, which are never remapped and so never compared with original UIDs.
+    """
+    pattern = ids.scan_pattern(generic)
+    bad_uids = ids.orig_uids - ids.kept_uids
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        _scan(meta, pattern, bad_uids, skip, class_uids, "")
+    _scan(ds, pattern, bad_uids, skip, class_uids, "")
+
+
+def _scan(
+    ds: Dataset, pattern: re.Pattern[str] | None, bad_uids: set[str], skip: frozenset[int],
+    class_uids: frozenset[int], path: str,
+) -> None:
+    for elem in ds:
+        vr = elem.VR
+        if vr == "SQ":
+            for i, item in enumerate(elem.value or ()):
+                _scan(item, pattern, bad_uids, frozenset(), class_uids, f"{path}{_name(elem)}[{i}].")
+            continue
+        if elem.tag in skip:
+            continue
+        if vr == "UI":
+            if bad_uids and elem.tag not in class_uids and any(v in bad_uids for v in values_of(elem.value)):
+                raise DeidError("residual_phi", "an original UID survived", path + _name(elem))
+            continue
+        if pattern is None:
+            continue
+        if vr in SCAN_VRS or (elem.tag.is_private and vr in ("UN", "OB")):
+            for v in values_of(elem.value):
+                if pattern.search(v):
+                    raise DeidError("residual_phi", "an original identifier survived", path + _name(elem))
+
+
+def _name(elem: object) -> str:
+    kw = getattr(elem, "keyword", "")
+    if kw:
+        return str(kw)
+    tag = getattr(elem, "tag")
+    return f"({tag.group:04X},{tag.element:04X})"
