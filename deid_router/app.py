@@ -68,13 +68,18 @@ class Context:
 
 
 def build_context(config: Config, *, run_migrations: bool = False) -> Context:
-    holding = Holding(config.storage.root)
+    holding = Holding(config.storage.root, node_name(config))
     config.storage.root.mkdir(parents=True, exist_ok=True)
     keys = Keys.load_or_create(config.deid.secret_file)
     engine = make_engine(config.queue.url)
     if run_migrations:
         migrate(engine)
     return Context(config, keys, engine, JobRepository(engine), holding)
+
+
+def node_name(config: Config) -> str:
+    """This node's name among nodes sharing a holding volume: host and listener port."""
+    return f"{socket.gethostname()}-{config.listener.port}"
 
 
 def worker_count(config: Config) -> int:

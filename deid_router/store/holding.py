@@ -2,8 +2,9 @@
 a half file under a final name.
 
 Layout is a pure function of ids this node generated (never of values a peer sent):
-``<root>/raw/<id[:2]>/<id>.dcm`` for raw instances and ``<root>/work/<job_id>.dcm`` for
-de-identified files waiting to be sent. Temporary files end in ``.part`` and are removed at
+``<root>/raw/<id[:2]>/<id>.dcm`` for raw instances, ``<root>/work/<node>/<job_id>.dcm`` for
+de-identified files waiting to be sent and ``<root>/incoming/<node>/`` for transfers in
+progress. Temporary files end in ``.part`` and are removed at
 start, so a kill at any point leaves nothing behind that a later run could mistake for data.
 """
 
@@ -46,22 +47,27 @@ def fsync_dir(path: Path) -> None:
 class Holding:
     """Durable storage of raw instances and work files under one root."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, node: str = "local") -> None:
         self.root = root
         self.raw_dir = root / "raw"
-        self.work_dir = root / "work"
-        self.incoming_dir = root / "incoming"  # pynetdicom's chunked receive writes here
+        # Per node: several nodes may share one holding volume, and each cleans only its own.
+        self.work_dir = root / "work" / node
+        self.incoming_dir = root / "incoming" / node  # pynetdicom's chunked receive writes here
 
     def prepare(self) -> int:
-        """Create the directories and remove partial files left by a crash; return how many."""
+        """Create the directories and remove this node's leftovers from a crash; return how many.
+
+        Incoming and work files are never data of record (the raw file is, once committed), so
+        everything in this node's incoming and work folders can go. Raw files without a
+        database row are swept later, by age, because another node may be about to commit one.
+        """
         for d in (self.root, self.raw_dir, self.work_dir, self.incoming_dir):
             d.mkdir(parents=True, exist_ok=True)
         removed = 0
-        for d in (self.raw_dir, self.work_dir, self.incoming_dir):
+        for d in (self.work_dir, self.incoming_dir):
             for p in _walk_files(d):
-                if p.name.endswith(PART_SUFFIX) or d is not self.raw_dir:
-                    p.unlink(missing_ok=True)
-                    removed += 1
+                p.unlink(missing_ok=True)
+                removed += 1
         return removed
 
     @staticmethod
@@ -81,19 +87,6 @@ class Holding:
 
     def work_path(self, job_id: int) -> Path:
         return self.work_dir / f"{int(job_id)}.dcm"
-
-    def write_raw(self, instance_id: str, chunks: Iterable[bytes]) -> StoredFile:
-        """Write a raw instance durably (temp file, fsync, rename, fsync dir)."""
-        rel = self.raw_relative(instance_id)
-        final = self.root / rel
-        digest = hashlib.sha256()
-        size = 0
-        with self.atomic_writer(final) as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-        return StoredFile(rel, size, digest.hexdigest())
 
     def adopt_raw(self, instance_id: str, src: Path) -> StoredFile:
         """Move a file received on disk (same filesystem) into place durably, hashing it."""

@@ -91,7 +91,6 @@ def test_two_processes_never_double_claim(engine: Engine, backend_url: str,
     claimed = [j for _, ids in results for j in ids]
     assert len(claimed) == len(set(claimed)) == N_JOBS
     assert set(claimed) == expected
-    assert all(ids for _, ids in results) or len(results) == 2
 
 
 def _crosswalk_process(url: str, owner: str, barrier: Any, out: Any) -> None:

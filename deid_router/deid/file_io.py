@@ -1,0 +1,117 @@
+"""The router's fast path: de-identify the header, copy the pixel element's bytes untouched.
+
+Pixel data is never decoded nor loaded whole (instances can be several GB). Whatever follows
+the pixel element in the input (Digital Signatures Sequence, trailing padding...) is dropped,
+so it cannot carry PHI through.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from pydicom import dcmread
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian
+
+from deid_router.errors import DeidError
+
+if TYPE_CHECKING:
+    from deid_router.deid.engine import DeidResult, Deidentifier
+
+_PIXEL_TAGS = frozenset({(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)})
+_LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"UC", b"UR", b"SQ", b"SV", b"UV"})
+_CHUNK = 1 << 20
+
+
+def pixel_element_end(fp: BinaryIO, start: int, size: int, little: bool, implicit: bool) -> int:
+    """Offset just past the pixel element that starts at ``start`` (native or encapsulated)."""
+    e = "<" if little else ">"
+    fp.seek(start)
+    hdr = fp.read(8)
+    if len(hdr) < 8:
+        raise DeidError("invalid_dataset", "truncated pixel data element", "PixelData")
+    group, elem = struct.unpack(e + "HH", hdr[:4])
+    if (group, elem) not in _PIXEL_TAGS:
+        raise DeidError("invalid_dataset", "unexpected element where pixel data should start", "PixelData")
+    if implicit:
+        (length,) = struct.unpack(e + "L", hdr[4:8])
+        pos = start + 8
+    elif hdr[4:6] in _LONG_VRS:
+        more = fp.read(4)
+        if len(more) < 4:
+            raise DeidError("invalid_dataset", "truncated pixel data element", "PixelData")
+        (length,) = struct.unpack(e + "L", more)
+        pos = start + 12
+    else:
+        (length,) = struct.unpack(e + "H", hdr[6:8])
+        pos = start + 8
+    if length != 0xFFFFFFFF:
+        end = pos + length
+    else:  # encapsulated: items until the sequence delimiter
+        while True:
+            fp.seek(pos)
+            item = fp.read(8)
+            if len(item) < 8:
+                raise DeidError("invalid_dataset", "encapsulated pixel data without delimiter", "PixelData")
+            ig, ie, ilen = struct.unpack(e + "HHL", item)
+            if (ig, ie) == (0xFFFE, 0xE0DD):
+                end = pos + 8
+                break
+            if (ig, ie) != (0xFFFE, 0xE000) or ilen == 0xFFFFFFFF:
+                raise DeidError("invalid_dataset", "malformed encapsulated pixel data", "PixelData")
+            pos += 8 + ilen
+    if end > size:
+        raise DeidError("invalid_dataset", "pixel data runs past the end of the file", "PixelData")
+    return end
+
+
+def copy_range(fp: BinaryIO, dst: BinaryIO, start: int, end: int, size: int) -> None:
+    fp.seek(start)
+    if end == size:
+        shutil.copyfileobj(fp, dst, _CHUNK)
+        return
+    remaining = end - start
+    while remaining > 0:
+        chunk = fp.read(min(_CHUNK, remaining))
+        if not chunk:
+            raise DeidError("invalid_dataset", "file shrank while copying pixel data", "PixelData")
+        dst.write(chunk)
+        remaining -= len(chunk)
+
+
+def deidentify_file(deid: Deidentifier, src: Path, dst: BinaryIO) -> DeidResult:
+    """Read the header only, de-identify it, write it in the same transfer syntax, copy pixels raw."""
+    try:
+        with open(src, "rb") as fp:
+            try:
+                ds = dcmread(fp, stop_before_pixels=True)
+            except Exception as exc:
+                raise DeidError("invalid_dataset", "not a readable DICOM Part-10 file") from exc
+            start = fp.tell()
+            fp.seek(0, 2)
+            size = fp.tell()
+            ts = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+            if ts == DeflatedExplicitVRLittleEndian:
+                fp.seek(0)
+                ds = dcmread(fp)
+                start = size
+            if start >= size:  # no pixel data: the header is the whole dataset
+                deid.deidentify(ds)
+                ds.preamble = b"\0" * 128
+                dcmwrite(dst, ds, enforce_file_format=True)
+                return deid.result_of(ds)
+            little = ts != ExplicitVRBigEndian
+            implicit = ts == ImplicitVRLittleEndian
+            end = pixel_element_end(fp, start, size, little, implicit)
+            deid.deidentify(ds)
+            ds.preamble = b"\0" * 128
+            dcmwrite(dst, ds, enforce_file_format=True)
+            copy_range(fp, dst, start, end, size)
+            return deid.result_of(ds)
+    except DeidError:
+        raise
+    except Exception as exc:
+        raise DeidError("invalid_dataset", f"unexpected {type(exc).__name__}") from exc

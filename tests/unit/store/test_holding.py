@@ -1,0 +1,74 @@
+"""The holding area: durable, atomic, and never addressed by a value a peer sent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deid_router.config import RouteConfig
+from deid_router.errors import StorageError
+from deid_router.routing import Router, RoutingFacts
+from deid_router.store.holding import Holding
+
+
+def test_adopt_moves_file_into_raw_with_size_and_hash(tmp_path: Path) -> None:
+    h = Holding(tmp_path / "hold", "node-a")
+    h.prepare()
+    src = h.incoming_dir / "tmp123.dcm"
+    src.write_bytes(b"x" * 1000)
+    iid = h.new_id()
+    stored = h.adopt_raw(iid, src)
+    assert not src.exists()
+    assert stored.relative_path == f"raw/{iid[:2]}/{iid}.dcm"
+    assert h.absolute(stored.relative_path).read_bytes() == b"x" * 1000
+    assert stored.size == 1000
+    import hashlib
+
+    assert stored.sha256 == hashlib.sha256(b"x" * 1000).hexdigest()
+
+
+def test_failed_atomic_write_leaves_nothing(tmp_path: Path) -> None:
+    h = Holding(tmp_path, "n")
+    h.prepare()
+    final = h.work_path(7)
+    with pytest.raises(RuntimeError):
+        with h.atomic_writer(final) as fh:
+            fh.write(b"half")
+            raise RuntimeError("killed mid-write")
+    assert not final.exists()
+    assert list(h.work_dir.iterdir()) == []
+
+
+def test_prepare_removes_only_this_nodes_leftovers(tmp_path: Path) -> None:
+    mine, other = Holding(tmp_path, "a"), Holding(tmp_path, "b")
+    mine.prepare()
+    other.prepare()
+    (mine.incoming_dir / "tmpabc.dcm").write_bytes(b"partial")
+    (mine.work_dir / "5.dcm.1234.part").write_bytes(b"partial")
+    (other.incoming_dir / "tmpdef.dcm").write_bytes(b"in flight on node b")
+    assert mine.prepare() == 2
+    assert (other.incoming_dir / "tmpdef.dcm").exists()
+
+
+def test_paths_never_come_from_peer_values(tmp_path: Path) -> None:
+    h = Holding(tmp_path, "n")
+    for hostile in ("../../etc/passwd", "1.2.3/../../x", "a\x00b", "1.2.840.10008/../"):
+        with pytest.raises(StorageError):
+            h.raw_relative(hostile)
+    with pytest.raises(StorageError):
+        h.absolute("../outside.dcm")
+
+
+def test_routes_match_globs_and_merge_destinations() -> None:
+    router = Router(
+        (
+            RouteConfig("ct", ("pacs", "archive"), {"modality": "CT", "calling_aet": "CT*"}),
+            RouteConfig("all", ("archive",), {}),
+            RouteConfig("mr", ("research",), {"modality": "MR"}),
+        )
+    )
+    assert router.destinations_for(RoutingFacts("CT_1", "DEID", "CT", "1.2")) == ["pacs", "archive"]
+    assert router.destinations_for(RoutingFacts("US_1", "DEID", "CT", "1.2")) == ["archive"]
+    assert router.destinations_for(RoutingFacts("MR_1", "DEID", "MR", "1.2")) == ["archive", "research"]
+    assert Router(()).destinations_for(RoutingFacts("X", "Y", "CT", "1.2")) == []
