@@ -146,7 +146,9 @@ class Node:
             config.storage.min_free_mb * 1024 * 1024,
         )
         self.listener = Listener(config.listener, intake, self.ctx.holding.incoming_dir)
-        self.housekeeping = Housekeeping(self.ctx.repo, self.ctx.holding, config.storage.keep_raw_hours)
+        self.housekeeping = Housekeeping(
+            self.ctx.repo, self.ctx.holding, config.storage.keep_raw_hours, RetryPolicy.from_config(config.queue)
+        )
         self._workers: list[BaseProcess] = []
         self._mp = multiprocessing.get_context("spawn")
         self._scheduler = None
@@ -162,6 +164,7 @@ class Node:
         return proc
 
     def start(self) -> None:
+        self.housekeeping.sweep_orphans()
         self.housekeeping.requeue_stale()
         self.listener.start()
         self._scheduler = start_scheduler(self.housekeeping, self.config.queue.lease_seconds)  # type: ignore[assignment]

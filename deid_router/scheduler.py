@@ -8,6 +8,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from deid_router.db.repository import JobRepository
 from deid_router.errors import QueueError, StorageError
+from deid_router.jobs.policy import RetryPolicy
 from deid_router.observability.logging import get_logger
 from deid_router.store.holding import Holding
 
@@ -17,14 +18,30 @@ log = get_logger("scheduler")
 class Housekeeping:
     """The periodic tasks, callable directly (tests) or from the scheduler."""
 
-    def __init__(self, repo: JobRepository, holding: Holding, keep_raw_hours: float) -> None:
+    def __init__(self, repo: JobRepository, holding: Holding, keep_raw_hours: float, policy: RetryPolicy) -> None:
         self.repo = repo
         self.holding = holding
         self.keep_raw = timedelta(hours=keep_raw_hours)
+        self.policy = policy
+
+    def sweep_orphans(self) -> int:
+        """Delete this node's raw files that never got committed (killed between fsync and commit).
+
+        Run at start, before the listener accepts: none of this node's transfers is in flight.
+        """
+        own = self.holding.own_raw_files()
+        known = self.repo.known_raw_paths(own)
+        orphans = [p for p in own if p not in known]
+        for rel in orphans:
+            self.holding.delete(rel)
+        if orphans:
+            log.warning("orphan_raw_files_removed", count=len(orphans))
+        return len(orphans)
 
     def requeue_stale(self) -> int:
+        """Jobs of dead workers back to the queue (or, out of attempts, to quarantine)."""
         try:
-            n = self.repo.requeue_stale()
+            n = self.repo.requeue_stale(self.policy)
         except QueueError:
             log.error("stale_lease_check_failed")
             return 0

@@ -31,7 +31,8 @@ from deid_router.db.engine import READ_ONLY_OPTION
 from deid_router.db.models import AuditEvent, Crosswalk, Instance, Job, QuarantineRow, utc_now
 from deid_router.db.models import JobEvent as JobEventRow
 from deid_router.errors import QueueError
-from deid_router.jobs.policy import Decision
+from deid_router.jobs.outcome import Outcome, OutcomeKind
+from deid_router.jobs.policy import Decision, RetryPolicy, decide
 from deid_router.jobs.states import ALL_STATES, LIVE_STATES, JobState, assert_transition
 
 __all__ = [
@@ -384,20 +385,42 @@ class JobRepository:
                 )
         return True
 
-    def _requeue_running(self, conn: Connection, where: Any, reason: str, refund: bool) -> int:
+    def _requeue_running(
+        self, conn: Connection, where: Any, reason: str, refund: bool, policy: RetryPolicy | None = None
+    ) -> int:
         now = self._clock()
         rows = conn.execute(
-            select(Job.id, Job.state, Job.attempts).where(Job.state == JobState.RUNNING.value, where)
+            select(Job.id, Job.state, Job.attempts, Job.instance_id)
+            .where(Job.state == JobState.RUNNING.value, where)
             .with_for_update(skip_locked=True)
         ).all()
         if not rows:
             return 0
         events = []
+        requeue: list[int] = []
         for r in rows:
+            if policy is not None and r.attempts >= policy.max_attempts:
+                # A job whose workers keep dying is a poison instance: let the policy fail it.
+                d = decide(r.attempts, Outcome(OutcomeKind.RETRY, None, reason), policy, now)
+                events.append(self._ev(r.id, now, r.state, d.to_state.value, r.attempts, None, d.reason))
+                conn.execute(
+                    update(Job).where(Job.id == r.id).values(
+                        state=d.to_state.value, run_after=d.run_after or now, lease_owner=None,
+                        lease_expires_at=None, last_reason=d.reason, updated_at=now,
+                    )
+                )
+                if d.quarantine:
+                    conn.execute(
+                        insert(QuarantineRow).values(
+                            instance_id=r.instance_id, job_id=r.id, reason=d.reason,
+                            detail=f"attempt {r.attempts}", created_at=now,
+                        )
+                    )
+                continue
             attempt = max(0, r.attempts - 1) if refund else r.attempts
             events.append(self._ev(r.id, now, r.state, JobState.QUEUED.value, attempt, None, reason))
-        ids = [r.id for r in rows]
-        for chunk in _chunks(ids):
+            requeue.append(r.id)
+        for chunk in _chunks(requeue):
             conn.execute(
                 update(Job)
                 .where(Job.id.in_(chunk))
@@ -420,11 +443,16 @@ class JobRepository:
                 where = and_(where, Job.id.in_(list(job_ids)))
             return self._requeue_running(conn, where, "released", refund=True)
 
-    def requeue_stale(self) -> int:
-        """Running jobs whose lease expired go back to the queue; the attempt stays counted."""
+    def requeue_stale(self, policy: RetryPolicy | None = None) -> int:
+        """Running jobs whose lease expired go back to the queue; the attempt stays counted.
+
+        With ``policy``, a stale job that already used ``max_attempts`` is failed and
+        quarantined instead (``max_attempts_exceeded: lease_expired``), so an instance that
+        crashes every worker cannot loop forever. Returns the number of stale jobs handled.
+        """
         now = self._clock()
         with self._tx("requeue_stale") as conn:
-            return self._requeue_running(conn, Job.lease_expires_at < now, "lease_expired", refund=False)
+            return self._requeue_running(conn, Job.lease_expires_at < now, "lease_expired", False, policy)
 
     # ------------------------------------------------------------------ operator actions
 
@@ -640,6 +668,15 @@ class JobRepository:
                 .order_by(Instance.received_at)
             ).all()
         return [(r.id, r.raw_path) for r in rows]
+
+    def known_raw_paths(self, raw_paths: Sequence[str]) -> set[str]:
+        """Which of ``raw_paths`` belong to a committed instance (the rest are orphans of a crash)."""
+        known: set[str] = set()
+        with self._read("known_raw_paths") as conn:
+            for i in range(0, len(raw_paths), _IN_CHUNK):
+                chunk = list(raw_paths[i : i + _IN_CHUNK])
+                known.update(conn.execute(select(Instance.raw_path).where(Instance.raw_path.in_(chunk))).scalars())
+        return known
 
     def mark_raw_deleted(self, instance_id: str) -> None:
         """Record that the raw file of ``instance_id`` is gone (it can no longer be retried)."""

@@ -411,9 +411,9 @@ class Deidentifier:
                 if vr in ("DA", "DT"):
                     ids.add_weak(vr, value)
                     elem.value = self._shift(vr, value, st)
-                elif vr != "TM":
+                elif vr != "TM":  # a timestamp that cannot be shifted is emptied, never kept
                     ids.add_weak(vr, value)
-                    elem.value = act.dummy(vr)
+                    elem.value = act.empty(vr)
             elif a == "H":
                 ids.add_weak(vr, value)
                 if vr == "UI":
@@ -495,4 +495,4 @@ class Deidentifier:
                 meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         if hasattr(ds, "preamble"):
             ds.preamble = b"\0" * 128
-        scan(ds, st.ids, _OWN_TAGS, _CLASS_UID_TAGS, self._generic)
+        scan(ds, st.ids, _OWN_TAGS, _CLASS_UID_TAGS, self._generic, self.profile.shift_dates)

@@ -166,7 +166,7 @@ class Identifiers:
 
 def scan(
     ds: Dataset, ids: Identifiers, skip: frozenset[int], class_uids: frozenset[int] = frozenset(),
-    generic: Iterable[str] = (),
+    generic: Iterable[str] = (), shifted_dates: bool = False,
 ) -> None:
     """Raise DeidError('residual_phi') naming the first attribute path that still holds an identifier.
 
@@ -175,21 +175,23 @@ def scan(
     """
     pattern = ids.scan_pattern(generic)
     bad_uids = ids.orig_uids - ids.kept_uids
+    # every DA/DT of the output was shifted: an equal original date elsewhere is a coincidence
+    vrs = SCAN_VRS - {"DA", "DT"} if shifted_dates else SCAN_VRS
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
-        _scan(meta, pattern, bad_uids, skip, class_uids, "")
-    _scan(ds, pattern, bad_uids, skip, class_uids, "")
+        _scan(meta, pattern, bad_uids, skip, class_uids, vrs, "")
+    _scan(ds, pattern, bad_uids, skip, class_uids, vrs, "")
 
 
 def _scan(
     ds: Dataset, pattern: re.Pattern[str] | None, bad_uids: set[str], skip: frozenset[int],
-    class_uids: frozenset[int], path: str,
+    class_uids: frozenset[int], vrs: frozenset[str], path: str,
 ) -> None:
     for elem in ds:
         vr = elem.VR
         if vr == "SQ":
             for i, item in enumerate(elem.value or ()):
-                _scan(item, pattern, bad_uids, frozenset(), class_uids, f"{path}{_name(elem)}[{i}].")
+                _scan(item, pattern, bad_uids, frozenset(), class_uids, vrs, f"{path}{_name(elem)}[{i}].")
             continue
         if elem.tag in skip:
             continue
@@ -199,7 +201,7 @@ def _scan(
             continue
         if pattern is None:
             continue
-        if vr in SCAN_VRS or (elem.tag.is_private and vr in ("UN", "OB")):
+        if vr in vrs or (elem.tag.is_private and vr in ("UN", "OB")):
             for v in values_of(elem.value):
                 if pattern.search(v):
                     raise DeidError("residual_phi", "an original identifier survived", path + _name(elem))

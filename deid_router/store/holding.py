@@ -48,7 +48,10 @@ class Holding:
     """Durable storage of raw instances and work files under one root."""
 
     def __init__(self, root: Path, node: str = "local") -> None:
+        if not node or "/" in node or "~" in node or node.startswith("."):
+            raise StorageError("node names are host-port strings")
         self.root = root
+        self.node = node
         self.raw_dir = root / "raw"
         # Per node: several nodes may share one holding volume, and each cleans only its own.
         self.work_dir = root / "work" / node
@@ -75,9 +78,17 @@ class Holding:
         return uuid.uuid4().hex
 
     def raw_relative(self, instance_id: str) -> str:
+        """``raw/<id[:2]>/<node>~<id>.dcm``: the node prefix lets a node find its own orphans."""
         if not instance_id.isalnum():
             raise StorageError("instance ids are generated hex strings")
-        return f"raw/{instance_id[:2]}/{instance_id}.dcm"
+        return f"raw/{instance_id[:2]}/{self.node}~{instance_id}.dcm"
+
+    def own_raw_files(self) -> list[str]:
+        """Relative paths of raw files this node wrote (committed or orphaned by a crash)."""
+        prefix = f"{self.node}~"
+        return [
+            p.relative_to(self.root).as_posix() for p in _walk_files(self.raw_dir) if p.name.startswith(prefix)
+        ]
 
     def absolute(self, relative_path: str) -> Path:
         path = (self.root / relative_path).resolve()

@@ -7,7 +7,6 @@ a SOPInstanceUID of a storage SOP class; their SOPInstanceUIDs are distinct, so 
 at the far end is a count of instances):
 
     CT_small.dcm                 CT, explicit VR little endian
-    MR_small.dcm                 MR, explicit VR little endian
     rtplan.dcm                   RT Plan, implicit VR LE (meta and dataset SOPInstanceUID differ)
     rtdose.dcm                   RT Dose, implicit VR LE, 15 frames (meta/dataset UID differ)
     test-SR.dcm                  Comprehensive SR
@@ -16,16 +15,18 @@ at the far end is a count of instances):
     SC_rgb_jpeg_dcmtk.dcm        secondary capture, JPEG baseline
     examples_ybr_color.dcm       US multi-frame (30 frames), JPEG baseline
     JPEG-lossy.dcm               JPEG extended (process 2 and 4)
-    JPEGLSNearLossless_16.dcm    JPEG-LS near-lossless
+    MR_small_jpeg_ls_lossless.dcm  MR, JPEG-LS lossless
     JPEG2000.dcm                 JPEG 2000
     SC_rgb_rle.dcm               RLE lossless
     ExplVR_BigEnd.dcm            US, explicit VR big endian (retired syntax)
     image_dfl.dcm                deflated explicit VR little endian
 
 Left out on purpose: ``rtstruct.dcm`` has no file meta (not Part 10); ``SC_rgb.dcm`` and
-``emri_small.dcm`` are not bundled with pydicom 3.0.2 (download only); ``MR_small_RLE``,
-``MR_small_bigendian``, ``MR_small_jp2klossless``, ``MR_small_jpeg_ls_lossless`` share
-MR_small's SOPInstanceUID (replaced by the distinct files above).
+``emri_small.dcm`` are not bundled with pydicom 3.0.2 (download only); ``MR_small.dcm`` and its
+other variants (RLE, big endian, JPEG 2000) share one SOPInstanceUID, so only the JPEG-LS one is
+kept; ``JPEGLSNearLossless_*.dcm`` and ``SC_rgb_jls_*.dcm`` lack Study/Series Instance UIDs
+(Orthanc refuses them with 0xA700). Every curated file has PatientID (except
+ExplVR_BigEnd.dcm), StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID and SOPClassUID.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMEN
 
 CORPUS_FILES: tuple[str, ...] = (
     "CT_small.dcm",
-    "MR_small.dcm",
     "rtplan.dcm",
     "rtdose.dcm",
     "test-SR.dcm",
@@ -52,7 +52,7 @@ CORPUS_FILES: tuple[str, ...] = (
     "SC_rgb_jpeg_dcmtk.dcm",
     "examples_ybr_color.dcm",
     "JPEG-lossy.dcm",
-    "JPEGLSNearLossless_16.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
     "JPEG2000.dcm",
     "SC_rgb_rle.dcm",
     "ExplVR_BigEnd.dcm",
@@ -62,7 +62,6 @@ CORPUS_FILES: tuple[str, ...] = (
 #: A role for each curated file, for tests that need "a JPEG 2000 file" rather than a name.
 CORPUS_ROLES: dict[str, str] = {
     "ct": "CT_small.dcm",
-    "mr": "MR_small.dcm",
     "rtplan": "rtplan.dcm",
     "rtdose": "rtdose.dcm",
     "sr": "test-SR.dcm",
@@ -71,7 +70,7 @@ CORPUS_ROLES: dict[str, str] = {
     "jpeg_baseline": "SC_rgb_jpeg_dcmtk.dcm",
     "multiframe": "examples_ybr_color.dcm",
     "jpeg_extended": "JPEG-lossy.dcm",
-    "jpeg_ls": "JPEGLSNearLossless_16.dcm",
+    "jpeg_ls": "MR_small_jpeg_ls_lossless.dcm",
     "jpeg2000": "JPEG2000.dcm",
     "rle": "SC_rgb_rle.dcm",
     "big_endian": "ExplVR_BigEnd.dcm",

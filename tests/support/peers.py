@@ -137,10 +137,10 @@ def _log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text[-lines:]) or "(empty log)"
 
 
-def _stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+def _stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0, kill: bool = False) -> None:
     if proc is None or proc.poll() is not None:
         return
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -409,12 +409,13 @@ class Orthanc:
                     raise PeerError(f"Orthanc did not answer on {self.url} within {timeout:.0f} s\n{_log_tail(self.log_path)}") from None
                 time.sleep(0.1)
 
-    def stop(self) -> None:
-        _stop_process(self._proc, timeout=20.0)
+    def stop(self, graceful: bool = True) -> None:
+        """SIGTERM (Orthanc takes ~3 s to shut down cleanly), or SIGKILL when not graceful."""
+        _stop_process(self._proc, timeout=20.0, kill=not graceful)
         self._proc = None
 
     def pause(self) -> None:
-        """Stop Orthanc, keeping its ports and database, to simulate the PACS being down."""
+        """Stop Orthanc cleanly, keeping its ports and database, to simulate the PACS being down."""
         self.stop()
         wait_for_port_closed(self.host, self.dicom_port)
 
@@ -422,8 +423,8 @@ class Orthanc:
         self.start()
 
     def close(self) -> None:
-        """Stop and remove the work directory if we created it."""
-        self.stop()
+        """Stop at once (the test is over) and remove the work directory if we created it."""
+        self.stop(graceful=False)
         if self._own_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
@@ -504,8 +505,9 @@ def _association_profile(files: Sequence[Path], path: Path) -> bool:
 
     dcmtk storescu otherwise decompresses what it has no codec for (JPEG 2000 fails) and
     inflates deflated files. One context per (SOP class, transfer syntax) found in the file
-    meta (first, so storescu picks it), plus an uncompressed fallback context per SOP class. Returns False when there is
-    nothing to propose or too many contexts (storescu then uses its defaults).
+    meta (first, so storescu picks it), plus an uncompressed fallback context per SOP class.
+    Returns False when there is nothing to propose or too many contexts (storescu then uses
+    its defaults).
     """
     pairs: dict[str, set[str]] = {}
     for f in files:

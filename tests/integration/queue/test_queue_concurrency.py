@@ -113,3 +113,23 @@ def test_concurrent_crosswalk_first_sightings_leave_one_row(engine: Engine, back
     repo = JobRepository(engine)
     assert repo.crosswalk_count() == 200
     assert len(repo.crosswalk_lookup("DEID-00007")) == 1
+
+
+def test_concurrent_resends_of_one_instance_enqueue_once(engine: Engine,
+                                                        instance_factory: Callable[..., NewInstance]) -> None:
+    repo = JobRepository(engine)
+    insts = [instance_factory(sop_key="s" * 64, sha="c" * 64) for _ in range(4)]
+    results: list[Any] = []
+    start = threading.Barrier(4)
+
+    def run(inst: NewInstance) -> None:
+        start.wait()
+        results.append(repo.enqueue(inst, ["pacs"]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in insts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(r.duplicate for r in results) == [False, True, True, True]
+    assert repo.status_counts()["jobs"]["queued"] == 1

@@ -20,7 +20,9 @@ def test_adopt_moves_file_into_raw_with_size_and_hash(tmp_path: Path) -> None:
     iid = h.new_id()
     stored = h.adopt_raw(iid, src)
     assert not src.exists()
-    assert stored.relative_path == f"raw/{iid[:2]}/{iid}.dcm"
+    assert stored.relative_path == f"raw/{iid[:2]}/node-a~{iid}.dcm"
+    assert h.own_raw_files() == [stored.relative_path]
+    assert Holding(tmp_path / "hold", "node-b").own_raw_files() == []
     assert h.absolute(stored.relative_path).read_bytes() == b"x" * 1000
     assert stored.size == 1000
     import hashlib
