@@ -17,7 +17,7 @@ from pydicom.datadict import keyword_dict
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.uid import UID_dictionary
+from pydicom._uid_dict import UID_dictionary
 
 from deid_router.config import DeidConfig
 from deid_router.deid import actions as act
@@ -425,9 +425,9 @@ class Deidentifier:
             elif a == "R":
                 ids.add_weak(vr, value)
                 elem.value = self.profile.replace_values.get(t, "")
-        for c in creators:
-            if c not in kept_blocks:
-                del ds[c]
+        for creator in creators:
+            if creator not in kept_blocks:
+                del ds[creator]
 
     def _pseudonymize(self, elem: pydicom.DataElement, t: int, st: _State, top: bool) -> bool:
         """PatientID, PatientName, AccessionNumber, StudyID -> keyed pseudonyms. False: not handled."""

@@ -65,7 +65,7 @@ def pixel_element_end(fp: BinaryIO, start: int, size: int, little: bool, implici
             pos += 8 + ilen
     if end > size:
         raise DeidError("invalid_dataset", "pixel data runs past the end of the file", "PixelData")
-    return end
+    return int(end)
 
 
 def copy_range(fp: BinaryIO, dst: BinaryIO, start: int, end: int, size: int) -> None:

@@ -102,7 +102,7 @@ def test_sigkill_mid_run_then_resend_delivers_every_acknowledged_instance_once(
     router = RouterProcess(tmp_path / "router", [dicom_destination("scp", storescp.port, storescp.ae_title)])
     router.start()
     sender = subprocess.Popen(
-        ["storescu", "-v", "-nh", "+sd", "-aec", "DEID_ROUTER", "-aet", "MODALITY", "127.0.0.1", str(router.port), str(tmp_path / "in")],
+        ["storescu", "-v", "-nh", "+sd", "+r", "-aec", "DEID_ROUTER", "-aet", "MODALITY", "127.0.0.1", str(router.port), str(tmp_path / "in")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
     )
     raw_dir = router.workdir / "var" / "raw"

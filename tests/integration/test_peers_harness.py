@@ -125,3 +125,16 @@ def test_storescp_refusing_stores_is_reported_as_failures(tmp_path: Path) -> Non
         result = storescu(scp.host, scp.port, files, called_aet=scp.ae_title)
     assert storescu_acknowledged(result) == 0
     assert result.returncode != 0
+
+
+@pytest.mark.postgres
+def test_pg_url_is_a_fresh_database_of_its_own(pg_url: str) -> None:
+    from sqlalchemy import create_engine, inspect, text
+
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("select current_database()")).scalar() == pg_url.rsplit("/", 1)[1]
+        assert inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()

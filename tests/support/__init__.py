@@ -1,0 +1,1 @@
+"""Test support: real DICOM peers (peers.py), test data (corpus.py), the router process (router.py)."""

@@ -78,6 +78,9 @@ class FakePacs:
         else:
             source = 3 if (kind == "transient" and diagnostic in (1, 2)) else 1
         event.assoc.acse.send_reject(result, source, diagnostic)
+        # As pynetdicom's own rejections do: wait for the DUL to put the A-ASSOCIATE-RJ on
+        # the wire before the server shuts the socket down.
+        event.assoc.kill()
 
     def _on_established(self, _: evt.Event) -> None:
         with self._lock:

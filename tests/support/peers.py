@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -639,6 +638,3 @@ __all__ = [
     "wait_for_port",
     "wait_for_port_closed",
 ]
-
-if __name__ == "__main__":  # pragma: no cover - manual smoke test
-    print({name: str(find_tool(name)) for name in ("storescu", "storescp", "echoscu", "Orthanc", "dciodvfy")}, file=sys.stderr)
