@@ -373,6 +373,7 @@ class JobRepository:
                 .values(
                     state=dst, run_after=decision.run_after or now, lease_owner=None, lease_expires_at=None,
                     last_status=decision.status_code, last_reason=decision.reason, updated_at=now,
+                    attempts=max(row.attempts - 1, 0) if decision.refund_attempt else row.attempts,
                 )
             )
             self._event(conn, [ev])

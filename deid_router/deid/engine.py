@@ -282,15 +282,18 @@ class Deidentifier:
             return value
         return fn(str(value), st.offset)
 
-    def _walk(self, ds: Dataset, st: _State, path: str, top: bool = False) -> None:
+    def _walk(self, ds: Dataset, st: _State, path: str, top: bool = False, parent: Reader | None = None) -> None:
         actions = self._actions
         patterns = self._patterns
         ids = st.ids
         profile = self.profile
-        creators: list[int] = []
+        rd = Reader.of(ds, parent)
+        creators: list[BaseTag] = []
         kept_blocks: set[int] = set()
         overlay_x = patterns[OVERLAY_DATA] == "X"
-        for tag in list(ds.keys()):
+        private_action = patterns[PRIVATE]
+        store = ds._dict
+        for tag, elem in list(store.items()):
             t = int(tag)
             group = t >> 16
             a = actions.get(t)
@@ -298,25 +301,28 @@ class Deidentifier:
                 if group & 1:
                     lo = t & 0xFFFF
                     if lo < 0x10:
-                        del ds[t]
+                        del store[tag]
                         continue
                     if lo <= 0xFF:
-                        creators.append(t)
+                        creators.append(tag)
                         continue
                     creator_tag = (t & 0xFFFF0000) | (lo >> 8)
-                    if patterns[PRIVATE] == "C":
-                        c = ds.get(creator_tag)
-                        cval = str(_first(c.value)).strip().upper() if c is not None else ""
+                    if private_action == "C":
+                        c = store.get(BaseTag(creator_tag))
+                        cval = ""
+                        if c is not None:
+                            cval = _first(rd.value(ds, BaseTag(creator_tag), c, rd.vr(ds, BaseTag(creator_tag), c)))
+                            cval = cval.strip().upper()
                         if cval and (cval, group, lo & 0xFF) in profile.safe_private:
                             kept_blocks.add(creator_tag)
-                            elem = ds[t]
-                            if elem.VR == "SQ":
-                                for i, item in enumerate(elem.value or ()):
-                                    self._walk(item, st, f"{path}{_path_name(t, ds)}[{i}].")
+                            vr = rd.vr(ds, tag, elem)
+                            if vr == "SQ":
+                                for i, item in enumerate(ds[tag].value or ()):
+                                    self._walk(item, st, f"{path}{_path_name(t)}[{i}].", parent=rd)
                             else:
-                                ids.add_kept(elem.value)
+                                st.add_kept(rd, ds, tag, store[tag], vr)
                             continue
-                    del ds[t]
+                    del store[tag]
                     continue
                 if (group & 0xFF00) == 0x5000:
                     a = patterns[CURVE]
@@ -338,131 +344,137 @@ class Deidentifier:
                 # an explicit rule on a private tag: its block's creator stays if it is kept
                 if a != "X":
                     kept_blocks.add((t & 0xFFFF0000) | ((t & 0xFFFF) >> 8))
+            vr = rd.vr(ds, tag, elem)
+            elem = store[tag]  # rd.vr may have converted it
             if a == "X":
-                elem = ds[t]
-                if elem.VR == "SQ":
-                    self._collect_removed(elem.value, st)
-                else:
-                    ids.add_weak(elem.VR, elem.value)
-                del ds[t]
+                if vr == "SQ":
+                    self._collect_removed(ds[tag].value, st, rd)
+                elif vr in WEAK_VRS:
+                    ids.add_weak(vr, rd.value(ds, tag, elem, vr))
+                del store[tag]
                 continue
-            elem = ds[t]
-            vr = elem.VR
             if vr == "SQ":
+                seq = ds[tag]
                 if a == "Z":
-                    self._collect_removed(elem.value, st)
-                    elem.value = Sequence()
+                    self._collect_removed(seq.value, st, rd)
+                    seq.value = Sequence()
                 else:
-                    name = _path_name(t, ds)
-                    for i, item in enumerate(elem.value or ()):
-                        self._walk(item, st, f"{path}{name}[{i}].")
+                    name = _path_name(t)
+                    for i, item in enumerate(seq.value or ()):
+                        self._walk(item, st, f"{path}{name}[{i}].", parent=rd)
                 continue
-            if t in _PSEUDO_TAGS and a in "ZDCUSH" and self._pseudonymize(elem, t, st, top):
-                continue
-            value = elem.value
             if a == "" or a == "K":
                 if vr == "UI":
+                    value = rd.value(ds, tag, elem, vr)
                     if a == "" and not profile.retain_uids and t not in _CLASS_UID_TAGS:
-                        elem.value = self._remap_value(value, st, force=False)
+                        rd.set(ds, tag, elem, vr, self._remap_value(value, st, force=False))
                     else:
                         ids.kept_uids.update(str(v) for v in (value if isinstance(value, (list, MultiValue)) else [value]) if v)
-                elif vr in ("DA", "DT") and profile.shift_dates:
+                elif vr in _DATE_VRS and profile.shift_dates:
+                    value = rd.value(ds, tag, elem, vr)
                     ids.add_weak(vr, value)
-                    elem.value = self._shift(vr, value, st)
-                elif vr == "AS" and a == "K" and value:
-                    elem.value = dates.clamp_age(_first(value))
+                    rd.set(ds, tag, elem, vr, self._shift(vr, value, st))
+                elif vr == "AS" and a == "K":
+                    value = rd.value(ds, tag, elem, vr)
+                    if value:
+                        rd.set(ds, tag, elem, vr, dates.clamp_age(_first(value)))
+                    else:
+                        st.add_kept(rd, ds, tag, elem, vr)
                 else:
-                    ids.add_kept(value)
+                    st.add_kept(rd, ds, tag, elem, vr)
                 continue
+            if t in _PSEUDO_TAGS and a in "ZDCUSH":
+                pseudo = self._pseudonymize(rd.value(ds, tag, elem, vr), vr, t, st, top)
+                if pseudo is not None:
+                    rd.set(ds, tag, elem, vr, pseudo)
+                    continue
+            value = rd.value(ds, tag, elem, vr)
+            new: object = _UNCHANGED
             if a == "Z":
                 ids.add_weak(vr, value)
-                elem.value = act.empty(vr)
+                new = act.empty(vr)
             elif a == "D":
                 ids.add_weak(vr, value)
                 if vr == "UI":
-                    elem.value = self._remap_value(value, st, force=True)
-                elif vr in ("DA", "DT") and profile.shift_dates:
-                    elem.value = self._shift(vr, value, st)
+                    new = self._remap_value(value, st, force=True)
+                elif vr in _DATE_VRS and profile.shift_dates:
+                    new = self._shift(vr, value, st)
                 else:
-                    elem.value = act.dummy(vr)
+                    new = act.dummy(vr)
             elif a == "U":
                 if vr == "UI":
-                    elem.value = self._remap_value(value, st, force=False)
+                    new = self._remap_value(value, st, force=False)
                 else:
                     ids.add_weak(vr, value)
-                    elem.value = act.dummy(vr)
+                    new = act.dummy(vr)
             elif a == "C":
-                if vr in ("DA", "DT"):
+                if vr in _DATE_VRS:
                     ids.add_weak(vr, value)
-                    elem.value = self._shift(vr, value, st) if profile.shift_dates else act.empty(vr)
+                    new = self._shift(vr, value, st) if profile.shift_dates else act.empty(vr)
                 elif vr == "AS":
-                    elem.value = dates.clamp_age(_first(value)) if value else value
+                    new = dates.clamp_age(_first(value)) if value else value
                 elif vr == "UI":
-                    elem.value = self._remap_value(value, st, force=False)
+                    new = self._remap_value(value, st, force=False)
                 elif vr in act.TEXT_VRS and value:
                     ids.add_kept(value)
                     if isinstance(value, (list, MultiValue)):
-                        elem.value = [ids.clean(str(v)) for v in value]
+                        new = [ids.clean(str(v)) for v in value]
                     else:
-                        elem.value = ids.clean(str(value))
+                        new = ids.clean(str(value))
                 else:
                     ids.add_kept(value)
             elif a == "S":
-                if vr in ("DA", "DT"):
+                if vr in _DATE_VRS:
                     ids.add_weak(vr, value)
-                    elem.value = self._shift(vr, value, st)
+                    new = self._shift(vr, value, st)
                 elif vr != "TM":  # a timestamp that cannot be shifted is emptied, never kept
                     ids.add_weak(vr, value)
-                    elem.value = act.empty(vr)
+                    new = act.empty(vr)
             elif a == "H":
                 ids.add_weak(vr, value)
                 if vr == "UI":
-                    elem.value = self._remap_value(value, st, force=True)
+                    new = self._remap_value(value, st, force=True)
                 elif vr in act.TEXT_VRS and value:
-                    elem.value = act.fit(vr, self.keys.token(f"rule:{t:08X}", str(value)))
+                    new = act.fit(vr, self.keys.token(f"rule:{t:08X}", str(value)))
                 else:
-                    elem.value = act.dummy(vr)
+                    new = act.dummy(vr)
             elif a == "R":
                 ids.add_weak(vr, value)
-                elem.value = self.profile.replace_values.get(t, "")
+                new = self.profile.replace_values.get(t, "")
+            if new is not _UNCHANGED:
+                rd.set(ds, tag, elem, vr, new)
         for creator in creators:
-            if creator not in kept_blocks:
-                del ds[creator]
+            if int(creator) not in kept_blocks:
+                del store[creator]
 
-    def _pseudonymize(self, elem: pydicom.DataElement, t: int, st: _State, top: bool) -> bool:
-        """PatientID, PatientName, AccessionNumber, StudyID -> keyed pseudonyms. False: not handled."""
-        original = _first(elem.value).strip()
+    def _pseudonymize(self, value: object, vr: str, t: int, st: _State, top: bool) -> str | None:
+        """PatientID, PatientName, AccessionNumber, StudyID -> keyed pseudonyms. None: not handled."""
         if t == _T_PATIENT_ID:
-            if not top:
-                return False
-            elem.value = st.patient_id_out
-            return True
+            return st.patient_id_out if top else None
         if t == _T_PATIENT_NAME:
-            if not top:
-                return False
-            elem.value = st.patient_name_out
-            return True
+            return st.patient_name_out if top else None
+        original = _first(value).strip()
         if not original:
-            elem.value = ""
-            return True
+            return ""
         kind = "accession_number" if t == _T_ACCESSION else "study_id"
-        st.ids.add_weak(elem.VR, original)
+        st.ids.add_weak(vr, original)
         pseudo = self.keys.pseudonym(kind, original, 16)
-        elem.value = pseudo
         st.pending.append((kind, original, pseudo))
-        return True
+        return pseudo
 
-    def _collect_removed(self, items: object, st: _State) -> None:
+    def _collect_removed(self, items: object, st: _State, parent: Reader) -> None:
         """Record the identifying values inside a removed or emptied sequence."""
         actions = self._actions
         for item in items or ():  # type: ignore[attr-defined]
-            for elem in item:
-                if elem.VR == "SQ":
-                    self._collect_removed(elem.value, st)
+            rd = Reader.of(item, parent)
+            for tag, elem in list(item._dict.items()):
+                vr = rd.vr(item, tag, elem)
+                if vr == "SQ":
+                    self._collect_removed(item[tag].value, st, rd)
                     continue
-                a = actions.get(int(elem.tag), "K")
-                if a not in ("K", "C"):
-                    st.ids.add_weak(elem.VR, elem.value)
+                a = actions.get(int(tag), "K")
+                if a not in ("K", "C") and vr in WEAK_VRS:
+                    st.ids.add_weak(vr, rd.value(item, tag, item._dict[tag], vr))
 
     # ------------------------------------------------------------------ finishing
     def _finish(self, ds: Dataset, st: _State) -> None:

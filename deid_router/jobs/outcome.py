@@ -13,7 +13,9 @@ from enum import Enum
 class OutcomeKind(str, Enum):
     DELIVERED = "delivered"
     DELIVERED_WARNING = "delivered_warning"
-    RETRY = "retry"  # transient: try again after a backoff
+    RETRY = "retry"  # transient for this instance: try again after a backoff (costs an attempt)
+    UNAVAILABLE = "unavailable"  # the destination as a whole is down or refuses us: the instance
+    # was not tried, so no attempt is spent; the destination is paused and probed with backoff
     PERMANENT = "permanent"  # retrying cannot help: fail and quarantine now
     QUARANTINE = "quarantine"  # de-identification refused the instance: never send it
 

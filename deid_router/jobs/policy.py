@@ -58,6 +58,7 @@ class Decision:
     quarantine: bool
     status_code: int | None
     reason: str
+    refund_attempt: bool = False  # the attempt never reached the instance: do not count it
 
 
 def decide(
@@ -66,6 +67,7 @@ def decide(
     policy: RetryPolicy,
     now: datetime,
     rng: random.Random | None = None,
+    destination_failures: int = 1,
 ) -> Decision:
     """Next state of a job whose ``attempts``-th attempt ended with ``outcome``.
 
@@ -73,6 +75,16 @@ def decide(
     incremented at claim time).
     """
     code = outcome.status_code
+    if outcome.kind is OutcomeKind.UNAVAILABLE:
+        # A destination that is down (or refuses us as a whole) must not use up the instance's
+        # attempts: a PACS down for a day would otherwise quarantine everything. The delay
+        # follows the destination's consecutive failures; a permanent rejection (a
+        # configuration problem on one side) is probed slowly, at the cap.
+        slow = outcome.reason.startswith("association_rejected_permanent")
+        delay = policy.max_seconds if slow else policy.backoff(destination_failures, rng)
+        return Decision(
+            JobState.RETRYING, now + timedelta(seconds=delay), False, code, outcome.reason or "unavailable", True
+        )
     if outcome.kind in (OutcomeKind.DELIVERED, OutcomeKind.DELIVERED_WARNING):
         return Decision(JobState.DONE, None, False, code, outcome.reason or outcome.kind.value)
     if outcome.kind is OutcomeKind.RETRY:

@@ -1,18 +1,18 @@
-"""The worker loop: claim due jobs, de-identify, forward, and record what the policy decides.
+"""The worker: claim due jobs, de-identify, forward, and record what the policy decides.
 
-The worker never writes SQL (the repository does) and never chooses a next state (the
-policy does). It serves one destination per batch, rotating through the destinations that
-have due jobs, so one slow or broken PACS never holds back another's jobs for longer than a
-batch. A heartbeat thread keeps the leases of the jobs it holds alive.
+Each worker process runs one thread per destination, and each thread claims only its own
+destination's jobs, so a PACS that is down, slow or never answers holds up nothing but itself.
+De-identification is CPU work shared by the threads of a process; the node runs one process
+per core. The worker never writes SQL (the repository does) and never chooses a next state
+(``jobs.policy`` does). A heartbeat thread keeps the leases of held jobs alive.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from datetime import UTC, datetime
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from deid_router.db.repository import ClaimedJob, JobRepository
 from deid_router.deid.engine import Deidentifier
@@ -25,6 +25,8 @@ from deid_router.observability.logging import get_logger
 from deid_router.store.holding import Holding
 
 log = get_logger("worker")
+
+_MAX_QUEUE_BACKOFF = 30.0
 
 
 @dataclass
@@ -46,74 +48,89 @@ class Worker:
     lease_seconds: float
     batch_size: int
     poll_seconds: float = 0.5
-    clock: Callable[[], float] = time.monotonic
     stats: WorkerStats = field(default_factory=WorkerStats)
     _held: set[int] = field(default_factory=set)
-    _held_lock: threading.Lock = field(default_factory=threading.Lock)
-    _rotation: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _unavailable: dict[str, int] = field(default_factory=dict)  # consecutive failures per destination
 
     def run(self, stop: threading.Event) -> None:
-        """Process batches until ``stop`` is set; then release whatever is still held."""
-        beat = threading.Thread(target=self._heartbeat, args=(stop,), name=f"heartbeat-{self.owner}", daemon=True)
-        beat.start()
-        backoff = self.poll_seconds
+        """Serve every destination until ``stop`` is set; then release whatever is still held."""
+        threads = [
+            threading.Thread(target=self._serve, args=(name, stop), name=f"dest-{name}", daemon=True)
+            for name in self.destinations
+        ]
+        threads.append(threading.Thread(target=self._heartbeat, args=(stop,), name="heartbeat", daemon=True))
+        for t in threads:
+            t.start()
+        stop.wait()
+        for t in threads:
+            t.join(timeout=15.0)
         try:
-            while not stop.is_set():
-                try:
-                    done = self.run_once()
-                    backoff = self.poll_seconds
-                except QueueError as exc:
-                    log.error("worker_queue_unavailable", error=type(exc.__cause__ or exc).__name__)
-                    done = 0
-                    backoff = min(backoff * 2, 30.0)
-                if not done:
-                    stop.wait(backoff)
-        finally:
-            try:
-                released = self.repo.release(self.owner)
-                if released:
-                    log.info("jobs_released", owner=self.owner, count=released)
-            except QueueError:
-                log.error("jobs_release_failed", owner=self.owner)
-            for dest in self.destinations.values():
-                dest.close()
+            released = self.repo.release(self.owner)
+            if released:
+                log.info("jobs_released", owner=self.owner, count=released)
+        except QueueError:
+            log.error("jobs_release_failed", owner=self.owner)
+        for dest in self.destinations.values():
+            dest.close()
 
-    def run_once(self) -> int:
-        """Claim and process one batch for the next destination with due jobs."""
-        due = [d for d in self.repo.next_due_destinations() if d in self.destinations]
-        if not due:
-            return 0
-        name = due[self._rotation % len(due)]
-        self._rotation += 1
+    def _serve(self, name: str, stop: threading.Event) -> None:
+        """One destination's loop: batches while there is work; pauses while it is unavailable."""
+        wait = self.poll_seconds
+        while not stop.is_set():
+            try:
+                done, pause = self.run_once(name)
+                wait = pause if pause else self.poll_seconds
+            except QueueError as exc:
+                log.error("worker_queue_unavailable", destination=name, error=type(exc.__cause__ or exc).__name__)
+                done, wait = 0, min(max(wait, self.poll_seconds) * 2, _MAX_QUEUE_BACKOFF)
+            if not done or wait > self.poll_seconds:
+                stop.wait(wait)
+
+    def run_once(self, name: str) -> tuple[int, float]:
+        """Claim and process one batch for destination ``name``.
+
+        Returns (jobs processed, seconds to pause this destination: 0 unless it is unavailable).
+        """
         jobs = self.repo.claim(self.owner, self.lease_seconds, self.batch_size, destination=name)
         if not jobs:
-            return 0
+            return 0, 0.0
         fault_point("after_claim")
-        with self._held_lock:
+        with self._lock:
             self._held.update(j.job_id for j in jobs)
         try:
-            self._process(name, jobs)
+            return len(jobs), self._process(name, jobs)
         finally:
-            with self._held_lock:
+            with self._lock:
                 self._held.difference_update(j.job_id for j in jobs)
-        return len(jobs)
 
-    def _process(self, name: str, jobs: list[ClaimedJob]) -> None:
+    def _process(self, name: str, jobs: list[ClaimedJob]) -> float:
         deliveries: list[Delivery] = []
         outcomes: dict[int, Outcome] = {}
         for job in jobs:
             delivery, outcome = self._deidentify(job)
             if delivery is not None:
                 deliveries.append(delivery)
-            else:
-                outcomes[job.job_id] = outcome  # type: ignore[assignment]
+            elif outcome is not None:
+                outcomes[job.job_id] = outcome
         if deliveries:
             outcomes.update(self.destinations[name].send(deliveries))
             fault_point("after_send_before_done")
+        unavailable = any(o.kind is OutcomeKind.UNAVAILABLE for o in outcomes.values())
+        failures = self._unavailable.get(name, 0) + 1 if unavailable else 0
+        self._unavailable[name] = failures
+        pause = 0.0
+        now = datetime.now(UTC)
         for job in jobs:
             outcome = outcomes.get(job.job_id) or Outcome(OutcomeKind.RETRY, None, "no_outcome")
-            self._finish(job, outcome)
+            decision = decide(job.attempts, outcome, self.policy, now, destination_failures=max(failures, 1))
+            self._record(job, outcome, decision.to_state.value, self.repo.finish(job.job_id, self.owner, decision))
+            if outcome.kind is OutcomeKind.UNAVAILABLE and decision.run_after is not None:
+                pause = max(pause, (decision.run_after - now).total_seconds())
             self.holding.work_path(job.job_id).unlink(missing_ok=True)
+        if unavailable:
+            log.warning("destination_paused", destination=name, seconds=round(pause, 1), failures=failures)
+        return pause
 
     def _deidentify(self, job: ClaimedJob) -> tuple[Delivery | None, Outcome | None]:
         src = self.holding.absolute(job.raw_path)
@@ -132,7 +149,7 @@ class Worker:
             log.error("job_raw_missing", job_id=job.job_id)
             return None, Outcome(OutcomeKind.PERMANENT, None, "raw_file_missing")
         except QueueError:
-            raise  # the crosswalk could not be written: the batch is released, nothing is sent
+            raise  # the crosswalk could not be written: nothing is sent; the lease expires
         except Exception as exc:  # a bug must cost retries, then quarantine; never a dead worker
             log.error("job_deid_crashed", job_id=job.job_id, error=type(exc).__name__)
             return None, Outcome(OutcomeKind.RETRY, None, f"internal_error:{type(exc).__name__}")
@@ -149,21 +166,20 @@ class Worker:
             None,
         )
 
-    def _finish(self, job: ClaimedJob, outcome: Outcome) -> None:
-        decision = decide(job.attempts, outcome, self.policy, datetime.now(UTC))
-        applied = self.repo.finish(job.job_id, self.owner, decision)
-        self.stats.processed += 1
-        if outcome.delivered:
-            self.stats.delivered += 1
-        elif decision.to_state == "retrying":
-            self.stats.retried += 1
-        else:
-            self.stats.failed += 1
+    def _record(self, job: ClaimedJob, outcome: Outcome, state: str, applied: bool) -> None:
+        with self._lock:
+            self.stats.processed += 1
+            if outcome.delivered:
+                self.stats.delivered += 1
+            elif state == "retrying":
+                self.stats.retried += 1
+            else:
+                self.stats.failed += 1
         log.info(
             "job_finished",
             job_id=job.job_id,
             destination=job.destination,
-            state=decision.to_state,
+            state=state,
             attempt=job.attempts,
             status_code=outcome.status_code,
             reason=outcome.reason,
@@ -173,7 +189,7 @@ class Worker:
     def _heartbeat(self, stop: threading.Event) -> None:
         interval = max(self.lease_seconds / 3.0, 0.5)
         while not stop.wait(interval):
-            with self._held_lock:
+            with self._lock:
                 held = list(self._held)
             if held:
                 try:

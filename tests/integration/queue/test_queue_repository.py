@@ -288,3 +288,19 @@ def test_stale_lease_past_max_attempts_is_quarantined(repo: JobRepository, clock
     assert repo.job_state(job_id) == ("failed", 3)
     (entry,) = repo.quarantine_list()
     assert entry.reason == "max_attempts_exceeded: lease_expired"
+
+
+def test_unavailable_destination_refunds_the_attempt(repo: JobRepository, clock: Any, instance_factory: Factory) -> None:
+    from deid_router.jobs.outcome import Outcome, OutcomeKind
+    from deid_router.jobs.policy import RetryPolicy, decide
+
+    policy = RetryPolicy(1, 5, 2)
+    (job_id,) = repo.enqueue(instance_factory(), ["pacs"]).job_ids
+    for _ in range(5):  # five times past max_attempts=2, and still waiting, not failed
+        (job,) = repo.claim("w", 30, 1)
+        down = decide(job.attempts, Outcome(OutcomeKind.UNAVAILABLE, None, "connection_refused"), policy, clock())
+        assert repo.finish(job_id, "w", down)
+        assert repo.job_state(job_id) == ("retrying", 0)
+        clock.advance(10)
+    events = repo.job_events(job_id)
+    assert [e.reason for e in events if e.to_state == "retrying"] == ["connection_refused"] * 5
