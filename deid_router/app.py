@@ -30,6 +30,7 @@ from deid_router.deid.crosswalk import Crosswalk
 from deid_router.deid.engine import Deidentifier
 from deid_router.deid.keys import Keys
 from deid_router.forward.base import Destination, build_destination
+from deid_router.forward.folder import FolderDestination
 from deid_router.jobs.policy import RetryPolicy
 from deid_router.jobs.worker import Worker
 from deid_router.observability.logging import configure_logging, get_logger
@@ -71,7 +72,7 @@ def build_context(config: Config, *, run_migrations: bool = False) -> Context:
     holding = Holding(config.storage.root, node_name(config))
     config.storage.root.mkdir(parents=True, exist_ok=True)
     keys = Keys.load_or_create(config.deid.secret_file)
-    engine = make_engine(config.queue.url)
+    engine = make_engine(config.queue.url, busy_timeout_ms=int(config.queue.busy_timeout_seconds * 1000))
     if run_migrations:
         migrate(engine)
     return Context(config, keys, engine, JobRepository(engine), holding)
@@ -86,18 +87,25 @@ def worker_count(config: Config) -> int:
     return config.queue.workers or (os.cpu_count() or 1)
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies, so a killed node leaves no orphans."""
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when its parent dies, so a killed node leaves no orphans.
+
+    PDEATHSIG only covers a parent that dies *after* the prctl: a spawned worker spends
+    seconds importing before it gets here, and a node killed meanwhile left an orphan
+    worker processing the queue next to the restarted node. Hence the parent check.
+    """
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if os.getppid() != parent_pid:
+        os._exit(0)  # the node died before we got here
 
 
-def worker_process_main(config_path: str, index: int, log_level: str) -> None:
+def worker_process_main(config_path: str, index: int, log_level: str, parent_pid: int) -> None:
     """Entry point of one worker process."""
-    _die_with_parent()
+    _die_with_parent(parent_pid)
     configure_logging(log_level)
     stop = threading.Event()
 
@@ -156,14 +164,22 @@ class Node:
     def _spawn_worker(self, index: int) -> BaseProcess:
         proc = self._mp.Process(
             target=worker_process_main,
-            args=(str(self.config.path), index, self.log_level),
+            args=(str(self.config.path), index, self.log_level, os.getpid()),
             name=f"deid-worker-{index}",
             daemon=False,
         )
         proc.start()
         return proc
 
+    def _remove_partial_outputs(self) -> None:
+        for dest in self.ctx.destinations().values():
+            if isinstance(dest, FolderDestination):
+                removed = dest.remove_partial_files()
+                if removed:
+                    log.warning("partial_outputs_removed", destination=dest.name, count=removed)
+
     def start(self) -> None:
+        self._remove_partial_outputs()
         self.housekeeping.sweep_orphans()
         self.housekeeping.requeue_stale()
         self.listener.start()

@@ -201,9 +201,15 @@ def cmd_retry(args: argparse.Namespace) -> int:
             repo.audit("retry_failed", actor, f"jobs={n}")
             print(f"{n} failed jobs re-queued")
             return EXIT_OK
-        changed = repo.retry_job(args.job_id)
+        before = repo.job_state(args.job_id)
+        if before is None:
+            print(f"no job {args.job_id} (see: deid-router status, deid-router quarantine list)", file=sys.stderr)
+            return EXIT_ERROR
+        # retry_job is True for jobs already queued, running or done: only a failed or
+        # retrying job is actually re-queued, and the operator must be told which happened.
+        changed = repo.retry_job(args.job_id) and before[0] in ("failed", "retrying")
         repo.audit("retry_job", actor, f"job={args.job_id}")
-        print(f"job {args.job_id}: " + ("re-queued" if changed else "not failed (nothing to do)"))
+        print(f"job {args.job_id}: " + ("re-queued" if changed else f"{before[0]}, not failed (nothing to do)"))
         return EXIT_OK
     finally:
         ctx.close()

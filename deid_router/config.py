@@ -67,6 +67,7 @@ class QueueConfig:
     lease_seconds: float = 60.0
     batch_size: int = 32
     poll_seconds: float = 0.5
+    busy_timeout_seconds: float = 30.0  # SQLite: how long a write waits for the lock before 0xA700
 
 
 @dataclass(frozen=True)
@@ -280,6 +281,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         lease_seconds=r.number(qu, "queue", "lease_seconds", float, 60.0, 1),
         batch_size=r.number(qu, "queue", "batch_size", int, 32, 1),
         poll_seconds=r.number(qu, "queue", "poll_seconds", float, 0.5, 0.01),
+        busy_timeout_seconds=r.number(qu, "queue", "busy_timeout_seconds", float, 30.0, 0.1),
     )
     if queue.retry_max_seconds < queue.retry_initial_seconds:
         r.problem("queue.retry_max_seconds", "must be >= queue.retry_initial_seconds")

@@ -21,8 +21,11 @@ READ_ONLY_OPTION = "deid_router_read_only"
 SQLITE_BUSY_TIMEOUT_MS = 30000
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """Create the engine for ``url`` (``sqlite:///...`` or ``postgresql+psycopg://...``)."""
+def make_engine(url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, **kwargs: Any) -> Engine:
+    """Create the engine for ``url`` (``sqlite:///...`` or ``postgresql+psycopg://...``).
+
+    ``busy_timeout_ms``: SQLite only, how long a statement waits for another writer's lock.
+    """
     try:
         parsed = make_url(url)
     except Exception as exc:  # sqlalchemy.exc.ArgumentError and friends
@@ -34,7 +37,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             if db and db != ":memory:" and not db.startswith("file:"):
                 Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
             engine = create_engine(parsed, **kwargs)
-            _configure_sqlite(engine)
+            _configure_sqlite(engine, busy_timeout_ms)
             return engine
         if backend == "postgresql":
             if parsed.drivername == "postgresql":
@@ -46,7 +49,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     raise QueueError(f"unsupported queue database {backend!r} (use sqlite or postgresql+psycopg)")
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
     """The pysqlite recipe: driver autocommit off, SQLAlchemy emits BEGIN itself."""
 
     @event.listens_for(engine, "connect")
@@ -54,7 +57,7 @@ def _configure_sqlite(engine: Engine) -> None:
         dbapi_conn.isolation_level = None  # stop pysqlite from issuing its own BEGIN
         cur = dbapi_conn.cursor()
         try:
-            cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             cur.execute("PRAGMA journal_mode = WAL")
             cur.execute("PRAGMA synchronous = FULL")
             cur.execute("PRAGMA foreign_keys = ON")

@@ -14,9 +14,11 @@ from typing import BinaryIO
 
 import pydicom
 from pydicom.datadict import keyword_dict
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom._uid_dict import UID_dictionary
 
 from deid_router.config import DeidConfig
@@ -25,7 +27,10 @@ from deid_router.deid import dates
 from deid_router.deid.crosswalk import Crosswalk, NullCrosswalk, load_patient_mapping
 from deid_router.deid.keys import Keys
 from deid_router.deid.profile import CURVE, EDITION, OVERLAY_COMMENTS, OVERLAY_DATA, PRIVATE, Profile
-from deid_router.deid.residual import NAME_KEYWORDS, PATIENT_KEYWORDS, VALUE_KEYWORDS, Identifiers, scan
+from deid_router.deid.raw import Element, Reader
+from deid_router.deid.residual import NAME_KEYWORDS, PATIENT_KEYWORDS, TEXT_VRS as WEAK_VRS, VALUE_KEYWORDS
+from deid_router.deid.residual import Identifiers, scan
+from deid_router.deid.writer import element_bytes
 from deid_router.errors import DeidError
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,8 @@ _T_ACCESSION = 0x00080050
 _T_STUDY_ID = 0x00200010
 _T_OTHER_IDS_SEQ = 0x00101002
 _T_BURNED_IN = 0x00280301
+_T_SOP_INSTANCE = 0x00080018
+_T_SOP_CLASS = 0x00080016
 _T_IDENTITY_REMOVED = 0x00120062
 _T_METHOD = 0x00120063
 _T_METHOD_CODES = 0x00120064
@@ -71,6 +78,8 @@ OPTION_CODES: dict[str, tuple[str, str]] = {
 }
 _SC_US_PREFIXES = ("1.2.840.10008.5.1.4.1.1.7.", "1.2.840.10008.5.1.4.1.1.6.")
 _SC_US_EXACT = frozenset({"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.3.1"})
+_DATE_VRS = frozenset({"DA", "DT"})
+_UNCHANGED = object()
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,9 @@ class _State:
         self.patient_name_out = ""
         self.pending: list[tuple[str, str, str]] = []
 
+    def add_kept(self, rd: Reader, ds: Dataset, tag: BaseTag, elem: Element, vr: str) -> None:
+        self.ids.add_kept_element(rd, ds, elem, vr)
+
 
 def _first(value: object) -> str:
     if value is None:
@@ -105,9 +117,25 @@ def _first(value: object) -> str:
     return str(value)
 
 
-def _path_name(tag: int, ds: Dataset) -> str:
+def _path_name(tag: int) -> str:
     elem_kw = pydicom.datadict.keyword_for_tag(tag) if not (tag >> 16) & 1 else ""
     return elem_kw or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _single(elem: pydicom.DataElement) -> Dataset:
+    one = Dataset()
+    one.add(elem)
+    return one
+
+
+def _get(ds: Dataset, rd: Reader, tag: int) -> object:
+    """The value of ``tag`` in ``ds`` read without converting the element; None if absent."""
+    key = BaseTag(tag)
+    elem = ds._dict.get(key)
+    if elem is None:
+        return None
+    vr = rd.vr(ds, key, elem)
+    return rd.value(ds, key, ds._dict[key], vr)
 
 
 class Deidentifier:
@@ -124,6 +152,7 @@ class Deidentifier:
             load_patient_mapping(config.patient_mapping_csv) if config.patient_mapping_csv else None
         )
         self._uid_cache: dict[str, str] = {}
+        self._constants: dict[tuple[bool, bool], dict[int, RawDataElement]] = {}
         self._generic = tuple(p for p in config.patient_name_pattern.replace("{pseudonym}", "^").split("^") if p)
         codes = [OPTION_CODES["basic"]] + [OPTION_CODES[o] for o in config.options if o in OPTION_CODES]
         self._method_codes = tuple(codes)
@@ -161,67 +190,81 @@ class Deidentifier:
     def result_of(self, ds: Dataset) -> DeidResult:
         meta = getattr(ds, "file_meta", None)
         ts = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+        rd = Reader.of(ds)
+
+        def text(tag: int) -> str:
+            value = _get(ds, rd, tag)
+            if isinstance(value, list):
+                value = ds[tag].value
+            return str(value or "")
+
         return DeidResult(
-            sop_class_uid=str(ds.get("SOPClassUID", "") or ""),
-            sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
-            study_instance_uid=str(ds.get("StudyInstanceUID", "") or ""),
-            series_instance_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+            sop_class_uid=text(_T_SOP_CLASS),
+            sop_instance_uid=text(_T_SOP_INSTANCE),
+            study_instance_uid=text(0x0020000D),
+            series_instance_uid=text(0x0020000E),
             transfer_syntax_uid=ts,
-            modality=str(ds.get("Modality", "") or ""),
+            modality=text(0x00080060),
         )
 
     # ------------------------------------------------------------------ top level
     def _deidentify(self, ds: Dataset) -> Dataset:
-        if not _first(ds.get("SOPInstanceUID", None) and ds.SOPInstanceUID).strip():
+        rd = Reader.of(ds)
+        if not _first(_get(ds, rd, _T_SOP_INSTANCE)).strip():
             raise DeidError("invalid_dataset", "SOPInstanceUID is missing", "SOPInstanceUID")
-        self._check_burned_in(ds)
+        self._check_burned_in(ds, rd)
         st = _State()
-        self._prepare(ds, st)
-        self._walk(ds, st, "", top=True)
+        self._prepare(ds, st, rd)
+        self._walk(ds, st, "", top=True, parent=rd)
         self._finish(ds, st)
         for kind, original, pseudonym in st.pending:
             self.crosswalk.record(kind, original, pseudonym)
         return ds
 
-    def _check_burned_in(self, ds: Dataset) -> None:
+    def _check_burned_in(self, ds: Dataset, rd: Reader) -> None:
         if self.config.burned_in_annotation != "quarantine":
             return
-        value = _first(ds.get("BurnedInAnnotation", None) and ds.BurnedInAnnotation).strip().upper()
+        value = _first(_get(ds, rd, _T_BURNED_IN)).strip().upper()
         if value == "YES":
             raise DeidError("burned_in_annotation", "BurnedInAnnotation is YES", "BurnedInAnnotation")
         if not value:
-            sop = _first(ds.get("SOPClassUID", None) and ds.SOPClassUID).strip()
+            sop = _first(_get(ds, rd, _T_SOP_CLASS)).strip()
             if sop in _SC_US_EXACT or sop.startswith(_SC_US_PREFIXES):
                 raise DeidError(
                     "burned_in_annotation", "BurnedInAnnotation absent on a secondary-capture/ultrasound class",
                     "BurnedInAnnotation",
                 )
 
-    def _prepare(self, ds: Dataset, st: _State) -> None:
+    def _prepare(self, ds: Dataset, st: _State, rd: Reader) -> None:
         """Collect the strong identifiers and derive the patient's pseudonyms and date offset."""
         ids = st.ids
+        store = ds._dict
         for t, patient in self._strong_name_tags:
-            e = ds.get(t)
-            if e is not None and e.value:
-                for v in ([e.value] if not isinstance(e.value, MultiValue) else list(e.value)):
-                    ids.add_name(str(v), patient)
+            if BaseTag(t) in store:
+                value = _get(ds, rd, t)
+                if value:
+                    for v in ([value] if not isinstance(value, (list, MultiValue)) else list(value)):
+                        ids.add_name(str(v), patient)
         for t, patient in self._strong_value_tags:
-            e = ds.get(t)
-            if e is not None and e.value and e.VR != "SQ":
-                for v in ([e.value] if not isinstance(e.value, MultiValue) else list(e.value)):
-                    ids.add_value(str(v), patient)
-        other = ds.get(_T_OTHER_IDS_SEQ)
-        if other is not None and other.VR == "SQ":
-            for item in other.value or ():
-                pid_e = item.get(_T_PATIENT_ID)
-                if pid_e is not None and pid_e.value:
-                    ids.add_value(str(pid_e.value))
+            key = BaseTag(t)
+            if key in store and rd.vr(ds, key, store[key]) != "SQ":
+                value = _get(ds, rd, t)
+                if value:
+                    for v in ([value] if not isinstance(value, (list, MultiValue)) else list(value)):
+                        ids.add_value(str(v), patient)
+        if BaseTag(_T_OTHER_IDS_SEQ) in store:
+            other = ds[_T_OTHER_IDS_SEQ]
+            if other.VR == "SQ":
+                for item in other.value or ():
+                    pid_v = _get(item, Reader.of(item, rd), _T_PATIENT_ID)
+                    if pid_v:
+                        ids.add_value(str(pid_v))
         if self._actions.get(_T_BIRTH_DATE, "K") != "K":
-            bd = ds.get(_T_BIRTH_DATE)
-            if bd is not None and bd.value:
-                ids.add_birth_date(_first(bd.value))
-        pid = _first(ds.get(_T_PATIENT_ID).value if _T_PATIENT_ID in ds else "").strip()
-        issuer = _first(ds.get(_T_ISSUER).value if _T_ISSUER in ds else "").strip()
+            bd = _get(ds, rd, _T_BIRTH_DATE)
+            if bd:
+                ids.add_birth_date(_first(bd))
+        pid = _first(_get(ds, rd, _T_PATIENT_ID) or "").strip()
+        issuer = _first(_get(ds, rd, _T_ISSUER) or "").strip()
         st.patient_key = issuer + "\0" + pid
         cfg = self.config
         subject = None
@@ -477,7 +520,54 @@ class Deidentifier:
                     st.ids.add_weak(vr, rd.value(item, tag, item._dict[tag], vr))
 
     # ------------------------------------------------------------------ finishing
+    def _constant_elements(self, implicit: bool, little: bool) -> dict[int, RawDataElement]:
+        """The elements _finish adds to an instance without earlier de-identification, encoded once."""
+        key = (implicit, little)
+        found = self._constants.get(key)
+        if found is not None:
+            return found
+        template = Dataset()
+        template.PatientIdentityRemoved = "YES"
+        template.DeidentificationMethod = METHOD
+        seq = Sequence()
+        for value, meaning in self._method_codes:
+            item = Dataset()
+            item.CodeValue = value
+            item.CodingSchemeDesignator = "DCM"
+            item.CodeMeaning = meaning
+            seq.append(item)
+        template.DeidentificationMethodCodeSequence = seq
+        template.LongitudinalTemporalInformationModified = self._longitudinal
+        out: dict[int, RawDataElement] = {}
+        for elem in template:
+            body = element_bytes(_single(elem), implicit, little)
+            skip = 8 if implicit or elem.VR not in ("SQ", "UT", "UC", "UR") else 12
+            data = body[skip:]
+            out[int(elem.tag)] = RawDataElement(
+                BaseTag(elem.tag), elem.VR, len(data), data, 0, implicit, little)
+        self._constants[key] = out
+        return out
+
     def _finish(self, ds: Dataset, st: _State) -> None:
+        implicit, little = ds.original_encoding
+        if (implicit is not None and little is not None
+                and BaseTag(_T_METHOD) not in ds._dict and BaseTag(_T_METHOD_CODES) not in ds._dict):
+            for t, raw in self._constant_elements(implicit, little).items():
+                ds._dict[BaseTag(t)] = raw
+        else:
+            self._finish_slow(ds)
+        meta = getattr(ds, "file_meta", None)
+        if isinstance(meta, (FileMetaDataset, Dataset)) and len(meta):
+            for t in _META_DROP:
+                if t in meta:
+                    del meta[t]
+            if "MediaStorageSOPInstanceUID" in meta:
+                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if hasattr(ds, "preamble"):
+            ds.preamble = b"\0" * 128
+        scan(ds, st.ids, _OWN_TAGS, _CLASS_UID_TAGS, self._generic, self.profile.shift_dates)
+
+    def _finish_slow(self, ds: Dataset) -> None:
         ds.PatientIdentityRemoved = "YES"
         methods: list[str] = []
         if _T_METHOD in ds:
@@ -498,13 +588,3 @@ class Deidentifier:
             seq.append(item)
         ds.DeidentificationMethodCodeSequence = seq
         ds.LongitudinalTemporalInformationModified = self._longitudinal
-        meta = getattr(ds, "file_meta", None)
-        if isinstance(meta, (FileMetaDataset, Dataset)) and len(meta):
-            for t in _META_DROP:
-                if t in meta:
-                    del meta[t]
-            if "MediaStorageSOPInstanceUID" in meta:
-                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        if hasattr(ds, "preamble"):
-            ds.preamble = b"\0" * 128
-        scan(ds, st.ids, _OWN_TAGS, _CLASS_UID_TAGS, self._generic, self.profile.shift_dates)

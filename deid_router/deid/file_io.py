@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from pydicom import dcmread
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian
+
+from deid_router.deid.writer import write_header
 
 from deid_router.errors import DeidError
 
@@ -82,6 +84,14 @@ def copy_range(fp: BinaryIO, dst: BinaryIO, start: int, end: int, size: int) -> 
         remaining -= len(chunk)
 
 
+def _known_encoding(ts: str) -> bool:
+    """Whether the header encoding follows from the transfer syntax (else pydicom decides)."""
+    if ts in (ImplicitVRLittleEndian, ExplicitVRBigEndian):
+        return True
+    uid = UID(ts)
+    return bool(ts) and uid.is_transfer_syntax and not uid.is_private and not uid.is_deflated
+
+
 def deidentify_file(deid: Deidentifier, src: Path, dst: BinaryIO) -> DeidResult:
     """Read the header only, de-identify it, write it in the same transfer syntax, copy pixels raw."""
     try:
@@ -98,17 +108,23 @@ def deidentify_file(deid: Deidentifier, src: Path, dst: BinaryIO) -> DeidResult:
                 fp.seek(0)
                 ds = dcmread(fp)
                 start = size
+            little = ts != ExplicitVRBigEndian
+            implicit = ts == ImplicitVRLittleEndian
             if start >= size:  # no pixel data: the header is the whole dataset
                 deid.deidentify(ds)
                 ds.preamble = b"\0" * 128
-                dcmwrite(dst, ds, enforce_file_format=True)
+                if _known_encoding(ts):
+                    write_header(dst, ds, implicit, little)
+                else:
+                    dcmwrite(dst, ds, enforce_file_format=True)
                 return deid.result_of(ds)
-            little = ts != ExplicitVRBigEndian
-            implicit = ts == ImplicitVRLittleEndian
             end = pixel_element_end(fp, start, size, little, implicit)
             deid.deidentify(ds)
             ds.preamble = b"\0" * 128
-            dcmwrite(dst, ds, enforce_file_format=True)
+            if _known_encoding(ts):
+                write_header(dst, ds, implicit, little)
+            else:
+                dcmwrite(dst, ds, enforce_file_format=True)
             copy_range(fp, dst, start, end, size)
             return deid.result_of(ds)
     except DeidError:

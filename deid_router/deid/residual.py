@@ -20,9 +20,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from deid_router.deid.raw import STRING_VRS, Element, Reader
 from deid_router.errors import DeidError
 
 PATIENT_KEYWORDS = frozenset({
@@ -47,6 +50,7 @@ GENERIC = frozenset({
     "NAME", "ORIGINAL", "DERIVED", "PRIMARY", "SECONDARY", "AXIAL", "LOCALIZER", "IMAGE",
 })
 TEXT_VRS = frozenset({"AE", "LO", "SH", "PN", "ST", "LT", "UT", "UC", "DA"})
+_BYTES_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN"})
 SCAN_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"})
 _SPLIT_NAME = re.compile(r"[\^=,\s]+")
 _BOUND_L = r"(?<![0-9A-Za-z])"
@@ -65,6 +69,11 @@ def date_forms(da: str) -> list[str]:
         return [da] if len(da) >= 4 else []
     y, m, d = da[:4], da[4:6], da[6:]
     return [da, f"{d}.{m}.{y}", f"{y}-{m}-{d}", f"{m}/{d}/{y}"]
+
+
+def _could_be_number(value: str) -> bool:
+    """Whether ``value`` could occur in the text of a number or a tag (it needs a digit or is -inf)."""
+    return any(c.isdigit() for c in value) or value.strip().upper() == "-INF"
 
 
 def _is_identifying(value: str) -> bool:
@@ -102,13 +111,15 @@ def _alternation(items: Iterable[str]) -> re.Pattern[str] | None:
 class Identifiers:
     """The identifiers of one instance; collected before, used during and after the walk."""
 
-    __slots__ = ("strong", "context", "weak", "kept", "orig_uids", "kept_uids", "_clean_re")
+    __slots__ = ("strong", "context", "weak", "kept", "kept_numbers", "orig_uids", "kept_uids", "_clean_re")
 
     def __init__(self) -> None:
         self.strong: set[str] = set()
         self.context: set[str] = set()
         self.weak: list[str] = []
         self.kept: list[str] = []
+        # kept raw numeric elements: decoded only if a weak identifier could be a number
+        self.kept_numbers: list[tuple[RawDataElement, Dataset]] = []
         self.orig_uids: set[str] = set()
         self.kept_uids: set[str] = set()
         self._clean_re: re.Pattern[str] | None = None
@@ -143,6 +154,25 @@ class Identifiers:
     def add_kept(self, value: object) -> None:
         self.kept.extend(values_of(value))
 
+    def add_kept_element(self, rd: Reader, ds: Dataset, elem: Element, vr: str) -> None:
+        """A kept element, read from its raw bytes when possible."""
+        if type(elem) is RawDataElement:
+            if vr in STRING_VRS:
+                text = rd.text(elem, vr)
+                if text is not None:
+                    self.kept.append(text)
+                    return
+            elif vr in _BYTES_VRS:
+                if elem.value:
+                    self.kept.append(elem.value.decode("latin-1"))
+                return
+            elif vr != "SQ":
+                self.kept_numbers.append((elem, ds))
+                return
+            self.add_kept(convert_raw_data_element(elem, ds=ds).value)
+            return
+        self.add_kept(elem.value)
+
     def clean(self, text: str) -> str:
         """Remove every strong identifier token from free text."""
         if not self.strong and not self.context:
@@ -160,6 +190,12 @@ class Identifiers:
         kept_blob = "\n".join(self.kept).upper()
         extra = {g.upper() for g in generic}
         weak = {w for w in (*self.weak, *self.context) if w.upper() not in kept_blob and w.upper() not in extra}
+        if weak and self.kept_numbers and any(_could_be_number(w) for w in weak):
+            numbers: list[str] = []
+            for elem, ds in self.kept_numbers:
+                numbers.extend(values_of(convert_raw_data_element(elem, ds=ds).value))
+            numbers_blob = "\n".join(numbers).upper()
+            weak = {w for w in weak if w.upper() not in numbers_blob}
         strong = {s for s in self.strong if s.upper() not in extra}
         return _alternation(strong | weak)
 
@@ -172,6 +208,7 @@ def scan(
 
     ``skip``: top-level tags written by the engine itself; ``class_uids``: UI tags naming
     classes/syntaxes, which are never remapped and so never compared with original UIDs.
+    Raw elements are searched in their decoded text without converting them.
     """
     pattern = ids.scan_pattern(generic)
     bad_uids = ids.orig_uids - ids.kept_uids
@@ -179,37 +216,52 @@ def scan(
     vrs = SCAN_VRS - {"DA", "DT"} if shifted_dates else SCAN_VRS
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
-        _scan(meta, pattern, bad_uids, skip, class_uids, vrs, "")
-    _scan(ds, pattern, bad_uids, skip, class_uids, vrs, "")
+        _scan(meta, pattern, bad_uids, skip, class_uids, vrs, "", None)
+    _scan(ds, pattern, bad_uids, skip, class_uids, vrs, "", None)
 
 
 def _scan(
     ds: Dataset, pattern: re.Pattern[str] | None, bad_uids: set[str], skip: frozenset[int],
-    class_uids: frozenset[int], vrs: frozenset[str], path: str,
+    class_uids: frozenset[int], vrs: frozenset[str], path: str, parent: Reader | None,
 ) -> None:
-    for elem in ds:
-        vr = elem.VR
+    rd = Reader.of(ds, parent)
+    for tag, elem in list(ds._dict.items()):
+        vr = rd.vr(ds, tag, elem)
+        elem = ds._dict[tag]
+        t = int(tag)
+        if t in skip and type(elem) is RawDataElement:
+            continue  # a top-level element the engine wrote from its own constants
         if vr == "SQ":
-            for i, item in enumerate(elem.value or ()):
-                _scan(item, pattern, bad_uids, frozenset(), class_uids, vrs, f"{path}{_name(elem)}[{i}].")
+            for i, item in enumerate(ds[tag].value or ()):
+                _scan(item, pattern, bad_uids, frozenset(), class_uids, vrs, f"{path}{_name(t)}[{i}].", rd)
             continue
-        if elem.tag in skip:
+        if t in skip:
             continue
         if vr == "UI":
-            if bad_uids and elem.tag not in class_uids and any(v in bad_uids for v in values_of(elem.value)):
-                raise DeidError("residual_phi", "an original UID survived", path + _name(elem))
+            if bad_uids and t not in class_uids:
+                if any(v in bad_uids for v in values_of(rd.value(ds, tag, elem, vr))):
+                    raise DeidError("residual_phi", "an original UID survived", path + _name(t))
             continue
         if pattern is None:
             continue
-        if vr in vrs or (elem.tag.is_private and vr in ("UN", "OB")):
-            for v in values_of(elem.value):
+        private_bytes = t >> 16 & 1 and vr in ("UN", "OB")
+        if vr in vrs or private_bytes:
+            text = None
+            if type(elem) is RawDataElement:
+                if private_bytes:
+                    text = elem.value.decode("latin-1") if elem.value else ""
+                else:
+                    text = rd.text(elem, vr)
+            if text is not None:
+                if pattern.search(text):
+                    raise DeidError("residual_phi", "an original identifier survived", path + _name(t))
+                continue
+            for v in values_of(rd.value(ds, tag, elem, vr)):
                 if pattern.search(v):
-                    raise DeidError("residual_phi", "an original identifier survived", path + _name(elem))
+                    raise DeidError("residual_phi", "an original identifier survived", path + _name(t))
 
 
-def _name(elem: object) -> str:
-    kw = getattr(elem, "keyword", "")
-    if kw:
-        return str(kw)
-    tag = getattr(elem, "tag")
-    return f"({tag.group:04X},{tag.element:04X})"
+def _name(tag: int) -> str:
+    """Keyword of a public tag, else (gggg,eeee)."""
+    kw = keyword_for_tag(tag) if not tag >> 16 & 1 else ""
+    return kw or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from deid_router.config import DestinationConfig
 from deid_router.forward.base import Delivery, is_valid_uid
+from deid_router.faults import fault_point
 from deid_router.jobs.outcome import Outcome, OutcomeKind
 from deid_router.observability.logging import get_logger
 
@@ -75,6 +76,7 @@ class FolderDestination:
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=target_dir)
             with os.fdopen(fd, "wb") as out, open(item.path, "rb") as src:
                 shutil.copyfileobj(src, out, 1 << 20)
+                fault_point("during_folder_write")
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, target_dir / f"{item.sop_instance_uid}.dcm")
@@ -91,6 +93,16 @@ class FolderDestination:
                 except OSError:
                     pass
         return Outcome(OutcomeKind.DELIVERED, None, "")
+
+    def remove_partial_files(self) -> int:
+        """Delete temp files a crash left mid-write; only safe while no worker writes here."""
+        removed = 0
+        for dirpath, _dirs, files in os.walk(self._root):
+            for name in files:
+                if name.startswith(".tmp-") and name.endswith(".part"):
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+        return removed
 
     def close(self) -> None:
         """Nothing to release."""

@@ -24,8 +24,11 @@ _REJECT_REASONS: dict[tuple[int, int], str] = {
     (3, 2): "local_limit_exceeded",
 }
 
-# Association-level failures that a later attempt may well survive.
-_TRANSIENT_KINDS = frozenset(
+# The destination as a whole is down, unreachable or refusing us: the instance itself was not
+# tried. UNAVAILABLE spends no attempt and pauses the destination (a PACS down for a day must
+# not quarantine a day of images); a permanent rejection is a configuration problem on one
+# side and is probed slowly until someone fixes it.
+_UNAVAILABLE_KINDS = frozenset(
     {
         "connection_refused",
         "connect_timeout",
@@ -33,17 +36,17 @@ _TRANSIENT_KINDS = frozenset(
         "association_aborted",
         "association_lost",
         "acse_timeout",
-        "dimse_timeout",
-        "network_timeout",
         "association_rejected_transient",
-        "invalid_response",
+        "association_rejected_permanent",
     }
 )
+
+# This instance's attempt failed in a way a later attempt may survive (costs an attempt).
+_TRANSIENT_KINDS = frozenset({"dimse_timeout", "network_timeout", "invalid_response"})
 
 # Failures that no retry can fix (the PACS said so, or our file can never be sent as-is).
 _PERMANENT_KINDS = frozenset(
     {
-        "association_rejected_permanent",
         "sop_class_not_accepted",
         "transfer_syntax_not_accepted",
         "invalid_file",
@@ -102,6 +105,8 @@ def classify_association_failure(kind: str, detail: str = "") -> Outcome:
     Unknown kinds retry, like unknown statuses.
     """
     reason = f"{kind}:{detail}" if detail else kind
+    if kind in _UNAVAILABLE_KINDS:
+        return Outcome(OutcomeKind.UNAVAILABLE, None, reason)
     if kind in _PERMANENT_KINDS:
         return Outcome(OutcomeKind.PERMANENT, None, reason)
     if kind in _TRANSIENT_KINDS:

@@ -9,9 +9,11 @@ multi-gigabyte instances.
 
 from __future__ import annotations
 
+import os
 import socket
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pnd_config
+from pynetdicom import dimse_messages as pnd_dimse_messages
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from deid_router.config import ListenerConfig
@@ -61,6 +64,59 @@ def set_nodelay(event: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (AttributeError, OSError):
         pass
+
+
+class GuardedReceiveFile:
+    """pynetdicom's temporary file for a chunked C-STORE receive, made to survive a full disk.
+
+    pynetdicom writes each P-DATA fragment from its DUL reactor thread; an OSError there
+    (ENOSPC) killed that thread: the association was aborted instead of answered, and the
+    truncated file stayed in incoming/ until the next start. Here a failed write is recorded,
+    the partial file removed at once (freeing its space), the rest of the transfer discarded,
+    and the C-STORE handler answers 0xA700 so the modality keeps the instance and retries.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.failed = False
+        self._ntf: Any = None
+        try:
+            self._ntf = tempfile.NamedTemporaryFile(**kwargs)
+            self.name: str = self._ntf.name
+        except OSError:
+            self.failed = True
+            self.name = os.path.join(tempfile.gettempdir(), f"unwritable-{uuid.uuid4().hex}.dcm")
+        self.file = self  # pynetdicom calls ``.file.flush()``
+
+    def write(self, data: bytes) -> int:
+        if not self.failed:
+            try:
+                self._ntf.write(data)
+            except OSError:
+                self._fail()
+        return len(data)
+
+    def flush(self) -> None:
+        if not self.failed:
+            try:
+                self._ntf.file.flush()
+            except OSError:
+                self._fail()
+
+    def _fail(self) -> None:
+        self.failed = True
+        self.close()
+        try:
+            os.unlink(self.name)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self._ntf is not None:
+            ntf, self._ntf = self._ntf, None
+            try:
+                ntf.close()  # closes the descriptor even when the final flush fails
+            except OSError:
+                self.failed = True
 
 
 @dataclass(frozen=True)
@@ -216,6 +272,7 @@ class Listener:
         # Global pynetdicom settings, set once: receive to disk, any storage class.
         pnd_config.STORE_RECV_CHUNKED_DATASET = True
         pnd_config.UNRESTRICTED_STORAGE_SERVICE = True
+        pnd_dimse_messages.NamedTemporaryFile = GuardedReceiveFile  # type: ignore[attr-defined,assignment]
         # pynetdicom's NamedTemporaryFile lands in tempfile's directory: put it on the holding
         # filesystem so the received file can be renamed into place instead of copied.
         tempfile.tempdir = str(self.incoming_dir)
@@ -235,6 +292,10 @@ class Listener:
     def _on_store(self, event: Any) -> int:
         req = event.request
         assoc = event.assoc
+        received = getattr(req, "_dataset_file", None)
+        if getattr(received, "failed", False):
+            log.error("instance_refused_write_failed", calling_aet=assoc.requestor.ae_title.strip())
+            return statuses.OUT_OF_RESOURCES
         return self.intake.accept(
             StoreRequest(
                 received_path=event.dataset_path,
@@ -271,7 +332,13 @@ class Listener:
         return int(self._server.server_address[1])
 
     def active_associations(self) -> int:
-        return len([a for a in self.ae.active_associations if a.is_acceptor])
+        """Established incoming associations: the transfers a clean stop waits for.
+
+        A connection that never sent an A-ASSOCIATE-RQ (a TCP health check, a port probe)
+        carries no transfer; pynetdicom keeps its thread until the ACSE timeout, and counting
+        it made every SIGTERM wait the whole grace period.
+        """
+        return len([a for a in self.ae.active_associations if a.is_acceptor and a.is_established])
 
     def shutdown(self, grace_seconds: float = 20.0) -> None:
         """Stop accepting, let running transfers finish for a while, then abort the rest.

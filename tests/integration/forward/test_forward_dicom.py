@@ -19,6 +19,7 @@ from tests.support.fake_pacs import FakePacs
 from tests.support.peers import StoreSCP, free_port
 
 D, W, R, P = OutcomeKind.DELIVERED, OutcomeKind.DELIVERED_WARNING, OutcomeKind.RETRY, OutcomeKind.PERMANENT
+U = OutcomeKind.UNAVAILABLE
 
 
 def _dest(port: int, ae_title: str = "FAKEPACS", **kw: float) -> DicomDestination:
@@ -95,7 +96,7 @@ def test_out_of_resources_then_success_on_retry(tmp_path: Path) -> None:
     assert (first.kind, second.kind) == (R, D)
 
 
-def test_connection_refused_is_retried(tmp_path: Path) -> None:
+def test_connection_refused_makes_the_destination_unavailable(tmp_path: Path) -> None:
     items = copies(bundled("CT_small.dcm"), tmp_path / "in", 3)
     dest = _dest(free_port())
     try:
@@ -104,16 +105,16 @@ def test_connection_refused_is_retried(tmp_path: Path) -> None:
     finally:
         dest.close()
     assert time.monotonic() - started < 2.0
-    assert all(o.kind is R and o.reason == "connection_refused" for o in outcomes.values())
+    assert all(o.kind is U and o.reason == "connection_refused" for o in outcomes.values())
 
 
 @pytest.mark.parametrize(
     ("reject", "kind", "reason"),
     [
-        (("permanent", 7), P, "association_rejected_permanent:called_ae_not_recognized"),
-        (("permanent", 3), P, "association_rejected_permanent:calling_ae_not_recognized"),
-        (("transient", 1), R, "association_rejected_transient:temporary_congestion"),
-        (("transient", 2), R, "association_rejected_transient:local_limit_exceeded"),
+        (("permanent", 7), U, "association_rejected_permanent:called_ae_not_recognized"),
+        (("permanent", 3), U, "association_rejected_permanent:calling_ae_not_recognized"),
+        (("transient", 1), U, "association_rejected_transient:temporary_congestion"),
+        (("transient", 2), U, "association_rejected_transient:local_limit_exceeded"),
     ],
 )
 def test_rejections(tmp_path: Path, reject: tuple[str, int], kind: OutcomeKind, reason: str) -> None:
@@ -141,7 +142,7 @@ def test_pacs_that_never_answers_frees_the_worker(tmp_path: Path) -> None:
     assert elapsed < 5.0
     assert outcomes[items[0].job_id].kind is R and outcomes[items[0].job_id].reason == "dimse_timeout"
     assert all(outcomes[i.job_id].reason == "association_lost" for i in items[1:])
-    assert all(o.kind is R for o in outcomes.values())
+    assert all(outcomes[i.job_id].kind is U for i in items[1:])  # never tried: no attempt spent
 
 
 def test_sop_class_not_accepted_is_permanent(tmp_path: Path) -> None:
@@ -260,3 +261,37 @@ def test_dcmtk_storescp_receives_files_byte_for_byte(
         got = received[item.sop_instance_uid]
         assert str(dcmread(got, stop_before_pixels=True).file_meta.TransferSyntaxUID) == item.transfer_syntax_uid
         assert _dataset_bytes(got) == _dataset_bytes(item.path)
+
+
+def test_undecodable_compressed_instance_is_permanent(tmp_path: Path) -> None:
+    from pydicom.encaps import encapsulate
+
+    item = copies(bundled("MR_small_jpeg_ls_lossless.dcm"), tmp_path / "in", 1)[0]
+    ds = dcmread(item.path)
+    ds.PixelData = encapsulate([b"\xff\xd8 not a codestream \xff\xd9"])
+    ds.save_as(item.path, enforce_file_format=True)
+    le = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
+    with FakePacs(accepted_transfer_syntaxes=le) as pacs:
+        dest = _dest(pacs.port)
+        try:
+            outcome = dest.send([item])[1]
+        finally:
+            dest.close()
+        assert pacs.received == []
+    assert outcome.kind is P and outcome.reason == "transfer_syntax_not_accepted:decompression_failed"
+
+
+def test_logs_carry_no_uids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    items = copies(bundled("CT_small.dcm"), tmp_path / "in", 3)
+    with FakePacs(status=lambda n: 0xA700 if n == 1 else 0xB000) as pacs:
+        dest = _dest(pacs.port)
+        try:
+            dest.send(items)
+        finally:
+            dest.close()
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "forward_batch_sent" in text and "0xA700" in text
+    for item in items:
+        for uid in (item.sop_instance_uid, item.study_instance_uid, item.series_instance_uid):
+            assert uid not in text

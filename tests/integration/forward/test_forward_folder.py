@@ -54,19 +54,6 @@ def test_invalid_uid_is_permanent_and_writes_nothing(tmp_path: Path, bad: str) -
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_unwritable_folder_is_retried(tmp_path: Path) -> None:
-    items = copies(bundled("CT_small.dcm"), tmp_path / "in", 1)
-    out = tmp_path / "outbox"
-    out.mkdir()
-    out.chmod(0o500)
-    try:
-        outcome = _folder(out).send(items)[1]
-    finally:
-        out.chmod(0o700)
-    assert outcome.kind is OutcomeKind.RETRY and outcome.reason == "folder_write_failed:EACCES"
-
-
 def test_missing_source_is_retried_and_leaves_no_temp(tmp_path: Path) -> None:
     item = copies(bundled("CT_small.dcm"), tmp_path / "in", 1)[0]
     item.path.unlink()

@@ -8,6 +8,7 @@ from deid_router.forward.status import classify_association_failure, classify_st
 from deid_router.jobs.outcome import OutcomeKind
 
 D, W, R, P = OutcomeKind.DELIVERED, OutcomeKind.DELIVERED_WARNING, OutcomeKind.RETRY, OutcomeKind.PERMANENT
+U = OutcomeKind.UNAVAILABLE
 
 
 @pytest.mark.parametrize(
@@ -36,9 +37,12 @@ def test_status_classes(status: int, kind: OutcomeKind) -> None:
 @pytest.mark.parametrize(
     ("kind", "expected"),
     [
-        ("connection_refused", R), ("connect_timeout", R), ("association_aborted", R),
-        ("acse_timeout", R), ("dimse_timeout", R), ("association_lost", R),
-        ("association_rejected_transient", R), ("association_rejected_permanent", P),
+        # the destination as a whole: no attempt spent, destination paused
+        ("connection_refused", U), ("connect_timeout", U), ("association_aborted", U),
+        ("acse_timeout", U), ("association_lost", U),
+        ("association_rejected_transient", U), ("association_rejected_permanent", U),
+        # this instance's attempt
+        ("dimse_timeout", R), ("network_timeout", R), ("invalid_response", R),
         ("sop_class_not_accepted", P), ("transfer_syntax_not_accepted", P), ("something_new", R),
     ],
 )
@@ -51,4 +55,4 @@ def test_reject_reasons_are_fixed_codes() -> None:
     assert reject_reason(2, 3, 1) == ("association_rejected_transient", "temporary_congestion")
     out = classify_association_failure(*reject_reason(1, 1, 3))
     assert out.reason == "association_rejected_permanent:calling_ae_not_recognized"
-    assert out.kind is P
+    assert out.kind is U  # paused and probed slowly (jobs.policy), never quarantined wholesale
