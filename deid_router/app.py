@@ -20,6 +20,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
+from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
 from deid_router.config import Config, load_config
@@ -103,17 +104,31 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)  # the node died before we got here
 
 
-def worker_process_main(config_path: str, index: int, log_level: str, parent_pid: int) -> None:
-    """Entry point of one worker process."""
-    _die_with_parent(parent_pid)
-    configure_logging(log_level)
+def _child_stop_event() -> threading.Event:
+    """SIGTERM from the node sets the event; SIGINT is ignored (the node decides when to stop)."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return stop
+
+
+def build_listener(ctx: Context) -> Listener:
+    config = ctx.config
+    intake = Intake(
+        ctx.holding, ctx.repo, Router(config.routes), ctx.keys, config.storage.min_free_mb * 1024 * 1024
+    )
+    return Listener(config.listener, intake, ctx.holding.incoming_dir)
+
+
+def worker_process_main(config_path: str, index: int, log_level: str, parent_pid: int) -> None:
+    """Entry point of one de-identification worker process."""
+    _die_with_parent(parent_pid)
+    configure_logging(log_level)
+    stop = _child_stop_event()
     config = load_config(config_path)
     ctx = build_context(config)
     owner = f"{socket.gethostname()}:{os.getpid()}:{index}:{uuid.uuid4().hex[:6]}"
@@ -136,8 +151,31 @@ def worker_process_main(config_path: str, index: int, log_level: str, parent_pid
         log.info("worker_stopped", owner=owner, processed=worker.stats.processed)
 
 
+def listener_process_main(config_path: str, index: int, log_level: str, parent_pid: int) -> None:
+    """Entry point of an extra listener process (``listener.processes`` > 1): same port, SO_REUSEPORT."""
+    _die_with_parent(parent_pid)
+    configure_logging(log_level)
+    stop = _child_stop_event()
+    ctx = build_context(load_config(config_path))
+    listener = build_listener(ctx)
+    listener.start()
+    try:
+        stop.wait()
+    finally:
+        listener.shutdown(SHUTDOWN_GRACE_SECONDS)
+        ctx.close()
+
+
+@dataclass
+class _Child:
+    kind: str  # "worker" | "listener"
+    index: int
+    proc: BaseProcess
+
+
 class Node:
-    """One running deid-router: listener + scheduler here, workers in child processes."""
+    """One running deid-router: a listener and the scheduler here; de-identification workers,
+    and extra listeners when configured, in child processes that die with this one."""
 
     def __init__(self, config: Config, log_level: str = "INFO") -> None:
         self.config = config
@@ -146,30 +184,24 @@ class Node:
         removed = self.ctx.holding.prepare()
         if removed:
             log.warning("partial_files_removed", count=removed)
-        intake = Intake(
-            self.ctx.holding,
-            self.ctx.repo,
-            Router(config.routes),
-            self.ctx.keys,
-            config.storage.min_free_mb * 1024 * 1024,
-        )
-        self.listener = Listener(config.listener, intake, self.ctx.holding.incoming_dir)
+        self.listener = build_listener(self.ctx)
         self.housekeeping = Housekeeping(
             self.ctx.repo, self.ctx.holding, config.storage.keep_raw_hours, RetryPolicy.from_config(config.queue)
         )
-        self._workers: list[BaseProcess] = []
+        self._children: list[_Child] = []
         self._mp = multiprocessing.get_context("spawn")
-        self._scheduler = None
+        self._scheduler: BackgroundScheduler | None = None
 
-    def _spawn_worker(self, index: int) -> BaseProcess:
+    def _spawn(self, kind: str, index: int) -> _Child:
+        target = worker_process_main if kind == "worker" else listener_process_main
         proc = self._mp.Process(
-            target=worker_process_main,
+            target=target,
             args=(str(self.config.path), index, self.log_level, os.getpid()),
-            name=f"deid-worker-{index}",
+            name=f"deid-{kind}-{index}",
             daemon=False,
         )
         proc.start()
-        return proc
+        return _Child(kind, index, proc)
 
     def _remove_partial_outputs(self) -> None:
         for dest in self.ctx.destinations().values():
@@ -183,30 +215,42 @@ class Node:
         self.housekeeping.sweep_orphans()
         self.housekeeping.requeue_stale()
         self.listener.start()
-        self._scheduler = start_scheduler(self.housekeeping, self.config.queue.lease_seconds)  # type: ignore[assignment]
-        self._workers = [self._spawn_worker(i) for i in range(worker_count(self.config))]
-        log.info("node_started", workers=len(self._workers), port=self.listener.port)
+        self._scheduler = start_scheduler(self.housekeeping, self.config.queue.lease_seconds)
+        listeners = self.config.listener.processes or (os.cpu_count() or 1)
+        self._children = [self._spawn("listener", i) for i in range(1, listeners)]
+        self._children += [self._spawn("worker", i) for i in range(worker_count(self.config))]
+        log.info("node_started", workers=worker_count(self.config), listeners=listeners, port=self.listener.port)
 
     def supervise(self, stop: threading.Event) -> None:
-        """Block until ``stop``; restart any worker process that died meanwhile."""
+        """Block until ``stop``; restart any child process that died meanwhile."""
         while not stop.wait(1.0):
-            for i, proc in enumerate(self._workers):
-                if not proc.is_alive():
-                    log.error("worker_died", index=i, exitcode=proc.exitcode)
-                    self._workers[i] = self._spawn_worker(i)
+            for i, child in enumerate(self._children):
+                if not child.proc.is_alive():
+                    log.error("child_died", kind=child.kind, index=child.index, exitcode=child.proc.exitcode)
+                    self._children[i] = self._spawn(child.kind, child.index)
 
-    def stop(self) -> None:
-        """Stop accepting, let transfers finish, let workers release their jobs, exit."""
-        log.info("node_stopping")
-        self.listener.shutdown(SHUTDOWN_GRACE_SECONDS)
-        for proc in self._workers:
+    def _signal_children(self, kind: str) -> list[BaseProcess]:
+        procs = [c.proc for c in self._children if c.kind == kind]
+        for proc in procs:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
-        for proc in self._workers:
-            proc.join(timeout=8.0)
+        return procs
+
+    @staticmethod
+    def _join(procs: list[BaseProcess], timeout: float) -> None:
+        for proc in procs:
+            proc.join(timeout=timeout)
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=2.0)
+
+    def stop(self) -> None:
+        """Stop accepting, let transfers finish, let workers release their jobs, exit (< 30 s)."""
+        log.info("node_stopping")
+        listeners = self._signal_children("listener")
+        self.listener.shutdown(SHUTDOWN_GRACE_SECONDS)
+        self._join(listeners, timeout=2.0)
+        self._join(self._signal_children("worker"), timeout=6.0)
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         self.ctx.close()
@@ -216,7 +260,6 @@ class Node:
 def serve(config_path: Path, log_level: str = "INFO") -> int:
     config = load_config(config_path)
     configure_logging(log_level)
-    node = Node(config, log_level)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -224,6 +267,7 @@ def serve(config_path: Path, log_level: str = "INFO") -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    node = Node(config, log_level)
     node.start()
     try:
         node.supervise(stop)

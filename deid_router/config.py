@@ -44,7 +44,8 @@ class ListenerConfig:
     host: str = "0.0.0.0"
     port: int = 11112
     allowed_calling_aets: tuple[str, ...] = ()
-    max_associations: int = 16
+    max_associations: int = 16  # per listener process
+    processes: int = 1  # listener processes sharing the port (SO_REUSEPORT); 0: one per core
     max_pdu_size: int = 0  # 0: unlimited, fastest for pynetdicom
     network_timeout_seconds: float = 60.0
     dimse_timeout_seconds: float = 60.0
@@ -243,6 +244,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         port=r.number(li, "listener", "port", int, d.port, 0),
         allowed_calling_aets=r.strings(li, "listener", "allowed_calling_aets"),
         max_associations=r.number(li, "listener", "max_associations", int, d.max_associations, 1),
+        processes=r.number(li, "listener", "processes", int, d.processes, 0),
         max_pdu_size=r.number(li, "listener", "max_pdu_size", int, d.max_pdu_size, 0),
         network_timeout_seconds=r.number(li, "listener", "network_timeout_seconds", float, 60.0, 0.1),
         dimse_timeout_seconds=r.number(li, "listener", "dimse_timeout_seconds", float, 60.0, 0.1),
@@ -374,7 +376,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         seen.add(name)
         kind = r.get(dest, where, "type", str, "")
         dc = DestinationConfig(name=name, type=kind)
-        common = dict(
+        common: dict[str, Any] = dict(
             name=name,
             type=kind,
             max_associations=r.number(dest, where, "max_associations", int, 1, 1),
@@ -402,7 +404,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
             destinations.append(
                 DestinationConfig(
                     ae_title=ae, host=r.get(dest, where, "host", str, ""), port=port,
-                    calling_ae_title=calling, **common,  # type: ignore[arg-type]
+                    calling_ae_title=calling, **common,
                 )
             )
         elif kind == "folder":
@@ -413,7 +415,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
                     r.problem(f"{where}.{key}", "is only allowed for type 'dicom'")
             p = _resolve(base, r.get(dest, where, "path", str, "."))
             _writable_dir(r, f"{where}.path", p)
-            destinations.append(DestinationConfig(path=p, **common))  # type: ignore[arg-type]
+            destinations.append(DestinationConfig(path=p, **common))
         else:
             r.problem(f"{where}.type", "must be 'dicom' or 'folder'")
 

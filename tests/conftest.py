@@ -101,3 +101,14 @@ def corpus() -> dict[str, Path]:
     The files are pydicom's own: copy them before modifying anything.
     """
     return pydicom_test_files()
+
+
+@pytest.fixture(autouse=True)
+def _reap_routers() -> Iterator[None]:
+    """Kill any deid-router node a test started and did not stop (a failed assertion, say)."""
+    yield
+    from tests.support.router import LIVE
+
+    for router in list(LIVE):
+        router.kill()
+        LIVE.discard(router)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -21,7 +22,7 @@ _FORBIDDEN_KEYS = frozenset(
 )
 
 
-def redact_phi(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def redact_phi(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Drop fields that could carry a dataset value (names listed above, pydicom objects)."""
     for key in list(event_dict):
         val = event_dict[key]

@@ -12,19 +12,23 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pnd_config
 from pynetdicom import dimse_messages as pnd_dimse_messages
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from deid_router.config import ListenerConfig
 from deid_router.deid.keys import Keys
@@ -34,6 +38,7 @@ from deid_router.faults import fault_point
 from deid_router.observability.logging import get_logger
 from deid_router.routing import Router, RoutingFacts
 from deid_router.scp import statuses
+from deid_router.scp.integrity import Malformed, check_complete
 from deid_router.store.holding import Holding
 
 log = get_logger("scp")
@@ -131,6 +136,29 @@ class StoreRequest:
     called_aet: str
 
 
+def read_complete_header(path: Path) -> tuple[str, str, str]:
+    """(SOP Class UID, SOP Instance UID, Modality) of a received file whose element structure
+    fills the file exactly; raises :class:`Malformed` for a truncated or inconsistent file.
+
+    pydicom alone accepts a transfer cut short (it stops at the last byte) and never looks past
+    the header, so a truncated instance would be acknowledged and fail only in the worker.
+    """
+    _meta, offset = split_dataset(path)
+    with open(path, "rb") as fp:
+        header = dcmread(fp, stop_before_pixels=True)
+        sop_class = str(header.SOPClassUID)
+        sop_instance = str(header.SOPInstanceUID)
+        modality = str(header.get("Modality", "") or "")
+        ts = str(header.file_meta.get("TransferSyntaxUID", "") or "")
+        if ts != DeflatedExplicitVRLittleEndian:  # deflated: the worker inflates and reads it whole
+            implicit, little = header.original_encoding
+            size = os.fstat(fp.fileno()).st_size
+            check_complete(fp, offset, size, bool(implicit), little is not False)
+    if not (0 < len(sop_instance) <= 64 and 0 < len(sop_class) <= 64):
+        raise Malformed("UID length out of range")
+    return sop_class, sop_instance, modality
+
+
 class Intake:
     """Hold then enqueue one received instance; returns the DIMSE status to answer."""
 
@@ -157,10 +185,10 @@ class Intake:
             log.warning("instance_refused_low_disk", **ctx)
             return statuses.OUT_OF_RESOURCES
         try:
-            header = dcmread(req.received_path, stop_before_pixels=True)
-            sop_class = str(header.SOPClassUID)
-            sop_instance = str(header.SOPInstanceUID)
-            modality = str(header.get("Modality", "") or "")
+            sop_class, sop_instance, modality = read_complete_header(req.received_path)
+        except Malformed as exc:
+            log.warning("instance_refused_malformed", reason=str(exc), **ctx)
+            return statuses.CANNOT_UNDERSTAND
         except (InvalidDicomError, AttributeError, ValueError, KeyError, EOFError, OSError, TypeError) as exc:
             log.warning("instance_refused_unreadable", error=type(exc).__name__, **ctx)
             return statuses.CANNOT_UNDERSTAND
@@ -246,7 +274,7 @@ class ReserveAwareAE(AE):
         super().__init__(ae_title=ae_title)
         self._has_space = has_space
 
-    @property  # type: ignore[override]
+    @property
     def maximum_associations(self) -> int:
         if not self._has_space():
             log.warning("association_refused_low_disk")
@@ -256,6 +284,16 @@ class ReserveAwareAE(AE):
     @maximum_associations.setter
     def maximum_associations(self, value: int) -> None:
         self._maximum_associations = max(1, int(value))
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with SO_REUSEPORT, so several listener processes of one
+    node share the port and the kernel spreads associations over them (both cores)."""
+
+    def server_bind(self) -> None:
+        sock = cast(socket.socket, self.socket)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 class Listener:
@@ -286,7 +324,8 @@ class Listener:
         ae.require_calling_aet = list(self.config.allowed_calling_aets)
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
 
     def _on_store(self, event: Any) -> int:
@@ -314,15 +353,19 @@ class Listener:
         log.warning("association_rejected", calling_aet=event.assoc.requestor.ae_title.strip())
 
     def start(self) -> None:
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_OPEN, set_nodelay),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
-        self._server = self.ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=handlers
-        )
+        # Share the port only between this node's own listener processes: with one process a
+        # second node started by mistake on the same port must fail to bind, not share it.
+        server_class = ReusePortServer if self.config.processes != 1 else ThreadedAssociationServer
+        server = self.ae.make_server((self.config.host, self.config.port), evt_handlers=handlers, server_class=server_class)
+        threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
+        self.ae._servers.append(server)  # so ae.shutdown() and server.shutdown() find it
+        self._server = server
         log.info("listener_started", ae_title=self.config.ae_title, port=self.port)
 
     @property

@@ -17,6 +17,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
+# Every router a test started; tests/conftest.py SIGKILLs the survivors after each test, so a
+# failing test never leaves a node running that a later test would collide with.
+LIVE: set["RouterProcess"] = set()
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -77,7 +81,7 @@ def dicom_destination(name: str, port: int, ae_title: str = "PACS", **extra: Any
     return {"name": name, "type": "dicom", "ae_title": ae_title, "host": "127.0.0.1", "port": port, **extra}
 
 
-@dataclass
+@dataclass(eq=False)
 class RouterProcess:
     """One ``deid-router serve`` subprocess with its own folder, config and log file."""
 
@@ -132,6 +136,7 @@ class RouterProcess:
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
         )
         log.close()
+        LIVE.add(self)
         self.starts += 1
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
