@@ -28,6 +28,11 @@ class QueueError(DeidRouterError):
     """The job database could not be reached or refused a write."""
 
 
+# Trouble with the machine rather than the instance: whoever meets it retries later. The
+# de-identification engine lets these through instead of quarantining the instance.
+InfrastructureError = (QueueError, StorageError, OSError)
+
+
 class DeidError(DeidRouterError):
     """De-identification failed or is unsure: the instance must be quarantined, never sent.
 

@@ -102,6 +102,9 @@ def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry
     files = list(iter_inputs(inputs))
     if dry_run:
         return _dry_run(config, files)
+    from deid_router.app import build_context
+
+    build_context(config, run_migrations=True).close()  # the crosswalk table must exist
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     quarantine = out.parent / "quarantine"

@@ -39,20 +39,29 @@ class DbCrosswalk:
         return self._mapping.get(patient_id)
 
 
+def _split_issuer(original: str) -> tuple[str, str]:
+    """The engine keys patients by issuer and ID joined with NUL; show them apart."""
+    issuer, sep, value = original.partition("\0")
+    return (value, issuer) if sep else (original, "")
+
+
 def lookup_pseudonym(repo: JobRepository, keys: Keys, pseudonym: str, actor: str) -> list[tuple[str, str]]:
     """Originals behind a pseudonym, for the data custodian; audited whether found or not."""
-    rows = [(kind, keys.decrypt(blob)) for kind, blob in repo.crosswalk_lookup(pseudonym)]
+    rows = []
+    for kind, blob in repo.crosswalk_lookup(pseudonym):
+        value, issuer = _split_issuer(keys.decrypt(blob))
+        rows.append((kind, f"{value} (issuer {issuer})" if issuer else value))
     repo.audit("crosswalk_lookup", actor, f"found={len(rows)}")
     return rows
 
 
 def export_crosswalk(repo: JobRepository, keys: Keys, out: TextIO, actor: str) -> int:
-    """Write kind,pseudonym,original CSV rows; audited with the row count."""
+    """Write kind,pseudonym,original,issuer CSV rows; audited with the row count."""
     writer = csv.writer(out)
-    writer.writerow(["kind", "pseudonym", "original"])
+    writer.writerow(["kind", "pseudonym", "original", "issuer"])
     n = 0
     for kind, pseudonym, blob in repo.crosswalk_all():
-        writer.writerow([kind, pseudonym, keys.decrypt(blob)])
+        writer.writerow([kind, pseudonym, *_split_issuer(keys.decrypt(blob))])
         n += 1
     repo.audit("crosswalk_export", actor, f"rows={n}")
     return n

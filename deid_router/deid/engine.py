@@ -31,7 +31,7 @@ from deid_router.deid.raw import Element, Reader
 from deid_router.deid.residual import NAME_KEYWORDS, PATIENT_KEYWORDS, TEXT_VRS as WEAK_VRS, VALUE_KEYWORDS
 from deid_router.deid.residual import Identifiers, scan
 from deid_router.deid.writer import element_bytes
-from deid_router.errors import DeidError
+from deid_router.errors import DeidError, InfrastructureError
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,8 @@ class Deidentifier:
         """De-identify ``ds`` (including file_meta) in place and return it."""
         try:
             return self._deidentify(ds)
-        except DeidError:
-            raise
+        except (DeidError, *InfrastructureError):
+            raise  # infrastructure trouble is retried by the caller, never quarantined
         except Exception as exc:  # every surprise quarantines: never forward a half-done dataset
             raise DeidError("invalid_dataset", f"unexpected {type(exc).__name__}") from exc
 

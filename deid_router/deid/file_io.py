@@ -18,7 +18,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEnd
 
 from deid_router.deid.writer import write_header
 
-from deid_router.errors import DeidError
+from deid_router.errors import DeidError, InfrastructureError
 
 if TYPE_CHECKING:
     from deid_router.deid.engine import DeidResult, Deidentifier
@@ -127,7 +127,7 @@ def deidentify_file(deid: Deidentifier, src: Path, dst: BinaryIO) -> DeidResult:
                 dcmwrite(dst, ds, enforce_file_format=True)
             copy_range(fp, dst, start, end, size)
             return deid.result_of(ds)
-    except DeidError:
-        raise
+    except (DeidError, *InfrastructureError):
+        raise  # infrastructure trouble is retried by the caller, never quarantined
     except Exception as exc:
         raise DeidError("invalid_dataset", f"unexpected {type(exc).__name__}") from exc

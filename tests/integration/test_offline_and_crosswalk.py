@@ -1,0 +1,113 @@
+"""Offline `deidentify` and the crosswalk commands, as a data custodian would use them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+
+from deid_router.db.engine import make_engine
+from deid_router.db.repository import JobRepository
+from deid_router.deid.keys import Keys
+from tests.support.corpus import make_series
+from tests.support.router import render_toml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _config(tmp_path: Path, **deid: object) -> Path:
+    doc = {
+        "storage": {"root": "var"},
+        "deid": {"secret_file": "var/secret.key", **deid},
+        "destinations": [{"name": "outbox", "type": "folder", "path": "var/outbox"}],
+        "routes": [{"name": "all", "destinations": ["outbox"]}],
+    }
+    path = tmp_path / "router.toml"
+    path.write_text(render_toml(doc), encoding="utf-8")
+    return path
+
+
+def _cli(*args: str, config: Path, user: str = "custodian") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deid_router", args[0], "--config", str(config), *args[1:]],
+        capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "USER": user},
+    )
+
+
+def test_offline_deidentify_folder_with_quarantine_and_progress(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    inputs = make_series(tmp_path / "in", 6, patients=2, rows=16, cols=16)
+    burned = pydicom.dcmread(inputs[0])
+    burned.BurnedInAnnotation = "YES"
+    burned.save_as(inputs[0])
+    (tmp_path / "in" / "README.txt").write_text("not dicom")
+    out = tmp_path / "export" / "out"
+
+    res = _cli("deidentify", str(tmp_path / "in"), "--out", str(out), "--workers", "2", config=config)
+    assert res.returncode == 1, res.stderr  # one input was quarantined
+    assert "6/7" in res.stderr or "7/7" in res.stderr  # progress shown
+    outputs = sorted(out.rglob("*.dcm"))
+    assert len(outputs) == 5
+    keys = Keys.load_or_create(tmp_path / "var" / "secret.key")
+    expected = {keys.uid(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)) for p in inputs[1:]}
+    assert {p.stem for p in outputs} == expected
+    for p in outputs:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        assert ds.PatientIdentityRemoved == "YES"
+        assert p.read_bytes()[:128] == b"\0" * 128
+    reasons = list((tmp_path / "export" / "quarantine").glob("*.reason.txt"))
+    assert len(reasons) == 1 and "burned_in_annotation" in reasons[0].read_text()
+    # the same inputs again: identical outputs (same keys), nothing new
+    again = _cli("deidentify", str(tmp_path / "in"), "--out", str(out), config=config)
+    assert again.returncode == 1
+    assert sorted(out.rglob("*.dcm")) == outputs
+
+
+def test_dry_run_shows_the_plan_without_writing(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    (src,) = make_series(tmp_path / "in", 1, rows=16, cols=16)
+    res = _cli("deidentify", str(src), "--out", str(tmp_path / "out"), "--dry-run", config=config)
+    assert res.returncode == 0, res.stderr
+    assert "PatientName" in res.stdout and "SOPInstanceUID" in res.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_input_is_a_clear_error(tmp_path: Path) -> None:
+    res = _cli("deidentify", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), config=_config(tmp_path))
+    assert res.returncode == 2 and "input not found" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_crosswalk_lookup_and_export_are_audited(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    inputs = make_series(tmp_path / "in", 4, patients=2, rows=16, cols=16)
+    assert _cli("deidentify", str(tmp_path / "in"), "--out", str(tmp_path / "out"), config=config).returncode == 0
+    originals = {str(pydicom.dcmread(p, stop_before_pixels=True).PatientID) for p in inputs}
+    pseudonyms = {str(pydicom.dcmread(p, stop_before_pixels=True).PatientID) for p in (tmp_path / "out").rglob("*.dcm")}
+    assert len(originals) == len(pseudonyms) == 2
+
+    pseudonym = sorted(pseudonyms)[0]
+    found = _cli("crosswalk", "lookup", pseudonym, config=config, user="dr_custodian")
+    assert found.returncode == 0, found.stderr
+    assert any(line.split("\t")[1].split(" (issuer")[0] in originals for line in found.stdout.splitlines())
+    assert _cli("crosswalk", "lookup", "NO-SUCH", config=config).returncode == 1
+
+    export = _cli("crosswalk", "export", config=config)
+    assert export.returncode == 0, export.stderr
+    rows = list(csv.DictReader(io.StringIO(export.stdout)))
+    assert {r["original"] for r in rows if r["kind"] == "patient_id"} == originals
+
+    repo = JobRepository(make_engine(f"sqlite:///{tmp_path / 'var' / 'queue.sqlite3'}"))
+    actions = [(a[1], a[2]) for a in repo.audit_events()]
+    assert ("crosswalk_lookup", "dr_custodian") in actions
+    assert any(a == "crosswalk_export" for a, _ in actions)
+    # originals are encrypted at rest: no original PatientID appears in the database file
+    raw = (tmp_path / "var" / "queue.sqlite3").read_bytes()
+    wal = tmp_path / "var" / "queue.sqlite3-wal"
+    raw += wal.read_bytes() if wal.exists() else b""
+    for original in originals:
+        assert original.encode() not in raw
