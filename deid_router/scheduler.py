@@ -69,18 +69,43 @@ class Housekeeping:
         return purged
 
     def report(self) -> None:
+        """Log the queue counts and write them as a Prometheus textfile (node_exporter's
+        textfile collector reads ``<storage.root>/metrics/<node>.prom``)."""
         try:
             counts = self.repo.status_counts()
         except QueueError:
             log.error("queue_metrics_failed")
             return
         log.info("queue_metrics", jobs=counts["jobs"], quarantined=counts["quarantined"])
+        lines = [
+            "# HELP deid_router_jobs Jobs by state.",
+            "# TYPE deid_router_jobs gauge",
+            *(f'deid_router_jobs{{state="{k}"}} {v}' for k, v in sorted(counts["jobs"].items())),
+            "# HELP deid_router_destination_jobs Jobs by destination and state.",
+            "# TYPE deid_router_destination_jobs gauge",
+            *(
+                f'deid_router_destination_jobs{{destination="{d}",state="{k}"}} {v}'
+                for d, states in sorted(counts["destinations"].items())
+                for k, v in sorted(states.items())
+            ),
+            "# HELP deid_router_quarantined Instances in the quarantine.",
+            "# TYPE deid_router_quarantined gauge",
+            f"deid_router_quarantined {counts['quarantined']}",
+            "# HELP deid_router_holding_free_bytes Free space on the holding filesystem.",
+            "# TYPE deid_router_holding_free_bytes gauge",
+            f"deid_router_holding_free_bytes {self.holding.free_bytes()}",
+        ]
+        try:
+            with self.holding.atomic_writer(self.holding.metrics_path) as fh:
+                fh.write(("\n".join(lines) + "\n").encode())
+        except StorageError:
+            log.error("metrics_write_failed")
 
 
 def start_scheduler(tasks: Housekeeping, lease_seconds: float) -> BackgroundScheduler:
     sched = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
     sched.add_job(tasks.requeue_stale, "interval", seconds=max(lease_seconds / 2.0, 1.0), id="stale_leases")
     sched.add_job(tasks.purge_raw, "interval", seconds=30, id="purge_raw")
-    sched.add_job(tasks.report, "interval", seconds=60, id="metrics")
+    sched.add_job(tasks.report, "interval", seconds=15, id="metrics", next_run_time=datetime.now(UTC))
     sched.start()
     return sched

@@ -96,6 +96,10 @@ class Holding:
             raise StorageError("path outside the holding root")
         return path
 
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics" / f"{self.node}.prom"
+
     def work_path(self, job_id: int) -> Path:
         return self.work_dir / f"{int(job_id)}.dcm"
 

@@ -74,3 +74,20 @@ def test_routes_match_globs_and_merge_destinations() -> None:
     assert router.destinations_for(RoutingFacts("US_1", "DEID", "CT", "1.2")) == ["archive"]
     assert router.destinations_for(RoutingFacts("MR_1", "DEID", "MR", "1.2")) == ["archive", "research"]
     assert Router(()).destinations_for(RoutingFacts("X", "Y", "CT", "1.2")) == []
+
+
+def test_metrics_textfile(tmp_path: Path) -> None:
+    from deid_router.db.engine import make_engine, migrate
+    from deid_router.db.repository import JobRepository
+    from deid_router.jobs.policy import RetryPolicy
+    from deid_router.scheduler import Housekeeping
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'q.sqlite3'}")
+    migrate(engine)
+    h = Holding(tmp_path, "n")
+    h.prepare()
+    Housekeeping(JobRepository(engine), h, 0, RetryPolicy(1, 2, 3)).report()
+    text = h.metrics_path.read_text()
+    assert 'deid_router_jobs{state="queued"} 0' in text
+    assert "deid_router_quarantined 0" in text
+    assert "deid_router_holding_free_bytes " in text
