@@ -154,12 +154,21 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
                 print("  " + _event_line(ev))
             return EXIT_OK
         if args.action == "release":
-            if repo.quarantine_get(args.id) is None:
+            entry = repo.quarantine_get(args.id)
+            if entry is None:
                 print(f"no quarantine entry {args.id} (see: deid-router quarantine list)", file=sys.stderr)
                 return EXIT_ERROR
+            # quarantine_release is True for an entry released earlier too (idempotent): the
+            # message must say which, or a second release claims to have re-queued a job.
             changed = repo.quarantine_release(args.id)
             repo.audit("quarantine_release", os.environ.get("USER", "unknown"), f"entry={args.id}")
-            print(f"entry {args.id}: " + ("released, job re-queued" if changed else "already released"))
+            if entry.purged_at is not None:
+                outcome = "purged, its raw file is gone (nothing to release)"
+            elif entry.released_at is not None or not changed:
+                outcome = "already released"
+            else:
+                outcome = "released, job re-queued"
+            print(f"entry {args.id}: {outcome}")
             return EXIT_OK
         # purge
         paths = repo.quarantine_purge()

@@ -113,6 +113,7 @@ def main() -> None:
         tools["pydicom/deid"] = f"not installed ({type(exc).__name__})"
 
     rows = []
+    load = os.getloadavg()
     for tool, factory in tools.items():
         cells = []
         for label, path in files.items():
@@ -130,7 +131,9 @@ def main() -> None:
         "# De-identification speed (ms per instance, median; read -> de-identify -> write to memory)",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores shared, Python {platform.python_version()}, "
-        f"pydicom {pydicom.__version__}. deid-router reps={args.reps}, others reps={max(5, args.reps // 10)}.",
+        f"pydicom {pydicom.__version__}. deid-router reps={args.reps}, others reps={max(5, args.reps // 10)}. "
+        f"Load average at the start {load[0]:.1f}, at the end {os.getloadavg()[0]:.1f} "
+        "(other engineers' test runs share the machine: compare rows of one run, not runs).",
         "",
         header,
         "|" + " --- |" * (len(files) + 1),

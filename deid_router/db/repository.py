@@ -276,12 +276,18 @@ class JobRepository:
             return []
         now = self._clock()
         expires = now + timedelta(seconds=lease_seconds)
+        due = [self._due(now)]
+        if destination is not None:
+            due.append(Job.destination == destination)
+        if exclude_destinations:
+            due.append(Job.destination.not_in(list(exclude_destinations)))
+        # Idle workers poll often: look before taking SQLite's single write lock, which the
+        # listener needs for every acknowledged instance.
+        with self._read("claim_probe") as conn:
+            if conn.execute(select(Job.id).where(*due).limit(1)).first() is None:
+                return []
         with self._tx("claim") as conn:
-            q = select(Job.id, Job.state, Job.attempts).where(self._due(now))
-            if destination is not None:
-                q = q.where(Job.destination == destination)
-            if exclude_destinations:
-                q = q.where(Job.destination.not_in(list(exclude_destinations)))
+            q = select(Job.id, Job.state, Job.attempts).where(*due)
             q = q.order_by(Job.run_after, Job.id).limit(limit).with_for_update(skip_locked=True)
             picked = conn.execute(q).all()
             if not picked:
@@ -356,34 +362,44 @@ class JobRepository:
         A worker whose lease expired and whose job was re-queued or re-claimed must not
         overwrite the newer state.
         """
+        return self.finish_many(owner, [(job_id, decision)])[0]
+
+    def finish_many(self, owner: str, decisions: Sequence[tuple[int, Decision]]) -> list[bool]:
+        """``finish`` for a whole batch in one transaction (one commit, one write-lock hold)."""
         now = self._clock()
-        dst = decision.to_state.value
+        applied: list[bool] = []
         with self._tx("finish") as conn:
-            row = conn.execute(
-                select(Job.id, Job.state, Job.attempts, Job.instance_id)
-                .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
-                .with_for_update()
-            ).first()
-            if row is None:
-                return False
-            ev = self._ev(job_id, now, row.state, dst, row.attempts, decision.status_code, decision.reason)
+            for job_id, decision in decisions:
+                applied.append(self._finish_one(conn, now, job_id, owner, decision))
+        return applied
+
+    def _finish_one(self, conn: Connection, now: datetime, job_id: int, owner: str, decision: Decision) -> bool:
+        dst = decision.to_state.value
+        row = conn.execute(
+            select(Job.id, Job.state, Job.attempts, Job.instance_id)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
+            .with_for_update()
+        ).first()
+        if row is None:
+            return False
+        ev = self._ev(job_id, now, row.state, dst, row.attempts, decision.status_code, decision.reason)
+        conn.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                state=dst, run_after=decision.run_after or now, lease_owner=None, lease_expires_at=None,
+                last_status=decision.status_code, last_reason=decision.reason, updated_at=now,
+                attempts=max(row.attempts - 1, 0) if decision.refund_attempt else row.attempts,
+            )
+        )
+        self._event(conn, [ev])
+        if decision.quarantine:
             conn.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values(
-                    state=dst, run_after=decision.run_after or now, lease_owner=None, lease_expires_at=None,
-                    last_status=decision.status_code, last_reason=decision.reason, updated_at=now,
-                    attempts=max(row.attempts - 1, 0) if decision.refund_attempt else row.attempts,
+                insert(QuarantineRow).values(
+                    instance_id=row.instance_id, job_id=job_id, reason=decision.reason,
+                    detail=f"attempt {row.attempts}", created_at=now,
                 )
             )
-            self._event(conn, [ev])
-            if decision.quarantine:
-                conn.execute(
-                    insert(QuarantineRow).values(
-                        instance_id=row.instance_id, job_id=job_id, reason=decision.reason,
-                        detail=f"attempt {row.attempts}", created_at=now,
-                    )
-                )
         return True
 
     def _requeue_running(

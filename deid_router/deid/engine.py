@@ -80,6 +80,8 @@ _SC_US_PREFIXES = ("1.2.840.10008.5.1.4.1.1.7.", "1.2.840.10008.5.1.4.1.1.6.")
 _SC_US_EXACT = frozenset({"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.3.1"})
 _DATE_VRS = frozenset({"DA", "DT"})
 _UNCHANGED = object()
+# Remapped UIDs kept for reuse; HMAC is cheap, so the cache only has to stay small.
+_UID_CACHE_MAX = 50_000
 
 
 @dataclass(frozen=True)
@@ -294,7 +296,7 @@ class Deidentifier:
         out = self._uid_cache.get(v)
         if out is None:
             out = self.keys.uid(v)
-            if len(self._uid_cache) > 200_000:
+            if len(self._uid_cache) >= _UID_CACHE_MAX:  # bounded: a worker runs for days
                 self._uid_cache.clear()
             self._uid_cache[v] = out
         st.ids.orig_uids.add(v)

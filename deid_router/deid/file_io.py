@@ -16,6 +16,7 @@ from pydicom import dcmread
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian
 
+from deid_router.deid.reader import read_header
 from deid_router.deid.writer import write_header
 
 from deid_router.errors import DeidError, InfrastructureError
@@ -96,13 +97,21 @@ def deidentify_file(deid: Deidentifier, src: Path, dst: BinaryIO) -> DeidResult:
     """Read the header only, de-identify it, write it in the same transfer syntax, copy pixels raw."""
     try:
         with open(src, "rb") as fp:
-            try:
-                ds = dcmread(fp, stop_before_pixels=True)
-            except Exception as exc:
-                raise DeidError("invalid_dataset", "not a readable DICOM Part-10 file") from exc
-            start = fp.tell()
             fp.seek(0, 2)
             size = fp.tell()
+            try:
+                fast = read_header(fp, size)
+            except Exception:  # noqa: BLE001 - pydicom's reader decides what is readable
+                fast = None
+            if fast is not None:
+                ds, start = fast
+            else:
+                fp.seek(0)
+                try:
+                    ds = dcmread(fp, stop_before_pixels=True)
+                except Exception as exc:
+                    raise DeidError("invalid_dataset", "not a readable DICOM Part-10 file") from exc
+                start = fp.tell()
             ts = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
             if ts == DeflatedExplicitVRLittleEndian:
                 fp.seek(0)

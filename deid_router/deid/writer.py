@@ -113,8 +113,86 @@ def element_bytes(ds: Dataset, implicit: bool, little: bool) -> bytes:
     return enc.fp.getvalue()
 
 
+def _ui_text(elem: object) -> str | None:
+    """A single UID value whose element is written the same raw or converted; else None."""
+    if type(elem) is RawDataElement:
+        raw = elem.value
+        if not isinstance(raw, bytes) or b"\\" in raw or elem.VR not in ("UI", None):
+            return None
+        text = raw.decode("latin_1").rstrip("\0 ")
+        if raw != (text + "\0" if len(text) & 1 else text).encode("latin_1"):
+            return None
+        return text
+    if type(elem) is DataElement and elem.VR == "UI" and isinstance(elem.value, str) and "\\" not in elem.value:
+        return str(elem.value)
+    return None
+
+
+def _ui_element(tag: int, text: str) -> bytes:
+    data = (text + "\0" if len(text) & 1 else text).encode("latin_1")
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, b"UI", len(data)) + data
+
+
+_META_REQUIRED = (0x00020001, 0x00020012, 0x00020013, 0x00020010)
+
+
+def _file_meta_fast(meta: FileMetaDataset, ds: Dataset) -> bytes | None:
+    """``file_meta_bytes`` for the usual meta group of raw elements, without converting any."""
+    store = meta._dict
+    ds_store = ds._dict
+    ds_class = _ui_text(ds_store.get(BaseTag(0x00080016)))
+    ds_instance = _ui_text(ds_store.get(BaseTag(0x00080018)))
+    meta_class = _ui_text(store.get(BaseTag(0x00020002)))
+    meta_instance = _ui_text(store.get(BaseTag(0x00020003)))
+    if not ds_class or not ds_instance or not meta_class or not meta_instance:
+        return None
+    for t in _META_REQUIRED:  # present and not empty: pydicom's validation would change nothing
+        elem = store.get(BaseTag(t))
+        if t in (0x00020010, 0x00020012):
+            if not _ui_text(elem):
+                return None
+        elif type(elem) is not RawDataElement or not elem.value:
+            return None
+    parts: list[tuple[int, bytes]] = []
+    for tag, elem in store.items():
+        t = int(tag)
+        if t == 0x00020000:
+            continue
+        if t >> 16 != 2:
+            return None
+        if t == 0x00020002:
+            parts.append((t, _ui_element(t, ds_class)))
+            continue
+        if t == 0x00020003:
+            parts.append((t, _ui_element(t, ds_instance)))
+            continue
+        if type(elem) is not RawDataElement:
+            text = _ui_text(elem)
+            if text is None:
+                return None
+            parts.append((t, _ui_element(t, text)))
+            continue
+        raw = elem.value
+        vr = elem.VR
+        if (raw is None or len(raw) & 1 or not elem.is_little_endian or elem.is_implicit_VR
+                or vr is None or len(vr) != 2 or elem.length == 0xFFFFFFFF
+                or (vr not in _LONG_VRS and len(raw) > 0xFFFF)):
+            return None
+        if vr in _LONG_VRS:
+            head = struct.pack("<HH2sHL", t >> 16, t & 0xFFFF, vr.encode("ascii"), 0, len(raw))
+        else:
+            head = struct.pack("<HH2sH", t >> 16, t & 0xFFFF, vr.encode("ascii"), len(raw))
+        parts.append((t, head + raw))
+    parts.sort()
+    body = b"".join(p for _, p in parts)
+    return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
 def file_meta_bytes(meta: FileMetaDataset, ds: Dataset) -> bytes:
     """The File Meta Information group as ``dcmwrite(..., enforce_file_format=True)`` writes it."""
+    fast = _file_meta_fast(meta, ds)
+    if fast is not None:
+        return fast
     meta_class = meta.get("MediaStorageSOPClassUID", None)
     ds_class = ds.get("SOPClassUID", None)
     if meta_class is None or (ds_class and ds_class != meta_class):

@@ -121,12 +121,16 @@ class Worker:
         self._unavailable[name] = failures
         pause = 0.0
         now = datetime.now(UTC)
+        final = []
         for job in jobs:
             outcome = outcomes.get(job.job_id) or Outcome(OutcomeKind.RETRY, None, "no_outcome")
             decision = decide(job.attempts, outcome, self.policy, now, destination_failures=max(failures, 1))
-            self._record(job, outcome, decision.to_state.value, self.repo.finish(job.job_id, self.owner, decision))
+            final.append((job, outcome, decision))
             if outcome.kind is OutcomeKind.UNAVAILABLE and decision.run_after is not None:
                 pause = max(pause, (decision.run_after - now).total_seconds())
+        applied = self.repo.finish_many(self.owner, [(job.job_id, decision) for job, _, decision in final])
+        for (job, outcome, decision), ok in zip(final, applied, strict=True):
+            self._record(job, outcome, decision.to_state.value, ok)
             self.holding.work_path(job.job_id).unlink(missing_ok=True)
         if unavailable:
             log.warning("destination_paused", destination=name, seconds=round(pause, 1), failures=failures)

@@ -45,7 +45,7 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.WriteLoggerFactory(stream),  # one write per line: processes share stdout
         cache_logger_on_first_use=False,
     )
     # pynetdicom logs identifiers (patient names, UIDs) at INFO/DEBUG: keep only its warnings,

@@ -100,5 +100,14 @@ class _Walker:
 
 
 def check_complete(fp: BinaryIO, start: int, size: int, implicit: bool, little: bool) -> None:
-    """Raise :class:`Malformed` unless the elements from ``start`` fill the data exactly to ``size``."""
+    """Raise :class:`Malformed` unless the elements from ``start`` fill the data exactly to ``size``.
+
+    Like pydicom, trust the first element over the transfer syntax for VR explicitness: some
+    modalities send implicit VR under an explicit syntax, and pydicom reads them that way.
+    """
+    if size > start + 6:
+        fp.seek(start + 4)
+        vr = fp.read(2)
+        looks_explicit = len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90
+        implicit = not looks_explicit
     _Walker(fp, size, implicit, little).elements(start, size, implicit, 0, in_item=False)

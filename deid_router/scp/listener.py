@@ -150,9 +150,12 @@ def read_complete_header(path: Path) -> tuple[str, str, str]:
         sop_instance = str(header.SOPInstanceUID)
         modality = str(header.get("Modality", "") or "")
         ts = str(header.file_meta.get("TransferSyntaxUID", "") or "")
+        size = os.fstat(fp.fileno()).st_size
+        if "Rows" in header and fp.tell() >= size and ts != DeflatedExplicitVRLittleEndian:
+            # an image whose transfer stopped at an element boundary before its pixel data
+            raise Malformed("image attributes without pixel data")
         if ts != DeflatedExplicitVRLittleEndian:  # deflated: the worker inflates and reads it whole
             implicit, little = header.original_encoding
-            size = os.fstat(fp.fileno()).st_size
             check_complete(fp, offset, size, bool(implicit), little is not False)
     if not (0 < len(sop_instance) <= 64 and 0 < len(sop_class) <= 64):
         raise Malformed("UID length out of range")
@@ -346,6 +349,29 @@ class Listener:
             )
         )
 
+    def _on_transfer_cut(self, event: Any) -> None:
+        """Delete the receive file of a C-STORE the peer never finished (A-ABORT, lost connection).
+
+        pynetdicom creates that file with ``delete=False`` and forgets it when the association
+        ends mid-message: each aborted transfer left up to an instance's size in incoming/
+        until the next restart. A completed message is detached from ``dimse.message`` before
+        its handler runs, so only an unfinished transfer is found here.
+        """
+        message: Any = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        partial = getattr(message, "_data_set_file", None)
+        if message is None or partial is None:
+            return
+        message._data_set_file = None
+        try:
+            partial.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(partial.name)
+            log.info("instance_transfer_cut", calling_aet=event.assoc.requestor.ae_title.strip())
+        except OSError:
+            pass
+
     def _on_echo(self, event: Any) -> int:
         return statuses.SUCCESS
 
@@ -358,6 +384,8 @@ class Listener:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_OPEN, set_nodelay),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, self._on_transfer_cut),
+            (evt.EVT_CONN_CLOSE, self._on_transfer_cut),
         ]
         # Share the port only between this node's own listener processes: with one process a
         # second node started by mistake on the same port must fail to bind, not share it.

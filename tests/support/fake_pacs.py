@@ -12,9 +12,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 
 StatusSpec = int | Callable[[int], int]
@@ -92,7 +93,7 @@ class FakePacs:
             return 0xA700
         with self._lock:
             n = len(self.received)
-            uid = str(event.request.AffectedSOPInstanceUID)
+            uid = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
             ts = str(event.context.transfer_syntax)
             self.received.append((uid, ts, time.monotonic()))
         if self.store_dir is not None:
@@ -105,7 +106,7 @@ class FakePacs:
 
     def start(self) -> FakePacs:
         """Bind a free loopback port and serve in background threads."""
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
