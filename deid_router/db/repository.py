@@ -20,9 +20,9 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypedDict
+from typing import cast, Any, TypedDict
 
-from sqlalchemy import Engine, and_, case, exists, func, insert, or_, select, text, update
+from sqlalchemy import Engine, Table, and_, bindparam, case, exists, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
@@ -136,6 +136,18 @@ def _chunks(ids: Sequence[int]) -> Iterator[Sequence[int]]:
         yield ids[i : i + _IN_CHUNK]
 
 
+# Hot-path statements, built once: Core inserts on the tables with parameters at execute time
+# are compiled once and cached, where ORM ``insert(Model).values(...)`` is rebuilt per call.
+_INSTANCES = cast(Table, Instance.__table__)
+_SELECT_BY_SOP_KEY = select(_INSTANCES.c.id, _INSTANCES.c.content_sha256).where(
+    _INSTANCES.c.sop_key == bindparam("sop_key")
+)
+_INSERT_INSTANCE = insert(_INSTANCES)
+_JOBS = cast(Table, Job.__table__)
+_INSERT_JOB = insert(_JOBS).returning(_JOBS.c.id)
+_INSERT_EVENT = insert(cast(Table, JobEventRow.__table__))
+
+
 class JobRepository:
     """Durable queue operations on an engine made by ``db.engine.make_engine``."""
 
@@ -172,7 +184,7 @@ class JobRepository:
         rows: Sequence[dict[str, Any]],
     ) -> None:
         if rows:
-            conn.execute(insert(JobEventRow), list(rows))
+            conn.execute(_INSERT_EVENT, list(rows))
 
     @staticmethod
     def _ev(
@@ -200,9 +212,7 @@ class JobRepository:
             if self._pg:
                 # Serialise concurrent re-sends of the same instance (SQLite: BEGIN IMMEDIATE).
                 conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": inst.sop_key})
-            existing = conn.execute(
-                select(Instance.id, Instance.content_sha256).where(Instance.sop_key == inst.sop_key)
-            ).all()
+            existing = conn.execute(_SELECT_BY_SOP_KEY, {"sop_key": inst.sop_key}).all()
             same = [r.id for r in existing if r.content_sha256 == inst.content_sha256]
             conflict = any(r.content_sha256 != inst.content_sha256 for r in existing)
             covered: set[str] = set()
@@ -220,12 +230,14 @@ class JobRepository:
             if not needed:
                 return EnqueueResult(instance_id=same[0], job_ids=[], duplicate=True, conflict=False)
             conn.execute(
-                insert(Instance).values(
-                    id=inst.instance_id, sop_key=inst.sop_key, content_sha256=inst.content_sha256,
-                    raw_path=inst.raw_path, size=inst.size, sop_class_uid=inst.sop_class_uid,
-                    transfer_syntax=inst.transfer_syntax, calling_aet=inst.calling_aet,
-                    called_aet=inst.called_aet, modality=inst.modality, received_at=now,
-                )
+                _INSERT_INSTANCE,
+                {
+                    "id": inst.instance_id, "sop_key": inst.sop_key, "content_sha256": inst.content_sha256,
+                    "raw_path": inst.raw_path, "size": inst.size, "sop_class_uid": inst.sop_class_uid,
+                    "transfer_syntax": inst.transfer_syntax, "calling_aet": inst.calling_aet,
+                    "called_aet": inst.called_aet, "modality": inst.modality, "received_at": now,
+                    "raw_deleted_at": None,
+                },
             )
             state = JobState.FAILED if conflict else JobState.QUEUED
             reason = CONFLICT_REASON if conflict else ""
@@ -233,10 +245,12 @@ class JobRepository:
             events: list[dict[str, Any]] = []
             for dest in needed:
                 job_id = conn.execute(
-                    insert(Job).values(
-                        instance_id=inst.instance_id, destination=dest, state=state.value, attempts=0,
-                        run_after=now, last_reason=reason, created_at=now, updated_at=now,
-                    ).returning(Job.id)
+                    _INSERT_JOB,
+                    {
+                        "instance_id": inst.instance_id, "destination": dest, "state": state.value, "attempts": 0,
+                        "run_after": now, "last_reason": reason, "created_at": now, "updated_at": now,
+                        "lease_owner": None, "lease_expires_at": None, "last_status": None,
+                    },
                 ).scalar_one()
                 job_ids.append(job_id)
                 events.append(self._ev(job_id, now, None, state.value, 0, None, reason or "received"))

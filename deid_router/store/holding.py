@@ -25,7 +25,6 @@ from deid_router.errors import StorageError
 from deid_router.faults import fault_point
 
 PART_SUFFIX = ".part"
-_COPY_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,12 @@ class Holding:
             for p in _walk_files(d):
                 p.unlink(missing_ok=True)
                 removed += 1
+        # A kill while the scheduler rewrote the metrics file leaves its temp file behind.
+        metrics = self.metrics_path
+        if metrics.parent.is_dir():
+            for p in metrics.parent.glob(f"{metrics.name}.*{PART_SUFFIX}"):
+                p.unlink(missing_ok=True)
+                removed += 1
         return removed
 
     @staticmethod
@@ -107,13 +112,10 @@ class Holding:
         """Move a file received on disk (same filesystem) into place durably, hashing it."""
         rel = self.raw_relative(instance_id)
         final = self.root / rel
-        digest = hashlib.sha256()
-        size = 0
         try:
             with open(src, "rb") as fh:
-                while chunk := fh.read(_COPY_CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
+                digest = hashlib.file_digest(fh, "sha256")  # a C loop over the file
+                size = fh.tell()
                 fault_point("after_raw_write_before_fsync")
                 os.fsync(fh.fileno())
             final.parent.mkdir(parents=True, exist_ok=True)
