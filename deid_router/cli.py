@@ -145,18 +145,16 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
                 print(_entry_line(e))
             return EXIT_OK
         if args.action == "show":
-            entry = repo.quarantine_get(args.id)
+            entry = _entry_or_complain(repo, args.id)
             if entry is None:
-                print(f"no quarantine entry {args.id} (see: deid-router quarantine list)", file=sys.stderr)
                 return EXIT_ERROR
             print(_entry_line(entry))
             for ev in getattr(entry, "events", []) or []:
                 print("  " + _event_line(ev))
             return EXIT_OK
         if args.action == "release":
-            entry = repo.quarantine_get(args.id)
+            entry = _entry_or_complain(repo, args.id)
             if entry is None:
-                print(f"no quarantine entry {args.id} (see: deid-router quarantine list)", file=sys.stderr)
                 return EXIT_ERROR
             # quarantine_release is True for an entry released earlier too (idempotent): the
             # message must say which, or a second release claims to have re-queued a job.
@@ -179,6 +177,13 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         ctx.close()
+
+
+def _entry_or_complain(repo: Any, qid: int) -> Any:
+    entry = repo.quarantine_get(qid)
+    if entry is None:
+        print(f"no quarantine entry {qid} (see: deid-router quarantine list)", file=sys.stderr)
+    return entry
 
 
 def _entry_line(e: Any) -> str:

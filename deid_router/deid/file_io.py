@@ -119,22 +119,16 @@ def deidentify_file(deid: Deidentifier, src: Path, dst: BinaryIO) -> DeidResult:
                 start = size
             little = ts != ExplicitVRBigEndian
             implicit = ts == ImplicitVRLittleEndian
-            if start >= size:  # no pixel data: the header is the whole dataset
-                deid.deidentify(ds)
-                ds.preamble = b"\0" * 128
-                if _known_encoding(ts):
-                    write_header(dst, ds, implicit, little)
-                else:
-                    dcmwrite(dst, ds, enforce_file_format=True)
-                return deid.result_of(ds)
-            end = pixel_element_end(fp, start, size, little, implicit)
+            has_pixels = start < size  # otherwise the header is the whole dataset
+            end = pixel_element_end(fp, start, size, little, implicit) if has_pixels else size
             deid.deidentify(ds)
             ds.preamble = b"\0" * 128
             if _known_encoding(ts):
                 write_header(dst, ds, implicit, little)
             else:
                 dcmwrite(dst, ds, enforce_file_format=True)
-            copy_range(fp, dst, start, end, size)
+            if has_pixels:
+                copy_range(fp, dst, start, end, size)
             return deid.result_of(ds)
     except (DeidError, *InfrastructureError):
         raise  # infrastructure trouble is retried by the caller, never quarantined

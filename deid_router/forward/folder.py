@@ -20,16 +20,9 @@ from deid_router.forward.base import Delivery, is_valid_uid
 from deid_router.faults import fault_point
 from deid_router.jobs.outcome import Outcome, OutcomeKind
 from deid_router.observability.logging import get_logger
+from deid_router.store.holding import fsync_dir
 
 _log = get_logger("forward")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _makedirs(root: Path, parts: Sequence[str]) -> Path:
@@ -42,7 +35,7 @@ def _makedirs(root: Path, parts: Sequence[str]) -> Path:
                 child.mkdir()
             except FileExistsError:
                 pass
-            _fsync_dir(current)
+            fsync_dir(current)
         current = child
     return current
 
@@ -81,7 +74,7 @@ class FolderDestination:
                 os.fsync(out.fileno())
             os.replace(tmp, target_dir / f"{item.sop_instance_uid}.dcm")
             tmp = None
-            _fsync_dir(target_dir)
+            fsync_dir(target_dir)
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or 0, "unknown")
             _log.warning("forward_folder_write_failed", destination=self.name, job_id=item.job_id, errno=name)

@@ -173,6 +173,10 @@ class Intake:
         self.router = router
         self.keys = keys
         self.min_free_bytes = min_free_bytes
+        # Raw files whose enqueue failed with the commit outcome unknown (database unreachable
+        # even for the check): kept until the database can say whether their row exists.
+        self._unsure: set[str] = set()
+        self._unsure_lock = threading.Lock()
 
     def has_space(self) -> bool:
         """True while the holding disk has more free space than the configured reserve."""
@@ -235,14 +239,27 @@ class Intake:
                 destinations,
             )
         except QueueError as exc:
-            self._discard(stored.relative_path)
-            log.error("instance_enqueue_failed", reason=type(exc.__cause__ or exc).__name__, **ctx)
+            reason = type(exc.__cause__ or exc).__name__
+            # The error may have come after the COMMIT reached the database (its reply was
+            # lost): then the jobs exist and need this raw file. Deleting it on every queue
+            # error lost such instances (quarantined as missing raw, re-send taken as duplicate).
+            committed = self._committed(stored.relative_path)
+            if committed:
+                log.warning("instance_enqueue_commit_confirmed", instance_id=instance_id, reason=reason, **ctx)
+                return statuses.SUCCESS  # durable and committed: exactly what 0x0000 promises
+            if committed is None:
+                with self._unsure_lock:
+                    self._unsure.add(stored.relative_path)
+            else:
+                self._discard(stored.relative_path)
+            log.error("instance_enqueue_failed", reason=reason, **ctx)
             return statuses.OUT_OF_RESOURCES
         except Exception as exc:
             self._discard(stored.relative_path)
             log.error("instance_enqueue_failed", reason=type(exc).__name__, **ctx)
             return statuses.OUT_OF_RESOURCES
         fault_point("after_commit_before_response")
+        self._resolve_unsure()
         if result.duplicate:
             self._discard(stored.relative_path)
             log.info("instance_duplicate", instance_id=result.instance_id, **ctx)
@@ -256,6 +273,30 @@ class Intake:
                 **ctx,
             )
         return statuses.SUCCESS
+
+    def _committed(self, relative_path: str) -> bool | None:
+        """Does a committed row own this raw file? None when the database cannot tell."""
+        try:
+            return relative_path in self.repo.known_raw_paths([relative_path])
+        except QueueError:
+            return None
+
+    def _resolve_unsure(self) -> None:
+        """The database answers again: delete kept raw files that no committed row owns."""
+        with self._unsure_lock:
+            if not self._unsure:
+                return
+            pending = sorted(self._unsure)
+        try:
+            known = self.repo.known_raw_paths(pending)
+        except QueueError:
+            return
+        for rel in pending:
+            if rel not in known:
+                self._discard(rel)
+        with self._unsure_lock:
+            self._unsure.difference_update(pending)
+        log.info("unsure_raw_files_resolved", kept=len(known), deleted=len(pending) - len(known))
 
     def _discard(self, relative_path: str) -> None:
         try:
