@@ -139,6 +139,11 @@ class Worker:
     def _deidentify(self, job: ClaimedJob) -> tuple[Delivery | None, Outcome | None]:
         src = self.holding.absolute(job.raw_path)
         dst = self.holding.work_path(job.job_id)
+        if not src.is_file():
+            # Checked up front: inside atomic_writer the ENOENT becomes a StorageError, and a
+            # missing raw file was retried max_attempts times as "work_write_failed".
+            log.error("job_raw_missing", job_id=job.job_id)
+            return None, Outcome(OutcomeKind.PERMANENT, None, "raw_file_missing")
         try:
             with self.holding.atomic_writer(dst) as fh:
                 fault_point("during_deid")
@@ -149,9 +154,6 @@ class Worker:
         except StorageError as exc:
             log.error("job_deid_storage_failed", job_id=job.job_id, reason=str(exc))
             return None, Outcome(OutcomeKind.RETRY, None, "work_write_failed")
-        except FileNotFoundError:
-            log.error("job_raw_missing", job_id=job.job_id)
-            return None, Outcome(OutcomeKind.PERMANENT, None, "raw_file_missing")
         except QueueError:
             raise  # the crosswalk could not be written: nothing is sent; the lease expires
         except Exception as exc:  # a bug must cost retries, then quarantine; never a dead worker

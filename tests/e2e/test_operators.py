@@ -115,3 +115,29 @@ def test_permanent_refusal_is_quarantined_at_once_then_released_and_retried(
             assert_no_stray_files(router)
             audit = router.log_text()
         assert "child_died" not in audit
+
+
+def test_raw_file_deleted_from_holding_is_quarantined_at_once_with_reason(tmp_path: Path) -> None:
+    # Someone cleaned the holding area by hand: the job cannot succeed, and must say why at
+    # once instead of being retried max_attempts times as a work-file write failure.
+    from tests.support.peers import StoreSCP
+    from tests.support.router import free_port
+
+    make_series(tmp_path / "in", 1, rows=16, cols=16)
+    pacs_port = free_port()
+    router = RouterProcess(
+        tmp_path / "router", [dicom_destination("pacs", pacs_port, "PACS", connect_timeout_seconds=1)],
+        queue={**FAST_QUEUE, "max_attempts": 10},
+    )
+    with router:
+        assert storescu_acknowledged(storescu("127.0.0.1", router.port, [tmp_path / "in"])) == 1
+        raw = [p for p in (router.workdir / "var" / "raw").rglob("*.dcm")]
+        assert len(raw) == 1
+        raw[0].unlink()
+        with StoreSCP(tmp_path / "pacs", ae_title="PACS", port=pacs_port) as pacs:
+            wait_until(lambda: router.status()["jobs"]["failed"] == 1, 90, 0.3, "the job to fail")
+            entries = _entries(router)
+            assert len(entries) == 1 and entries[0]["reason"] == "raw_file_missing", entries
+            steps = _history(router.cli("quarantine", "show", entries[0]["id"]).stdout)
+            assert steps[-1]["to_state"] == "failed" and int(steps[-1]["attempt"]) <= 2, steps
+            assert pacs.sop_instance_uids() == Counter()

@@ -25,6 +25,11 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self.accepted = 0
+        # lose_commit_reply(): connections that sent the marker, and those whose replies are dropped
+        self._marker: bytes | None = None
+        self._marked: set[socket.socket] = set()
+        self._mute: set[socket.socket] = set()
+        self.replies_lost = 0
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -68,6 +73,13 @@ class TcpProxy:
     def stop(self) -> None:
         self.cut()
 
+    def lose_commit_reply(self, marker: bytes) -> None:
+        """On the next connection that sends ``marker`` and then a COMMIT, forward the COMMIT
+        but drop the server's reply and close the connection: the transaction is committed
+        while the client sees the connection fail (the outcome-unknown case of a commit)."""
+        with self._lock:
+            self._marker = marker
+
     @property
     def is_cut(self) -> bool:
         return self._listener is None
@@ -93,12 +105,25 @@ class TcpProxy:
                     return
                 self._conns.update((client, upstream))
                 self.accepted += 1
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, client), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, client), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, client: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                if src is client:
+                    with self._lock:
+                        if self._marker is not None and self._marker in data:
+                            self._marked.add(client)
+                        elif client in self._marked and b"COMMIT" in data:
+                            self._marked.clear()
+                            self._marker = None
+                            self._mute.add(client)
+                elif client in self._mute:
+                    with self._lock:
+                        self._mute.discard(client)
+                        self.replies_lost += 1
+                    break  # the reply to COMMIT never reaches the client
                 dst.sendall(data)
         except OSError:
             pass
