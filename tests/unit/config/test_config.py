@@ -83,6 +83,8 @@ def test_good_config_is_ok_and_paths_resolve_against_its_folder(tmp_path: Path, 
         ('[deid]', '[deid]\n[[deid.rules]]\ntag = "PatientName"\naction = "replace"', "deid.rules[0].value"),
         ('[deid]', '[deid]\n[[deid.rules]]\ntag = "(0010,0010)"\naction = "obliterate"', "deid.rules[0].action"),
         ('[storage]', '[storage]\nkeep_raw_hours = -1', "storage.keep_raw_hours"),
+        ('[storage]', '[queue]\nbusy_timeout_seconds = 0\n[storage]', "queue.busy_timeout_seconds"),
+        ('port = 11112', 'port = 11112\nprocesses = -1', "listener.processes"),
     ],
 )
 def test_each_mistake_exits_2_naming_the_key(
