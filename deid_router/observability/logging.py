@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -58,6 +59,17 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     for name in ("pynetdicom", "pydicom"):
         logging.getLogger(name).setLevel(logging.ERROR)
         logging.getLogger(name).propagate = False
+    # pydicom's warnings quote the offending value ("Invalid value for VR PN: '...'") and Python
+    # prints warnings to stderr, which is this node's log: keep the fact, drop the message.
+    warnings.showwarning = _log_warning_without_message
+
+
+def _log_warning_without_message(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    structlog.get_logger(component="python").warning(
+        "python_warning", category=category.__name__, origin=f"{filename.rsplit('/', 1)[-1]}:{lineno}"
+    )
 
 
 def get_logger(name: str) -> Any:
