@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:  # so ``tests.support`` imports work however pytest is started
@@ -112,3 +113,9 @@ def _reap_routers() -> Iterator[None]:
     for router in list(LIVE):
         router.kill()
         LIVE.discard(router)
+
+
+# CI gates on a fixed set of examples (the same on every run); locally hypothesis explores.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")

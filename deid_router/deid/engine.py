@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 import pydicom
 from pydicom.datadict import keyword_dict
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -30,7 +30,7 @@ from deid_router.deid.profile import CURVE, EDITION, OVERLAY_COMMENTS, OVERLAY_D
 from deid_router.deid.raw import Element, Reader
 from deid_router.deid.residual import NAME_KEYWORDS, PATIENT_KEYWORDS, TEXT_VRS as WEAK_VRS, VALUE_KEYWORDS
 from deid_router.deid.residual import Identifiers, scan
-from deid_router.deid.writer import element_bytes
+from deid_router.deid.writer import _ui_text, element_bytes
 from deid_router.errors import DeidError, InfrastructureError
 
 log = logging.getLogger(__name__)
@@ -564,7 +564,14 @@ class Deidentifier:
                 if t in meta:
                     del meta[t]
             if "MediaStorageSOPInstanceUID" in meta:
-                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+                # a raw SOPInstanceUID whose bytes are its canonical encoding stays raw
+                sop = ds._dict.get(BaseTag(_T_SOP_INSTANCE))
+                text = _ui_text(sop) if type(sop) is RawDataElement else None
+                key = BaseTag(0x00020003)
+                if text and text.isascii() and getattr(meta._dict.get(key), "VR", None) == "UI":
+                    meta._dict[key] = DataElement(key, "UI", text)
+                else:
+                    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         if hasattr(ds, "preamble"):
             ds.preamble = b"\0" * 128
         scan(ds, st.ids, _OWN_TAGS, _CLASS_UID_TAGS, self._generic, self.profile.shift_dates)

@@ -18,6 +18,7 @@ Original UIDs that were remapped must not appear in any UI value of the output.
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Iterable
 
 from pydicom.datadict import keyword_for_tag
@@ -76,15 +77,24 @@ def _could_be_number(value: str) -> bool:
     return any(c.isdigit() for c in value) or value.strip().upper() == "-INF"
 
 
+_NOT_DIGITS = re.compile(r"[^0-9]+")
+
+
 def _is_identifying(value: str) -> bool:
     v = value.strip()
-    if len(v) < 3 or v.upper() in GENERIC:
+    if len(v) < 3:
         return False
-    digits = sum(c.isdigit() for c in v)
-    letters = sum(c.isalpha() for c in v)
-    if letters == 0 and digits < 4:
+    upper = v.upper()
+    if upper in GENERIC:
         return False
-    return True
+    if v.isascii():
+        # ASCII letters are exactly the characters whose case changes
+        if upper != v.lower():
+            return True
+        return len(_NOT_DIGITS.sub("", v)) >= 4
+    if any(c.isalpha() for c in v):
+        return True
+    return sum(c.isdigit() for c in v) >= 4
 
 
 def values_of(value: object) -> list[str]:
@@ -100,11 +110,28 @@ def values_of(value: object) -> list[str]:
     return [str(value)]
 
 
+# struct formats of the numeric VRs pydicom decodes with plain ``convert_numbers``
+_NUMBER_FORMATS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
+_LUT_DESCRIPTORS = frozenset({0x00283002, 0x00281101, 0x00281102, 0x00281103, 0x00282002})
+
+
+def _number_texts(elem: RawDataElement) -> list[str] | None:
+    """``values_of`` the converted value of a raw little endian numeric element, or None."""
+    fmt = _NUMBER_FORMATS.get(elem.VR) if elem.VR is not None else None
+    raw = elem.value
+    if fmt is None or not elem.is_little_endian or not isinstance(raw, bytes) or elem.tag in _LUT_DESCRIPTORS:
+        return None
+    size = struct.calcsize("=" + fmt)
+    if len(raw) % size:
+        return None
+    return [str(v) for v in struct.unpack(f"<{len(raw) // size}{fmt}", raw)]
+
+
 def _alternation(items: Iterable[str]) -> re.Pattern[str] | None:
     uniq = sorted({i.strip() for i in items if i.strip()}, key=lambda s: (-len(s), s))
     if not uniq:
         return None
-    body = "|".join(re.escape(u) for u in uniq)
+    body = "|".join(u if u.isalnum() else re.escape(u) for u in uniq)  # escape changes no alnum text
     return re.compile(f"{_BOUND_L}(?:{body}){_BOUND_R}", re.IGNORECASE)
 
 
@@ -145,11 +172,15 @@ class Identifiers:
     def add_weak(self, vr: str, value: object) -> None:
         if vr not in TEXT_VRS:
             return
+        weak = self.weak
+        if vr == "PN":
+            for v in values_of(value):
+                weak.extend(name_parts(v))
+            return
         for v in values_of(value):
-            if vr == "PN":
-                self.weak.extend(name_parts(v))
-            elif _is_identifying(v) and len(v.strip()) >= 4:
-                self.weak.append(v.strip())
+            v = v.strip()
+            if len(v) >= 4 and _is_identifying(v):
+                weak.append(v)
 
     def add_kept(self, value: object) -> None:
         self.kept.extend(values_of(value))
@@ -193,7 +224,10 @@ class Identifiers:
         if weak and self.kept_numbers and any(_could_be_number(w) for w in weak):
             numbers: list[str] = []
             for elem, ds in self.kept_numbers:
-                numbers.extend(values_of(convert_raw_data_element(elem, ds=ds).value))
+                fast = _number_texts(elem)
+                if fast is None:
+                    fast = values_of(convert_raw_data_element(elem, ds=ds).value)
+                numbers.extend(fast)
             numbers_blob = "\n".join(numbers).upper()
             weak = {w for w in weak if w.upper() not in numbers_blob}
         strong = {s for s in self.strong if s.upper() not in extra}

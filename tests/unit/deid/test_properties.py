@@ -19,7 +19,7 @@ from tests.unit.deid.synthetic import encode, roundtrip
 NAME_PART = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=5, max_size=10).filter(
     lambda s: s not in GENERIC and s not in ("ANONYMIZED", "ANONYMOUS", "REMOVED"))
 PID = st.text(alphabet="ABCDEFGHJKLMNPQRSTUVWXYZ0123456789", min_size=6, max_size=12).filter(
-    lambda s: any(c.isalpha() for c in s))
+    lambda s: any(c.isalpha() for c in s) and s not in GENERIC)
 # (keyword, VR) of text attributes: tabled (removed/cleaned by the profile) and untabled (kept)
 TABLED = [("ImageComments", "LT"), ("StudyDescription", "LO"), ("SeriesDescription", "LO"),
           ("AdditionalPatientHistory", "LT"), ("PatientComments", "LT"), ("RequestingService", "LO"),
