@@ -361,13 +361,23 @@ class JobRepository:
         now = self._clock()
         n = 0
         with self._tx("heartbeat") as conn:
-            for chunk in _chunks(list(job_ids)):
-                res = conn.execute(
-                    update(Job)
+            for chunk in _chunks(sorted(job_ids)):
+                # Skip rows another transaction holds: that is this worker finishing them. Waiting
+                # for them instead could deadlock with finish_many, whose lost commit would make
+                # the lease expire and the instance be sent a second time.
+                held = conn.execute(
+                    select(Job.id)
                     .where(Job.id.in_(chunk), Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
-                    .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
-                )
-                n += res.rowcount
+                    .order_by(Job.id)
+                    .with_for_update(skip_locked=True)
+                ).scalars().all()
+                if held:
+                    res = conn.execute(
+                        update(Job)
+                        .where(Job.id.in_(held), Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
+                        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+                    )
+                    n += res.rowcount
         return n
 
     def finish(self, job_id: int, owner: str, decision: Decision) -> bool:
@@ -381,11 +391,11 @@ class JobRepository:
     def finish_many(self, owner: str, decisions: Sequence[tuple[int, Decision]]) -> list[bool]:
         """``finish`` for a whole batch in one transaction (one commit, one write-lock hold)."""
         now = self._clock()
-        applied: list[bool] = []
+        applied: dict[int, bool] = {}
         with self._tx("finish") as conn:
-            for job_id, decision in decisions:
-                applied.append(self._finish_one(conn, now, job_id, owner, decision))
-        return applied
+            for job_id, decision in sorted(decisions, key=lambda d: d[0]):  # one lock order everywhere
+                applied[job_id] = self._finish_one(conn, now, job_id, owner, decision)
+        return [applied[job_id] for job_id, _ in decisions]
 
     def _finish_one(self, conn: Connection, now: datetime, job_id: int, owner: str, decision: Decision) -> bool:
         dst = decision.to_state.value

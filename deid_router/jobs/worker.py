@@ -10,6 +10,7 @@ per core. The worker never writes SQL (the repository does) and never chooses a 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,13 +21,14 @@ from deid_router.errors import DeidError, QueueError, StorageError
 from deid_router.faults import fault_point
 from deid_router.forward.base import Delivery, Destination
 from deid_router.jobs.outcome import Outcome, OutcomeKind
-from deid_router.jobs.policy import RetryPolicy, decide
+from deid_router.jobs.policy import Decision, RetryPolicy, decide
 from deid_router.observability.logging import get_logger
 from deid_router.store.holding import Holding
 
 log = get_logger("worker")
 
 _MAX_QUEUE_BACKOFF = 30.0
+_FINISH_ATTEMPTS = 5
 
 
 @dataclass
@@ -128,13 +130,26 @@ class Worker:
             final.append((job, outcome, decision))
             if outcome.kind is OutcomeKind.UNAVAILABLE and decision.run_after is not None:
                 pause = max(pause, (decision.run_after - now).total_seconds())
-        applied = self.repo.finish_many(self.owner, [(job.job_id, decision) for job, _, decision in final])
+        applied = self._finish_with_retries([(job.job_id, decision) for job, _, decision in final])
         for (job, outcome, decision), ok in zip(final, applied, strict=True):
             self._record(job, outcome, decision.to_state.value, ok)
             self.holding.work_path(job.job_id).unlink(missing_ok=True)
         if unavailable:
             log.warning("destination_paused", destination=name, seconds=round(pause, 1), failures=failures)
         return pause
+
+    def _finish_with_retries(self, decisions: list[tuple[int, Decision]]) -> list[bool]:
+        """Record outcomes, retrying a few times: after a send, a lost write means the lease
+        expires and the PACS gets the instance twice (same UID, but still avoidable)."""
+        for attempt in range(_FINISH_ATTEMPTS):
+            try:
+                return self.repo.finish_many(self.owner, decisions)
+            except QueueError:
+                if attempt == _FINISH_ATTEMPTS - 1:
+                    raise
+                log.warning("job_finish_retried", attempt=attempt + 1, jobs=len(decisions))
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def _deidentify(self, job: ClaimedJob) -> tuple[Delivery | None, Outcome | None]:
         src = self.holding.absolute(job.raw_path)

@@ -4,6 +4,8 @@ first sightings leave one row. Real SQLite file and real PostgreSQL."""
 from __future__ import annotations
 
 import multiprocessing as mp
+
+import pytest
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -133,3 +135,34 @@ def test_concurrent_resends_of_one_instance_enqueue_once(engine: Engine,
         t.join(30)
     assert sorted(r.duplicate for r in results) == [False, True, True, True]
     assert repo.status_counts()["jobs"]["queued"] == 1
+
+
+@pytest.mark.postgres
+def test_heartbeat_skips_rows_being_finished_instead_of_waiting(pg_url: str, instance_factory: Callable[..., NewInstance]) -> None:
+    """A heartbeat that waited on rows a batch finish holds could deadlock with it; the lost
+    finish would then let the lease expire and the PACS receive the instance twice."""
+    import threading
+    import time
+
+    from sqlalchemy import text
+
+    from deid_router.db.engine import migrate
+
+    engine = make_engine(pg_url)
+    migrate(engine)
+    repo = JobRepository(engine)
+    ids = repo.enqueue(instance_factory(), ["a", "b"]).job_ids
+    repo.claim("w", 30, 10)
+    with engine.connect() as finisher:
+        finisher.execute(text("BEGIN"))
+        finisher.execute(text("SELECT id FROM jobs WHERE id = :i FOR UPDATE"), {"i": ids[0]})
+        result: list[int] = []
+        t = threading.Thread(target=lambda: result.append(repo.heartbeat("w", ids, 30)))
+        started = time.monotonic()
+        t.start()
+        t.join(timeout=10)
+        assert not t.is_alive(), "heartbeat waited on a row another transaction holds"
+        assert time.monotonic() - started < 5
+        assert result == [1]  # the free row was extended, the held one skipped
+        finisher.execute(text("ROLLBACK"))
+    engine.dispose()
