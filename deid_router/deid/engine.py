@@ -533,11 +533,7 @@ class Deidentifier:
         template.DeidentificationMethod = METHOD
         seq = Sequence()
         for value, meaning in self._method_codes:
-            item = Dataset()
-            item.CodeValue = value
-            item.CodingSchemeDesignator = "DCM"
-            item.CodeMeaning = meaning
-            seq.append(item)
+            seq.append(_method_code_item(value, meaning))
         template.DeidentificationMethodCodeSequence = seq
         template.LongitudinalTemporalInformationModified = self._longitudinal
         out: dict[int, RawDataElement] = {}
@@ -588,12 +584,16 @@ class Deidentifier:
         seq = ds.DeidentificationMethodCodeSequence if _T_METHOD_CODES in ds else Sequence()
         present = {str(it.get("CodeValue", "")) for it in seq}
         for value, meaning in self._method_codes:
-            if value in present:
-                continue
-            item = Dataset()
-            item.CodeValue = value
-            item.CodingSchemeDesignator = "DCM"
-            item.CodeMeaning = meaning
-            seq.append(item)
+            if value not in present:
+                seq.append(_method_code_item(value, meaning))
         ds.DeidentificationMethodCodeSequence = seq
         ds.LongitudinalTemporalInformationModified = self._longitudinal
+
+
+def _method_code_item(value: str, meaning: str) -> Dataset:
+    """One CID 7050 item of DeidentificationMethodCodeSequence (DCM scheme)."""
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = "DCM"
+    item.CodeMeaning = meaning
+    return item
