@@ -65,6 +65,14 @@ class Context:
         calling = self.config.listener.ae_title
         return {d.name: build_destination(d, calling) for d in self.config.destinations}
 
+    def destination_lanes(self) -> dict[str, list[Destination]]:
+        """Per destination, ``max_associations`` forwarders: parallel associations to one PACS."""
+        calling = self.config.listener.ae_title
+        return {
+            d.name: [build_destination(d, calling) for _ in range(d.max_associations)]
+            for d in self.config.destinations
+        }
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -137,7 +145,7 @@ def worker_process_main(config_path: str, index: int, log_level: str, parent_pid
         repo=ctx.repo,
         holding=ctx.holding,
         deidentifier=ctx.deidentifier(),
-        destinations=ctx.destinations(),
+        destinations=ctx.destination_lanes(),
         policy=RetryPolicy.from_config(config.queue),
         lease_seconds=config.queue.lease_seconds,
         batch_size=config.queue.batch_size,

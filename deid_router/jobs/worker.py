@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -45,7 +45,7 @@ class Worker:
     repo: JobRepository
     holding: Holding
     deidentifier: Deidentifier
-    destinations: Mapping[str, Destination]
+    destinations: Mapping[str, Sequence[Destination]]  # per destination, one lane per association
     policy: RetryPolicy
     lease_seconds: float
     batch_size: int
@@ -58,8 +58,9 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         """Serve every destination until ``stop`` is set; then release whatever is still held."""
         threads = [
-            threading.Thread(target=self._serve, args=(name, stop), name=f"dest-{name}", daemon=True)
-            for name in self.destinations
+            threading.Thread(target=self._serve, args=(name, lane, stop), name=f"dest-{name}-{i}", daemon=True)
+            for name, lanes in self.destinations.items()
+            for i, lane in enumerate(lanes)
         ]
         threads.append(threading.Thread(target=self._heartbeat, args=(stop,), name="heartbeat", daemon=True))
         for t in threads:
@@ -73,15 +74,17 @@ class Worker:
                 log.info("jobs_released", owner=self.owner, count=released)
         except QueueError:
             log.error("jobs_release_failed", owner=self.owner)
-        for dest in self.destinations.values():
-            dest.close()
+        for lanes in self.destinations.values():
+            for lane in lanes:
+                lane.close()
 
-    def _serve(self, name: str, stop: threading.Event) -> None:
-        """One destination's loop: batches while there is work; pauses while it is unavailable."""
+    def _serve(self, name: str, lane: Destination, stop: threading.Event) -> None:
+        """One association's loop for destination ``name``: batches while there is work; pauses
+        while the destination is unavailable. Claims are atomic, so lanes never share a job."""
         wait = self.poll_seconds
         while not stop.is_set():
             try:
-                done, pause = self.run_once(name)
+                done, pause = self.run_once(name, lane)
                 wait = pause if pause else self.poll_seconds
             except QueueError as exc:
                 log.error("worker_queue_unavailable", destination=name, error=type(exc.__cause__ or exc).__name__)
@@ -89,8 +92,8 @@ class Worker:
             if not done or wait > self.poll_seconds:
                 stop.wait(wait)
 
-    def run_once(self, name: str) -> tuple[int, float]:
-        """Claim and process one batch for destination ``name``.
+    def run_once(self, name: str, lane: Destination) -> tuple[int, float]:
+        """Claim and process one batch for destination ``name`` over ``lane``.
 
         Returns (jobs processed, seconds to pause this destination: 0 unless it is unavailable).
         """
@@ -101,12 +104,12 @@ class Worker:
         with self._lock:
             self._held.update(j.job_id for j in jobs)
         try:
-            return len(jobs), self._process(name, jobs)
+            return len(jobs), self._process(name, lane, jobs)
         finally:
             with self._lock:
                 self._held.difference_update(j.job_id for j in jobs)
 
-    def _process(self, name: str, jobs: list[ClaimedJob]) -> float:
+    def _process(self, name: str, lane: Destination, jobs: list[ClaimedJob]) -> float:
         deliveries: list[Delivery] = []
         outcomes: dict[int, Outcome] = {}
         for job in jobs:
@@ -116,7 +119,7 @@ class Worker:
             elif outcome is not None:
                 outcomes[job.job_id] = outcome
         if deliveries:
-            outcomes.update(self.destinations[name].send(deliveries))
+            outcomes.update(lane.send(deliveries))
             fault_point("after_send_before_done")
         unavailable = any(o.kind is OutcomeKind.UNAVAILABLE for o in outcomes.values())
         failures = self._unavailable.get(name, 0) + 1 if unavailable else 0

@@ -233,3 +233,23 @@ def test_folder_destination_layout_and_sigterm_exit(tmp_path: Path) -> None:
         assert ds.PatientIdentityRemoved == "YES"
         assert f.read_bytes()[:128] == b"\x00" * 128
     assert {keys.uid(_uid_of(p)) for p in series} == {f.stem for f in files}
+
+
+def test_parallel_associations_to_one_destination(tmp_path: Path) -> None:
+    """destination max_associations = 2: two associations at once, each instance sent once."""
+    from tests.support.fake_pacs import FakePacs
+
+    series = make_series(tmp_path / "in", 40, rows=16, cols=16)
+    with FakePacs(delay=0.05) as pacs:
+        router = RouterProcess(
+            tmp_path / "router",
+            [dicom_destination("pacs", pacs.port, pacs.ae_title, max_associations=2)],
+            queue={"batch_size": 4},
+        )
+        with router:
+            assert storescu_acknowledged(storescu("127.0.0.1", router.port, [tmp_path / "in"])) == 40
+            router.wait_idle(60, expect_done=40)
+        keys = Keys.load_or_create(router.secret_path)
+        received = [uid for uid, _ts, _t in pacs.received]
+        assert sorted(received) == sorted(keys.uid(_uid_of(p)) for p in series)  # each exactly once
+        assert pacs.associations >= 2
