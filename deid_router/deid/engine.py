@@ -31,7 +31,7 @@ from deid_router.deid.raw import Element, Reader
 from deid_router.deid.residual import NAME_KEYWORDS, PATIENT_KEYWORDS, TEXT_VRS as WEAK_VRS, VALUE_KEYWORDS
 from deid_router.deid.residual import Identifiers, scan
 from deid_router.deid.writer import _ui_text, element_bytes
-from deid_router.errors import DeidError, InfrastructureError
+from deid_router.errors import DeidError, QueueError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,13 @@ class Deidentifier:
         """De-identify ``ds`` (including file_meta) in place and return it."""
         try:
             return self._deidentify(ds)
-        except (DeidError, *InfrastructureError):
+        except (DeidError, QueueError, StorageError):
             raise  # infrastructure trouble is retried by the caller, never quarantined
-        except Exception as exc:  # every surprise quarantines: never forward a half-done dataset
+        except Exception as exc:
+            # The dataset is in memory: an OSError here is pydicom failing to parse a value
+            # (a malformed sequence reads "No tag to read at file position ..."), not the
+            # disk; retrying it would only fail again. The crosswalk's database errors arrive
+            # as QueueError.  # every surprise quarantines: never forward a half-done dataset
             raise DeidError("invalid_dataset", f"unexpected {type(exc).__name__}") from exc
 
     def deidentify_file(self, src: Path, dst: BinaryIO) -> DeidResult:

@@ -158,12 +158,12 @@ class Worker:
         src = self.holding.absolute(job.raw_path)
         dst = self.holding.work_path(job.job_id)
         if not src.is_file():
-            # Checked up front: inside atomic_writer the ENOENT becomes a StorageError, and a
+            # Checked up front: inside the writer the ENOENT becomes a StorageError, and a
             # missing raw file was retried max_attempts times as "work_write_failed".
             log.error("job_raw_missing", job_id=job.job_id)
             return None, Outcome(OutcomeKind.PERMANENT, None, "raw_file_missing")
         try:
-            with self.holding.atomic_writer(dst) as fh:
+            with self.holding.work_writer(job.job_id) as fh:
                 fault_point("during_deid")
                 result = self.deidentifier.deidentify_file(src, fh)
         except DeidError as exc:

@@ -3,14 +3,18 @@
 pydicom reads a truncated file without complaint (it stops at the end of the bytes), and the
 C-STORE handler reads only the header: a transfer cut short, or an element claiming more
 bytes than were sent, would be answered 0x0000 and only fail later, in the worker. Walking
-the element headers (tags, VRs, lengths; never values) to the end of the file costs a few
-microseconds per element and catches both, so the modality is told at once and keeps its
-copy.
+the element headers (tags, VRs, lengths) to the end of the file costs a few microseconds per
+element and catches both, so the modality is told at once and keeps its copy.
+
+The same walk picks up the few top-level values the listener needs to route (SOP class and
+instance UIDs, modality), so the acknowledgement path reads the file once and builds no
+pydicom dataset. No other value is read.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 _LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"UC", b"UR", b"SQ", b"SV", b"UV"})
@@ -21,8 +25,33 @@ _SEQ_END = (0xFFFE, 0xE0DD)
 MAX_DEPTH = 32  # nested sequences deeper than this are hostile, not clinical
 
 
+SOP_CLASS_UID = 0x00080016
+SOP_INSTANCE_UID = 0x00080018
+MODALITY = 0x00080060
+ROWS = 0x00280010
+PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, pixel data
+_CAPTURED = frozenset({SOP_CLASS_UID, SOP_INSTANCE_UID, MODALITY})
+_MAX_CAPTURED_LENGTH = 256  # a UID is at most 64 bytes; anything longer is not kept
+
+
 class Malformed(Exception):
     """The data set's element structure does not fit in the bytes received (a fixed reason)."""
+
+
+@dataclass
+class TopLevel:
+    """What the walk saw at the top level of the data set."""
+
+    values: dict[int, bytes] = field(default_factory=dict)
+    tags: set[int] = field(default_factory=set)
+
+    def text(self, tag: int) -> str:
+        """A captured value as text, without its padding ('' when absent)."""
+        return self.values.get(tag, b"").decode("latin-1").rstrip("\0 ").strip()
+
+    @property
+    def image_without_pixels(self) -> bool:
+        return ROWS in self.tags and not (self.tags & PIXEL_DATA_TAGS)
 
 
 class _Walker:
@@ -31,6 +60,7 @@ class _Walker:
         self.size = size
         self.implicit = implicit
         self.e = "<" if little else ">"
+        self.top = TopLevel()
 
     def _read(self, pos: int, n: int) -> bytes:
         if pos + n > self.size:
@@ -68,6 +98,11 @@ class _Walker:
                         raise Malformed("invalid value representation")
                     (length,) = struct.unpack(self.e + "H", hdr[6:8])
                     pos += 8
+            if depth == 0:
+                tag = group << 16 | elem
+                self.top.tags.add(tag)
+                if tag in _CAPTURED and length <= _MAX_CAPTURED_LENGTH:
+                    self.top.values[tag] = self._read(pos, length) if length else b""
             if length == _UNDEFINED:
                 if not implicit and vr not in (b"SQ", b"UN", b"OB", b"OW"):
                     raise Malformed("undefined length on a non-sequence element")
@@ -99,8 +134,40 @@ class _Walker:
                     raise Malformed("item runs past the end of the data")
 
 
-def check_complete(fp: BinaryIO, start: int, size: int, implicit: bool, little: bool) -> None:
-    """Raise :class:`Malformed` unless the elements from ``start`` fill the data exactly to ``size``.
+def read_meta(fp: BinaryIO, size: int) -> tuple[str, int]:
+    """(Transfer Syntax UID, offset of the data set) of a Part 10 file: 128-byte preamble,
+    ``DICM``, then the group 0002 elements in explicit VR little endian."""
+    fp.seek(128)
+    if fp.read(4) != b"DICM":
+        raise Malformed("no DICM prefix")
+    walker = _Walker(fp, size, implicit=False, little=True)
+    pos, ts = 132, b""
+    while pos + 8 <= size:
+        hdr = walker._read(pos, 8)
+        group, elem = struct.unpack("<HH", hdr[:4])
+        if group != 0x0002:
+            break
+        vr = hdr[4:6]
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack("<L", walker._read(pos + 8, 4))
+            pos += 12
+        else:
+            (length,) = struct.unpack("<H", hdr[6:8])
+            pos += 8
+        if length == _UNDEFINED or pos + length > size:
+            raise Malformed("file meta runs past the end of the data")
+        if elem == 0x0010 and length <= _MAX_CAPTURED_LENGTH:
+            ts = walker._read(pos, length)
+        pos += length
+    uid = ts.decode("latin-1").rstrip("\0 ").strip()
+    if not uid:
+        raise Malformed("no transfer syntax in the file meta")
+    return uid, pos
+
+
+def walk_top_level(fp: BinaryIO, start: int, size: int, implicit: bool, little: bool) -> TopLevel:
+    """The top-level facts of the data set from ``start``; raises :class:`Malformed` unless its
+    elements fill the data exactly to ``size``.
 
     Like pydicom, trust the first element over the transfer syntax for VR explicitness: some
     modalities send implicit VR under an explicit syntax, and pydicom reads them that way.
@@ -110,4 +177,6 @@ def check_complete(fp: BinaryIO, start: int, size: int, implicit: bool, little: 
         vr = fp.read(2)
         looks_explicit = len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90
         implicit = not looks_explicit
-    _Walker(fp, size, implicit, little).elements(start, size, implicit, 0, in_item=False)
+    walker = _Walker(fp, size, implicit, little)
+    walker.elements(start, size, implicit, 0, in_item=False)
+    return walker.top

@@ -9,6 +9,7 @@ multi-gigabyte instances.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import tempfile
@@ -22,11 +23,10 @@ from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pnd_config
 from pynetdicom import dimse_messages as pnd_dimse_messages
-from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -38,8 +38,15 @@ from deid_router.faults import fault_point
 from deid_router.observability.logging import get_logger
 from deid_router.routing import Router, RoutingFacts
 from deid_router.scp import statuses
-from deid_router.scp.integrity import Malformed, check_complete
-from deid_router.store.holding import Holding
+from deid_router.scp.integrity import (
+    MODALITY,
+    SOP_CLASS_UID,
+    SOP_INSTANCE_UID,
+    Malformed,
+    read_meta,
+    walk_top_level,
+)
+from deid_router.store.holding import Holding, start_writeback
 
 log = get_logger("scp")
 
@@ -79,11 +86,20 @@ class GuardedReceiveFile:
     truncated file stayed in incoming/ until the next start. Here a failed write is recorded,
     the partial file removed at once (freeing its space), the rest of the transfer discarded,
     and the C-STORE handler answers 0xA700 so the modality keeps the instance and retries.
+
+    It also does, while the bytes arrive, the work the acknowledgement would otherwise wait
+    for: it hashes them (the duplicate/conflict check needs the digest) and starts their
+    writeback to disk, so the fsync before 0x0000 has little left to do.
     """
+
+    WRITEBACK_BYTES = 256 * 1024
 
     def __init__(self, **kwargs: Any) -> None:
         self.failed = False
         self._ntf: Any = None
+        self._hash = hashlib.sha256()
+        self._written = 0
+        self._flushed_to_disk = 0
         try:
             self._ntf = tempfile.NamedTemporaryFile(**kwargs)
             self.name: str = self._ntf.name
@@ -98,14 +114,25 @@ class GuardedReceiveFile:
                 self._ntf.write(data)
             except OSError:
                 self._fail()
+            else:
+                self._hash.update(data)  # releases the GIL for chunks over 2 KB
+                self._written += len(data)
         return len(data)
 
     def flush(self) -> None:
         if not self.failed:
             try:
                 self._ntf.file.flush()
+                pending = self._written - self._flushed_to_disk
+                if pending >= self.WRITEBACK_BYTES:
+                    start_writeback(self._ntf.file.fileno(), self._flushed_to_disk, pending)
+                    self._flushed_to_disk = self._written
             except OSError:
                 self._fail()
+
+    def sha256(self) -> str | None:
+        """Digest of every byte written, or None if a write failed."""
+        return None if self.failed else self._hash.hexdigest()
 
     def _fail(self) -> None:
         self.failed = True
@@ -134,6 +161,7 @@ class StoreRequest:
     transfer_syntax: str
     calling_aet: str
     called_aet: str
+    received_sha256: str | None = None  # computed while receiving; None: hash the file
 
 
 def read_complete_header(path: Path) -> tuple[str, str, str]:
@@ -142,24 +170,25 @@ def read_complete_header(path: Path) -> tuple[str, str, str]:
 
     pydicom alone accepts a transfer cut short (it stops at the last byte) and never looks past
     the header, so a truncated instance would be acknowledged and fail only in the worker.
+    One walk of the element headers checks the structure and picks up the three values.
     """
-    _meta, offset = split_dataset(path)
     with open(path, "rb") as fp:
-        header = dcmread(fp, stop_before_pixels=True)
-        sop_class = str(header.SOPClassUID)
-        sop_instance = str(header.SOPInstanceUID)
-        modality = str(header.get("Modality", "") or "")
-        ts = str(header.file_meta.get("TransferSyntaxUID", "") or "")
         size = os.fstat(fp.fileno()).st_size
-        if "Rows" in header and fp.tell() >= size and ts != DeflatedExplicitVRLittleEndian:
-            # an image whose transfer stopped at an element boundary before its pixel data
-            raise Malformed("image attributes without pixel data")
-        if ts != DeflatedExplicitVRLittleEndian:  # deflated: the worker inflates and reads it whole
-            implicit, little = header.original_encoding
-            check_complete(fp, offset, size, bool(implicit), little is not False)
+        ts, offset = read_meta(fp, size)
+        if ts == DeflatedExplicitVRLittleEndian:  # the worker inflates and reads it whole
+            fp.seek(0)
+            header = dcmread(fp, stop_before_pixels=True)
+            facts = (str(header.SOPClassUID), str(header.SOPInstanceUID), str(header.get("Modality", "") or ""))
+        else:
+            top = walk_top_level(fp, offset, size, ts == ImplicitVRLittleEndian, ts != ExplicitVRBigEndian)
+            if top.image_without_pixels:
+                # an image whose transfer stopped at an element boundary before its pixel data
+                raise Malformed("image attributes without pixel data")
+            facts = (top.text(SOP_CLASS_UID), top.text(SOP_INSTANCE_UID), top.text(MODALITY))
+    sop_class, sop_instance, _modality = facts
     if not (0 < len(sop_instance) <= 64 and 0 < len(sop_class) <= 64):
         raise Malformed("UID length out of range")
-    return sop_class, sop_instance, modality
+    return facts
 
 
 class Intake:
@@ -217,7 +246,7 @@ class Intake:
 
         instance_id = self.holding.new_id()
         try:
-            stored = self.holding.adopt_raw(instance_id, req.received_path)
+            stored = self.holding.adopt_raw(instance_id, req.received_path, req.received_sha256)
         except StorageError as exc:
             log.error("instance_store_failed", reason=str(exc), **ctx)
             return statuses.OUT_OF_RESOURCES
@@ -387,6 +416,7 @@ class Listener:
                 transfer_syntax=str(event.context.transfer_syntax),
                 calling_aet=assoc.requestor.ae_title.strip(),
                 called_aet=assoc.acceptor.ae_title.strip(),
+                received_sha256=received.sha256() if isinstance(received, GuardedReceiveFile) else None,
             )
         )
 

@@ -42,6 +42,32 @@ def test_failed_atomic_write_leaves_nothing(tmp_path: Path) -> None:
     assert list(h.work_dir.iterdir()) == []
 
 
+def test_failed_work_write_leaves_nothing_and_a_crash_leftover_goes_at_start(tmp_path: Path) -> None:
+    h = Holding(tmp_path, "n")
+    h.prepare()
+    with pytest.raises(RuntimeError):
+        with h.work_writer(7) as fh:
+            fh.write(b"half")
+            raise RuntimeError("deid failed mid-write")
+    assert list(h.work_dir.iterdir()) == []
+    # a worker killed after writing, before sending: the work file is scratch, redone from raw
+    with h.work_writer(8) as fh:
+        fh.write(b"whole but never sent")
+    assert h.work_path(8).read_bytes() == b"whole but never sent"
+    assert h.prepare() == 1
+    assert not h.work_path(8).exists()
+
+
+def test_receive_digest_is_trusted_instead_of_rereading(tmp_path: Path) -> None:
+    h = Holding(tmp_path, "n")
+    h.prepare()
+    src = h.incoming_dir / "in.dcm"
+    src.write_bytes(b"y" * 100)
+    stored = h.adopt_raw(h.new_id(), src, sha256="ab" * 32)
+    assert stored.sha256 == "ab" * 32 and stored.size == 100
+    assert (tmp_path / stored.relative_path).read_bytes() == b"y" * 100
+
+
 def test_prepare_removes_only_this_nodes_leftovers(tmp_path: Path) -> None:
     mine, other = Holding(tmp_path, "a"), Holding(tmp_path, "b")
     mine.prepare()
