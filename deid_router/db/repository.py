@@ -147,6 +147,30 @@ _JOBS = cast(Table, Job.__table__)
 _INSERT_JOB = insert(_JOBS).returning(_JOBS.c.id)
 _INSERT_EVENT = insert(cast(Table, JobEventRow.__table__))
 
+# The claim a worker lane makes many times a second: due jobs of one destination.
+_J = _JOBS.c
+_DUE_FOR_DESTINATION = (
+    or_(_J.state == JobState.QUEUED.value, and_(_J.state == JobState.RETRYING.value, _J.run_after <= bindparam("now"))),
+    _J.destination == bindparam("destination"),
+)
+_CLAIM_PROBE = select(_J.id).where(*_DUE_FOR_DESTINATION).limit(1)
+_CLAIM_PICK = (
+    select(_J.id, _J.state, _J.attempts).where(*_DUE_FOR_DESTINATION)
+    .order_by(_J.run_after, _J.id).limit(bindparam("limit")).with_for_update(skip_locked=True)
+)
+_CLAIM_TAKE = (
+    update(_JOBS).where(_J.id.in_(bindparam("ids", expanding=True)))
+    .values(state=JobState.RUNNING.value, attempts=_J.attempts + 1, lease_owner=bindparam("b_owner"),
+            lease_expires_at=bindparam("b_expires"), updated_at=bindparam("b_now"))
+)
+_CLAIMED_ROWS = (
+    select(_J.id, _J.instance_id, _J.destination, _J.attempts, _INSTANCES.c.raw_path, _INSTANCES.c.sop_class_uid,
+           _INSTANCES.c.transfer_syntax, _INSTANCES.c.sop_key)
+    .join(_INSTANCES, _INSTANCES.c.id == _J.instance_id)
+    .where(_J.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_J.run_after, _J.id)
+)
+
 
 class JobRepository:
     """Durable queue operations on an engine made by ``db.engine.make_engine``."""
@@ -290,20 +314,25 @@ class JobRepository:
             return []
         now = self._clock()
         expires = now + timedelta(seconds=lease_seconds)
-        due = [self._due(now)]
-        if destination is not None:
-            due.append(Job.destination == destination)
-        if exclude_destinations:
-            due.append(Job.destination.not_in(list(exclude_destinations)))
+        params: dict[str, Any] = {"now": now, "limit": limit, "destination": destination}
+        if destination is not None and not exclude_destinations:
+            probe, pick = _CLAIM_PROBE, _CLAIM_PICK  # built once: the lanes' hot path
+        else:
+            due = [self._due(now)]
+            if destination is not None:
+                due.append(Job.destination == destination)
+            if exclude_destinations:
+                due.append(Job.destination.not_in(list(exclude_destinations)))
+            probe = select(Job.id).where(*due).limit(1)
+            pick = select(Job.id, Job.state, Job.attempts).where(*due).order_by(Job.run_after, Job.id)
+            pick = pick.limit(limit).with_for_update(skip_locked=True)
         # Idle workers poll often: look before taking SQLite's single write lock, which the
         # listener needs for every acknowledged instance.
         with self._read("claim_probe") as conn:
-            if conn.execute(select(Job.id).where(*due).limit(1)).first() is None:
+            if conn.execute(probe, params).first() is None:
                 return []
         with self._tx("claim") as conn:
-            q = select(Job.id, Job.state, Job.attempts).where(*due)
-            q = q.order_by(Job.run_after, Job.id).limit(limit).with_for_update(skip_locked=True)
-            picked = conn.execute(q).all()
+            picked = conn.execute(pick, params).all()
             if not picked:
                 return []
             ids = [r.id for r in picked]
@@ -311,25 +340,9 @@ class JobRepository:
                 self._ev(r.id, now, r.state, JobState.RUNNING.value, r.attempts + 1, None, "claimed")
                 for r in picked
             ]
-            conn.execute(
-                update(Job)
-                .where(Job.id.in_(ids))
-                .values(
-                    state=JobState.RUNNING.value, attempts=Job.attempts + 1, lease_owner=owner,
-                    lease_expires_at=expires, updated_at=now,
-                ),
-                execution_options={"synchronize_session": False},
-            )
+            conn.execute(_CLAIM_TAKE, {"ids": ids, "b_owner": owner, "b_expires": expires, "b_now": now})
             self._event(conn, events)
-            rows = conn.execute(
-                select(
-                    Job.id, Job.instance_id, Job.destination, Job.attempts, Instance.raw_path,
-                    Instance.sop_class_uid, Instance.transfer_syntax, Instance.sop_key,
-                )
-                .join(Instance, Instance.id == Job.instance_id)
-                .where(Job.id.in_(ids))
-                .order_by(Job.run_after, Job.id)
-            ).all()
+            rows = conn.execute(_CLAIMED_ROWS, {"ids": ids}).all()
         return [
             ClaimedJob(
                 job_id=r.id, instance_id=r.instance_id, destination=r.destination, attempts=r.attempts,
@@ -389,42 +402,52 @@ class JobRepository:
         return self.finish_many(owner, [(job_id, decision)])[0]
 
     def finish_many(self, owner: str, decisions: Sequence[tuple[int, Decision]]) -> list[bool]:
-        """``finish`` for a whole batch in one transaction (one commit, one write-lock hold)."""
-        now = self._clock()
-        applied: dict[int, bool] = {}
-        with self._tx("finish") as conn:
-            for job_id, decision in sorted(decisions, key=lambda d: d[0]):  # one lock order everywhere
-                applied[job_id] = self._finish_one(conn, now, job_id, owner, decision)
-        return [applied[job_id] for job_id, _ in decisions]
+        """``finish`` for a whole batch in one transaction (one commit, one write-lock hold).
 
-    def _finish_one(self, conn: Connection, now: datetime, job_id: int, owner: str, decision: Decision) -> bool:
-        dst = decision.to_state.value
-        row = conn.execute(
-            select(Job.id, Job.state, Job.attempts, Job.instance_id)
-            .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
-            .with_for_update()
-        ).first()
-        if row is None:
-            return False
-        ev = self._ev(job_id, now, row.state, dst, row.attempts, decision.status_code, decision.reason)
-        conn.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(
-                state=dst, run_after=decision.run_after or now, lease_owner=None, lease_expires_at=None,
-                last_status=decision.status_code, last_reason=decision.reason, updated_at=now,
-                attempts=max(row.attempts - 1, 0) if decision.refund_attempt else row.attempts,
-            )
-        )
-        self._event(conn, [ev])
-        if decision.quarantine:
-            conn.execute(
-                insert(QuarantineRow).values(
-                    instance_id=row.instance_id, job_id=job_id, reason=decision.reason,
-                    detail=f"attempt {row.attempts}", created_at=now,
+        The rows are locked in id order (one lock order everywhere), then jobs that end alike
+        (same state, timing, status, reason and attempts: a delivered batch) share one UPDATE.
+        """
+        now = self._clock()
+        held: dict[int, Any] = {}
+        with self._tx("finish") as conn:
+            for chunk in _chunks(sorted({job_id for job_id, _ in decisions})):
+                for r in conn.execute(
+                    select(Job.id, Job.state, Job.attempts, Job.instance_id)
+                    .where(Job.id.in_(chunk), Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
+                    .order_by(Job.id)
+                    .with_for_update()
+                ):
+                    held[r.id] = r
+            alike: dict[tuple[str, datetime, int | None, str, int], list[int]] = {}
+            events: list[dict[str, Any]] = []
+            quarantined: list[dict[str, Any]] = []
+            for job_id, decision in decisions:
+                row = held.get(job_id)
+                if row is None:
+                    continue  # the lease was lost: a newer state must not be overwritten
+                dst = decision.to_state.value
+                events.append(self._ev(job_id, now, row.state, dst, row.attempts, decision.status_code, decision.reason))
+                attempts = max(row.attempts - 1, 0) if decision.refund_attempt else row.attempts
+                key = (dst, decision.run_after or now, decision.status_code, decision.reason, attempts)
+                alike.setdefault(key, []).append(job_id)
+                if decision.quarantine:
+                    quarantined.append({
+                        "instance_id": row.instance_id, "job_id": job_id, "reason": decision.reason,
+                        "detail": f"attempt {row.attempts}", "created_at": now,
+                    })
+            for (dst, run_after, status, reason, attempts), job_ids in alike.items():
+                conn.execute(
+                    update(Job)
+                    .where(Job.id.in_(job_ids))
+                    .values(
+                        state=dst, run_after=run_after, lease_owner=None, lease_expires_at=None,
+                        last_status=status, last_reason=reason, updated_at=now, attempts=attempts,
+                    )
                 )
-            )
-        return True
+            self._event(conn, events)
+            if quarantined:
+                conn.execute(insert(QuarantineRow), quarantined)
+        return [job_id in held for job_id, _ in decisions]
 
     def _requeue_running(
         self, conn: Connection, where: Any, reason: str, refund: bool, policy: RetryPolicy | None = None

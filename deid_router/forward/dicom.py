@@ -44,6 +44,12 @@ _log = get_logger("forward")
 MAX_CONTEXTS = 128  # PS3.8: presentation context ids are odd numbers 1..255
 _LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 DEFAULT_IDLE_SECONDS = 5.0
+# pynetdicom's DUL thread polls its socket and queues every ``_run_loop_delay`` seconds when
+# nothing happens (1 ms by default). While a batch is sent each C-STORE response waits for that
+# poll, so keep it short; while the association idles between batches (kept open for up to
+# idle_seconds), 1,000 wake-ups a second cost a worker about a seventh of its CPU: poll slowly.
+DUL_POLL_ACTIVE_SECONDS = 0.001
+DUL_POLL_IDLE_SECONDS = 0.02
 
 
 def configure_pynetdicom() -> None:
@@ -173,6 +179,7 @@ class _Link:
         """Pause the association reactor until :meth:`unhold` (no-op if already held)."""
         if self.checkpoint.held:
             return
+        self.assoc.dul._run_loop_delay = DUL_POLL_ACTIVE_SECONDS
         self.checkpoint.held = True
         self.checkpoint.clear()
         # The reactor loop sleeps 1 ms then waits on the checkpoint: after a few ms a True
@@ -184,6 +191,7 @@ class _Link:
 
     def unhold(self) -> None:
         """Let the reactor run between batches (it notices peer releases and aborts)."""
+        self.assoc.dul._run_loop_delay = DUL_POLL_IDLE_SECONDS
         self.checkpoint.held = False
         self.checkpoint.set()
 

@@ -162,6 +162,31 @@ def test_lease_expiry_requeues_and_stale_owner_is_ignored(repo: JobRepository, c
     assert repo.finish(job_id, "new", done) is False  # already finished
 
 
+def test_batch_finish_applies_each_decision_and_skips_lost_leases(repo: JobRepository, clock: Any,
+                                                                 instance_factory: Factory) -> None:
+    ids = [repo.enqueue(instance_factory(), ["pacs"]).job_ids[0] for _ in range(6)]
+    jobs = repo.claim("w", 30, 10)
+    assert sorted(j.job_id for j in jobs) == ids
+    stolen = ids[5]
+    clock.advance(31)
+    assert repo.requeue_stale() == 6
+    repo.claim("w", 30, 5)  # everything but the last job is held by "w" again (attempt 2)
+    repo.claim("other", 30, 1)  # the last one now belongs to another worker
+    now = clock()
+    delivered = decide(2, Outcome(OutcomeKind.DELIVERED, 0), POLICY, now)
+    busy = decide(2, Outcome(OutcomeKind.RETRY, 0xA700, "out_of_resources"), POLICY, now)
+    refused = decide(2, Outcome(OutcomeKind.QUARANTINE, 0xA900, "sop_class_mismatch"), POLICY, now)
+    decisions = [(ids[3], busy), (ids[0], delivered), (ids[1], delivered), (ids[4], refused),
+                 (ids[2], delivered), (stolen, delivered)]
+    assert repo.finish_many("w", decisions) == [True, True, True, True, True, False]
+    assert [repo.job_state(i) for i in ids] == [
+        ("done", 2), ("done", 2), ("done", 2), ("retrying", 2), ("failed", 2), ("running", 2)]
+    assert [e.to_state for e in repo.job_events(ids[0])][-1] == "done"
+    assert repo.job_events(ids[3])[-1].status_code == 0xA700
+    (entry,) = repo.quarantine_list()
+    assert entry.job_id == ids[4] and entry.reason == "sop_class_mismatch"
+
+
 def test_release_costs_no_attempt(repo: JobRepository, instance_factory: Factory) -> None:
     ids = repo.enqueue(instance_factory(), ["a", "b"]).job_ids
     repo.claim("w", 30, 10)

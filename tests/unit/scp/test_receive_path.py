@@ -59,3 +59,20 @@ def test_digest_taken_while_receiving_is_the_files(tmp_path: Path) -> None:
     content = Path(recv.name).read_bytes()
     assert content == b"".join(chunks)
     assert recv.sha256() == hashlib.sha256(content).hexdigest()
+
+
+@pytest.mark.parametrize("sop_instance", ["1.2.3.4", "1.2.3.45", "1.2.826.0.1.3680043.8.498." + "9" * 36])
+def test_received_file_meta_bytes_are_pydicoms(sop_instance: str) -> None:
+    import io
+
+    from pydicom.filewriter import write_file_meta_info as pydicom_write
+    from pynetdicom.dsutils import create_file_meta as pynetdicom_meta
+
+    from deid_router.scp.listener import create_file_meta, write_file_meta_info
+
+    args = {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "sop_instance_uid": sop_instance,
+            "transfer_syntax": "1.2.840.10008.1.2.4.50"}
+    theirs, ours = io.BytesIO(), io.BytesIO()
+    pydicom_write(theirs, pynetdicom_meta(**args))  # type: ignore[arg-type]
+    write_file_meta_info(ours, create_file_meta(**args))
+    assert ours.getvalue() == theirs.getvalue()
