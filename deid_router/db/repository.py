@@ -163,6 +163,18 @@ _CLAIM_TAKE = (
     .values(state=JobState.RUNNING.value, attempts=_J.attempts + 1, lease_owner=bindparam("b_owner"),
             lease_expires_at=bindparam("b_expires"), updated_at=bindparam("b_now"))
 )
+_FINISH_LOCK = (
+    select(_J.id, _J.state, _J.attempts, _J.instance_id)
+    .where(_J.id.in_(bindparam("ids", expanding=True)), _J.lease_owner == bindparam("owner"),
+           _J.state == JobState.RUNNING.value)
+    .order_by(_J.id).with_for_update()
+)
+_FINISH_SET = (
+    update(_JOBS).where(_J.id.in_(bindparam("ids", expanding=True)))
+    .values(state=bindparam("b_state"), run_after=bindparam("b_run_after"), lease_owner=None,
+            lease_expires_at=None, last_status=bindparam("b_status"), last_reason=bindparam("b_reason"),
+            updated_at=bindparam("b_now"), attempts=bindparam("b_attempts"))
+)
 _CLAIMED_ROWS = (
     select(_J.id, _J.instance_id, _J.destination, _J.attempts, _INSTANCES.c.raw_path, _INSTANCES.c.sop_class_uid,
            _INSTANCES.c.transfer_syntax, _INSTANCES.c.sop_key)
@@ -411,12 +423,7 @@ class JobRepository:
         held: dict[int, Any] = {}
         with self._tx("finish") as conn:
             for chunk in _chunks(sorted({job_id for job_id, _ in decisions})):
-                for r in conn.execute(
-                    select(Job.id, Job.state, Job.attempts, Job.instance_id)
-                    .where(Job.id.in_(chunk), Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
-                    .order_by(Job.id)
-                    .with_for_update()
-                ):
+                for r in conn.execute(_FINISH_LOCK, {"ids": list(chunk), "owner": owner}):
                     held[r.id] = r
             alike: dict[tuple[str, datetime, int | None, str, int], list[int]] = {}
             events: list[dict[str, Any]] = []
@@ -436,14 +443,11 @@ class JobRepository:
                         "detail": f"attempt {row.attempts}", "created_at": now,
                     })
             for (dst, run_after, status, reason, attempts), job_ids in alike.items():
-                conn.execute(
-                    update(Job)
-                    .where(Job.id.in_(job_ids))
-                    .values(
-                        state=dst, run_after=run_after, lease_owner=None, lease_expires_at=None,
-                        last_status=status, last_reason=reason, updated_at=now, attempts=attempts,
-                    )
-                )
+                for chunk in _chunks(job_ids):
+                    conn.execute(_FINISH_SET, {
+                        "ids": list(chunk), "b_state": dst, "b_run_after": run_after, "b_status": status,
+                        "b_reason": reason, "b_now": now, "b_attempts": attempts,
+                    })
             self._event(conn, events)
             if quarantined:
                 conn.execute(insert(QuarantineRow), quarantined)
