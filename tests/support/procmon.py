@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import os
 from pathlib import Path
 
 
@@ -45,6 +46,19 @@ def process_tree(pid: int) -> list[int]:
         tree.append(p)
         todo.extend(children(p))
     return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time consumed so far by these (live) processes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 class RssSampler:
