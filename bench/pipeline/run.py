@@ -195,14 +195,18 @@ def run_min(corpus: str, parts: list[Path], n: int, senders: int, tmp: Path) -> 
 
 
 def run_router(corpus: str, parts: list[Path], n: int, senders: int, tmp: Path, pg_url: str | None,
-               profile_to: Path | None, listeners: int = 1) -> Row:
+               profile_to: Path | None, listeners: int = 1, baseline: tuple[str, Path] | None = None) -> Row:
+    """``baseline``: (git ref, checkout) to run that version of the router instead of this one."""
     out = tmp / f"pacs-{corpus}-{senders}"
     scp, scp_port = start_storescp(out, ignore=False)
     queue: dict[str, object] = {"workers": 2, "poll_seconds": 0.1, "lease_seconds": 60}
     if pg_url:
         queue["url"] = pg_url
+    env = {"TCP_NODELAY": "1"}
+    if baseline is not None:
+        env["PYTHONPATH"] = str(baseline[1])  # ahead of the editable install of this checkout
     router = RouterProcess(tmp / f"router-{corpus}-{senders}-{listeners}", [dicom_destination("pacs", scp_port, "PACS")],
-                           queue=queue, env={"TCP_NODELAY": "1"}, listener={"processes": listeners})
+                           queue=queue, env=env, listener={"processes": listeners})
     spy = None
     try:
         router.start()
@@ -230,6 +234,8 @@ def run_router(corpus: str, parts: list[Path], n: int, senders: int, tmp: Path, 
         if any(codes):
             note += f" storescu exit {codes}"
         target = "deid-router -> dcmtk storescp" if listeners == 1 else f"deid-router listener.processes={listeners}"
+        if baseline is not None:
+            target = f"deid-router at {baseline[0]} (baseline)"
         return Row(corpus, target, senders, n, secs, delivered, rss.peak_sum_mb, note, cpu)
     finally:
         if spy is not None and spy.poll() is None:
@@ -348,7 +354,9 @@ def render(rows: list[Row], profiles: dict[str, list[tuple[str, str, float]]], a
                 f"{r4.ack_rate:.0f} vs {1.6 * min1.ack_rate:.0f} -> {ok(r4.ack_rate >= 1.6 * min1.ack_rate)}.",
             ]
         if profiles.get(corpus):
-            lines += ["", f"py-spy (200 Hz, all router processes, 1-sender row): ms of sampled CPU per instance", "",
+            lines += ["", "py-spy (200 Hz, all router threads, 1-sender row): ms of samples per instance. A thread is "
+                      "sampled while it runs and while it waits in I/O or pynetdicom's 1 ms polling sleeps, so this "
+                      "shows where each thread spends its time, not CPU; the CPU column above is the CPU.", "",
                       "| process | stage | ms/instance |", "| --- | --- | --- |"]
             lines += [f"| {p} | {s} | {ms:.2f} |" for p, s, ms in profiles[corpus] if ms >= 0.05]
         lines.append("")
@@ -366,6 +374,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None, help="scratch folder (default: a temp dir under /work or /tmp)")
     ap.add_argument("--keep-data", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="do not rewrite bench/RESULTS.md")
+    ap.add_argument("--baseline", metavar="GIT_REF", default=None,
+                    help="also run the router of this commit (a temporary git worktree), side by side")
     args = ap.parse_args()
     n_ct = args.ct or (200 if args.quick else 1000)
     n_small = args.small or (1000 if args.quick else 5000)
@@ -375,6 +385,12 @@ def main() -> None:
     pg_url, drop_pg = None, None
     if args.pg:
         pg_url, drop_pg = create_pg()
+    baseline: tuple[str, Path] | None = None
+    if args.baseline:
+        checkout = base / "baseline-src"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(checkout), args.baseline],
+                       check=True, capture_output=True)
+        baseline = (args.baseline, checkout)
     rows: list[Row] = []
     profiles: dict[str, list[tuple[str, str, float]]] = {}
     try:
@@ -395,6 +411,9 @@ def main() -> None:
                 ]
                 if senders == 4:
                     steps.append(lambda: run_router(name, parts, n, senders, tmp, fresh_pg(pg_url), None, listeners=2))
+                if baseline is not None:
+                    steps.append(lambda: run_router(name, parts, n, senders, tmp, fresh_pg(pg_url), None,
+                                                    baseline=baseline))
                 for step in steps:
                     row = step()
                     rows.append(row)
@@ -407,6 +426,9 @@ def main() -> None:
     finally:
         if drop_pg:
             drop_pg()
+        if baseline is not None:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline[1])],
+                           capture_output=True)
         if not args.keep_data and args.data is None:
             shutil.rmtree(base, ignore_errors=True)
     cmd = " ".join([".venv/bin/python", "bench/pipeline/run.py", *sys.argv[1:]])
