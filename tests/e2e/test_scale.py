@@ -208,12 +208,7 @@ def _route_big_instance(tmp_path: Path, frames: int, timeout: float) -> None:
         shutil.rmtree(router.workdir / "var", ignore_errors=True)
 
 
-@pytest.mark.timeout(300)
-def test_300mb_multiframe_routes_with_flat_memory(tmp_path: Path) -> None:
-    _route_big_instance(tmp_path, frames=150, timeout=120)  # 300 MiB of pixel data
-
-
-@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_2gb_multiframe_routes_with_flat_memory(tmp_path: Path) -> None:
+    # about 40 s here and 8 GB of disk at the peak (source, raw, work file, delivered copy)
     _route_big_instance(tmp_path, frames=1000, timeout=600)  # 2000 MiB of pixel data
