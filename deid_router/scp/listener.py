@@ -165,7 +165,10 @@ class ReceivedFileMeta:
     encoded: bytes
 
 
-def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
+def _meta_element(elem: int, vr: bytes, text: str) -> bytes:
+    # A hostile command UID (not latin-1, or longer than a 16-bit length) must not kill the
+    # DUL thread; the handler refuses such an instance anyway (UIDs over 64 bytes).
+    value = str(text).encode("latin-1", "replace")[:1024]
     if len(value) % 2:
         value += b"\0" if vr == b"UI" else b" "
     if vr == b"OB":
@@ -180,12 +183,12 @@ def create_file_meta(
 ) -> ReceivedFileMeta:
     """Stands in for ``pynetdicom.dsutils.create_file_meta`` in the chunked receive path."""
     body = b"".join((
-        _meta_element(0x0001, b"OB", b"\0\1"),
-        _meta_element(0x0002, b"UI", str(sop_class_uid).encode("latin-1")),
-        _meta_element(0x0003, b"UI", str(sop_instance_uid).encode("latin-1")),
-        _meta_element(0x0010, b"UI", str(transfer_syntax).encode("latin-1")),
-        _meta_element(0x0012, b"UI", str(implementation_uid).encode("latin-1")),
-        _meta_element(0x0013, b"SH", str(implementation_version).encode("latin-1")),
+        _meta_element(0x0001, b"OB", "\0\1"),
+        _meta_element(0x0002, b"UI", sop_class_uid),
+        _meta_element(0x0003, b"UI", sop_instance_uid),
+        _meta_element(0x0010, b"UI", transfer_syntax),
+        _meta_element(0x0012, b"UI", implementation_uid),
+        _meta_element(0x0013, b"SH", implementation_version),
     ))
     return ReceivedFileMeta(struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body)) + body)
 

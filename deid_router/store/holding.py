@@ -64,6 +64,19 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+@contextmanager
+def _removed_on_failure(path: Path) -> Iterator[None]:
+    """Delete ``path`` when the block fails; a disk error becomes a StorageError."""
+    try:
+        yield
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise StorageError(f"could not write file: {errno.errorcode.get(exc.errno or 0, 'EIO')}") from exc
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 class Holding:
     """Durable storage of raw instances and work files under one root."""
 
@@ -161,21 +174,14 @@ class Holding:
         A failed write removes the partial file.
         """
         path = self.work_path(job_id)
-        try:
-            with open(path, "wb") as fh:
-                yield fh
-        except OSError as exc:
-            path.unlink(missing_ok=True)
-            raise StorageError(f"could not write file: {errno.errorcode.get(exc.errno or 0, 'EIO')}") from exc
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
+        with _removed_on_failure(path), open(path, "wb") as fh:
+            yield fh
 
     @contextmanager
     def atomic_writer(self, final: Path) -> Iterator[BinaryIO]:
         """Yield a file object; on clean exit the content is fsync'd and renamed to ``final``."""
         tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}{PART_SUFFIX}")
-        try:
+        with _removed_on_failure(tmp):
             final.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as fh:
                 yield fh
@@ -183,12 +189,6 @@ class Holding:
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
             fsync_dir(final.parent)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise StorageError(f"could not write file: {errno.errorcode.get(exc.errno or 0, 'EIO')}") from exc
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     def delete(self, relative_path: str) -> None:
         try:
