@@ -129,7 +129,7 @@ def build_listener(ctx: Context) -> Listener:
     intake = Intake(
         ctx.holding, ctx.repo, Router(config.routes), ctx.keys, config.storage.min_free_mb * 1024 * 1024
     )
-    return Listener(config.listener, intake, ctx.holding.incoming_dir)
+    return Listener(config.listener, intake)
 
 
 def worker_process_main(config_path: str, index: int, log_level: str, parent_pid: int) -> None:
@@ -138,6 +138,9 @@ def worker_process_main(config_path: str, index: int, log_level: str, parent_pid
     configure_logging(log_level)
     stop = _child_stop_event()
     config = load_config(config_path)
+    # The listener's acknowledgement is what a modality waits for; de-identification can lag
+    # and catch up from the queue. Lower priority keeps the workers off the listener's CPU.
+    os.nice(config.queue.worker_nice)
     ctx = build_context(config)
     owner = f"{socket.gethostname()}:{os.getpid()}:{index}:{uuid.uuid4().hex[:6]}"
     worker = Worker(

@@ -250,13 +250,13 @@ def run_router(corpus: str, parts: list[Path], n: int, senders: int, tmp: Path, 
 
 # (stage, substring of a frame) checked innermost-first against each sampled stack
 STAGES = [
-    ("intake: fsync + rename raw (adopt_raw)", "Holding.adopt_raw"),
+    ("intake: fsync raw file + directory (commit)", "RawFile.commit"),
     ("intake: queue commit (enqueue)", "JobRepository.enqueue"),
     ("intake: header walk (structure + UIDs)", "integrity"),
-    ("listener: receive file write, hash, writeback", "GuardedReceiveFile"),
+    ("listener: raw file write, hash, writeback", "RawFile.write"),
     ("intake: header parse + routing (accept)", "Intake.accept"),
-    ("listener: pynetdicom C-STORE service (chunk write, response)", "_serve_request"),
-    ("worker: send C-STORE (pynetdicom SCU)", "DicomDestination.send"),
+    ("listener: association (socket reads, PDU parsing, response)", "Association.run"),
+    ("worker: send C-STORE (sendfile, response)", "DicomDestination.send"),
     ("worker: work file write", "work_writer"),
     ("worker: copy pixel bytes", "copy_range"),
     ("worker: write header (dcmwrite)", "dcmwrite"),
@@ -266,7 +266,6 @@ STAGES = [
     ("worker: claim (db)", "JobRepository.claim"),
     ("worker: finish, one transaction per batch (db)", "JobRepository.finish"),
     ("worker: heartbeat (db)", "JobRepository.heartbeat"),
-    ("pynetdicom reactor threads (socket I/O, PDU decode, polling)", "run_reactor"),
 ]
 
 
@@ -355,7 +354,7 @@ def render(rows: list[Row], profiles: dict[str, list[tuple[str, str, float]]], a
             ]
         if profiles.get(corpus):
             lines += ["", "py-spy (200 Hz, all router threads, 1-sender row): ms of samples per instance. A thread is "
-                      "sampled while it runs and while it waits in I/O or pynetdicom's 1 ms polling sleeps, so this "
+                      "sampled while it runs and while it waits (socket, disk, database), so this "
                       "shows where each thread spends its time, not CPU; the CPU column above is the CPU.", "",
                       "| process | stage | ms/instance |", "| --- | --- | --- |"]
             lines += [f"| {p} | {s} | {ms:.2f} |" for p, s, ms in profiles[corpus] if ms >= 0.05]

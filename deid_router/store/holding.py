@@ -2,10 +2,11 @@
 a half file under a final name.
 
 Layout is a pure function of ids this node generated (never of values a peer sent):
-``<root>/raw/<id[:2]>/<id>.dcm`` for raw instances, ``<root>/work/<node>/<job_id>.dcm`` for
-de-identified files waiting to be sent and ``<root>/incoming/<node>/`` for transfers in
-progress. Temporary files end in ``.part`` and are removed at
-start, so a kill at any point leaves nothing behind that a later run could mistake for data.
+``<root>/raw/<id[:2]>/<node>~<id>.dcm`` for raw instances (written there as they arrive) and
+``<root>/work/<node>/<job_id>.dcm`` for de-identified files waiting to be sent. A raw file
+is data of record only once its row is committed: a kill before that leaves an orphan that
+the node sweeps at its next start. Temporary files end in ``.part`` and are removed at start,
+so a kill at any point leaves nothing behind that a later run could mistake for data.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,90 @@ def _removed_on_failure(path: Path) -> Iterator[None]:
         raise
 
 
+class RawFile:
+    """A raw instance being received, written under its final name as its bytes arrive.
+
+    A failed write (ENOSPC) is recorded, the partial file removed at once (freeing its space)
+    and the rest of the transfer discarded: the C-STORE is then answered 0xA700 so the
+    modality keeps the instance and retries.
+
+    It also does, while the bytes arrive, the work the acknowledgement would otherwise wait
+    for: it hashes them (the duplicate/conflict check needs the digest) and starts their
+    writeback to disk, so the fsync in :meth:`commit` has little left to do. Written in place,
+    the file needs one fsync of itself and one of its directory, instead of a rename between.
+    """
+
+    WRITEBACK_BYTES = 256 * 1024
+
+    def __init__(self, instance_id: str, path: Path, relative_path: str, head: bytes) -> None:
+        self.instance_id = instance_id
+        self.path = path
+        self.relative_path = relative_path
+        self.failed = False
+        self.committed = False
+        self._hash = hashlib.sha256()
+        self._written = 0
+        self._flushed_to_disk = 0
+        self._fd: int | None = None
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError:
+            self.failed = True
+            return
+        self.write(head)
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.failed or self._fd is None:
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            pending = self._written + len(data) - self._flushed_to_disk
+            if pending >= self.WRITEBACK_BYTES:
+                start_writeback(self._fd, self._flushed_to_disk, pending)
+                self._flushed_to_disk += pending
+        except OSError:
+            self.failed = True
+            self.discard()
+            return
+        self._hash.update(data)  # releases the GIL for chunks over 2 KB
+        self._written += len(data)
+
+    def sha256(self) -> str | None:
+        """Digest of every byte written, or None if a write failed."""
+        return None if self.failed else self._hash.hexdigest()
+
+    def commit(self) -> StoredFile:
+        """Make the file durable (file, then directory entry); raises :class:`StorageError`."""
+        if self.failed or self._fd is None:
+            raise StorageError("could not store raw instance: write failed")
+        try:
+            fault_point("after_raw_write_before_fsync")
+            os.fsync(self._fd)
+            self._close()
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            self.discard()
+            raise StorageError(f"could not store raw instance: {errno.errorcode.get(exc.errno or 0, 'EIO')}") from exc
+        self.committed = True
+        return StoredFile(self.relative_path, self._written, self._hash.hexdigest())
+
+    def discard(self) -> None:
+        """Close and remove the file, unless committed (then its row decides its fate)."""
+        self._close()
+        if not self.committed:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
 class Holding:
     """Durable storage of raw instances and work files under one root."""
 
@@ -88,19 +173,18 @@ class Holding:
         self.raw_dir = root / "raw"
         # Per node: several nodes may share one holding volume, and each cleans only its own.
         self.work_dir = root / "work" / node
-        self.incoming_dir = root / "incoming" / node  # pynetdicom's chunked receive writes here
 
     def prepare(self) -> int:
         """Create the directories and remove this node's leftovers from a crash; return how many.
 
-        Incoming and work files are never data of record (the raw file is, once committed), so
-        everything in this node's incoming and work folders can go. Raw files without a
-        database row are swept later, by age, because another node may be about to commit one.
+        Work files are never data of record (the raw file is, once committed), so everything in
+        this node's work folder can go. Raw files without a database row are swept by the
+        node (``sweep_orphans``), each node only its own.
         """
-        for d in (self.root, self.raw_dir, self.work_dir, self.incoming_dir):
+        for d in (self.root, self.raw_dir, self.work_dir):
             d.mkdir(parents=True, exist_ok=True)
         removed = 0
-        for d in (self.work_dir, self.incoming_dir):
+        for d in (self.work_dir,):
             for p in _walk_files(d):
                 p.unlink(missing_ok=True)
                 removed += 1
@@ -142,27 +226,18 @@ class Holding:
     def work_path(self, job_id: int) -> Path:
         return self.work_dir / f"{int(job_id)}.dcm"
 
-    def adopt_raw(self, instance_id: str, src: Path, sha256: str | None = None) -> StoredFile:
-        """Move a file received on disk (same filesystem) into place durably.
-
-        ``sha256`` is the digest of the file's bytes when the receiver computed it while
-        writing them; otherwise the file is read and hashed here.
-        """
+    def new_raw_file(self, head: bytes) -> RawFile:
+        """Start receiving a new raw instance; ``head`` is its preamble and file meta."""
+        instance_id = self.new_id()
         rel = self.raw_relative(instance_id)
-        final = self.root / rel
+        path = self.root / rel
         try:
-            with open(src, "rb") as fh:
-                if sha256 is None:
-                    sha256 = hashlib.file_digest(fh, "sha256").hexdigest()  # a C loop over the file
-                size = os.fstat(fh.fileno()).st_size
-                fault_point("after_raw_write_before_fsync")
-                os.fsync(fh.fileno())
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, final)
-            fsync_dir(final.parent)
-        except OSError as exc:
-            raise StorageError(f"could not store raw instance: {errno.errorcode.get(exc.errno or 0, 'EIO')}") from exc
-        return StoredFile(rel, size, sha256)
+            os.mkdir(path.parent)
+        except FileExistsError:
+            pass
+        except OSError:
+            pass  # RawFile records the failure to create the file itself
+        return RawFile(instance_id, path, rel, head)
 
     @contextmanager
     def work_writer(self, job_id: int) -> Iterator[BinaryIO]:

@@ -85,10 +85,9 @@ def test_sigkill_in_cstore_handler_then_resend(tmp_path: Path, backend: dict[str
         assert_no_stray_files(router)
     log = router.log_text()
     router.stop()
-    if point == "after_raw_write_before_fsync":
-        assert "partial_files_removed" in log  # the half-received transfer was swept at start
-    elif point == "after_fsync_before_commit":
-        assert "orphan_raw_files_removed" in log  # durable but uncommitted: swept at start
+    if point in ("after_raw_write_before_fsync", "after_fsync_before_commit"):
+        # received in place, with or without its fsync, but never committed: swept at start
+        assert "orphan_raw_files_removed" in log
     else:
         assert "instance_duplicate" in log  # committed but unanswered: the re-send is a no-op
     # one job per instance, never a second job for a re-sent instance

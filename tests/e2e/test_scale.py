@@ -25,7 +25,7 @@ from tests.conftest import require_tool
 from tests.support.bigdicom import pixel_sha256, write_big_multiframe
 from tests.support.corpus import make_series
 from tests.support.peers import StoreSCP, storescu, storescu_acknowledged
-from tests.support.procmon import RssSampler
+from tests.support.procmon import RssSampler, cmdline, nice, process_tree
 from tests.support.router import RouterProcess, dicom_destination
 
 pytestmark = pytest.mark.e2e
@@ -93,6 +93,11 @@ def test_two_nodes_share_one_queue_deliver_each_instance_exactly_once(tmp_path: 
     try:
         node_a.start()  # first: creates the secret and migrates; the second finds both done
         node_b.start()
+        # the listener has the CPU first: de-identification workers run at queue.worker_nice (10)
+        assert node_a.proc is not None
+        workers = [p for p in process_tree(node_a.proc.pid) if "spawn_main" in cmdline(p)]
+        assert len(workers) == 2 and [nice(p) for p in workers] == [10, 10]
+        assert nice(node_a.proc.pid) == 0
         results: dict[int, Any] = {}
 
         def send(i: int, port: int) -> None:

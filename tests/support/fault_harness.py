@@ -118,8 +118,8 @@ def files_under(path: Path) -> list[Path]:
 def assert_no_stray_files(router: RouterProcess, root: Path | None = None) -> None:
     """No transfer or work leftovers, no partial file, and every raw file belongs to a row."""
     var = root or storage_root(router)
-    leftovers = files_under(var / "incoming") + files_under(var / "work")
-    assert leftovers == [], f"files left in incoming/work: {leftovers[:5]}"
+    leftovers = files_under(var / "work")
+    assert leftovers == [], f"files left in work/: {leftovers[:5]}"
     partial = [p for p in files_under(var) if p.name.endswith(".part") or p.name.startswith(".tmp-")]
     assert partial == [], f"partial files: {partial[:5]}"
     # The scheduler may purge delivered raw files meanwhile (unlink, then mark the row): read

@@ -61,6 +61,18 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / tick
 
 
+def nice(pid: int) -> int:
+    """The scheduling nice value of a live process (/proc/PID/stat field 19)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 class RssSampler:
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         self.pid = pid

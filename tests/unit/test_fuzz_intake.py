@@ -29,7 +29,8 @@ from deid_router.deid.keys import Keys
 from deid_router.errors import DeidError
 from deid_router.routing import Router
 from deid_router.scp import statuses
-from deid_router.scp.listener import Intake, StoreRequest, read_complete_header
+from deid_router.scp.listener import Intake, read_complete_header
+from deid_router.scp.receive import StoreRequest
 from deid_router.store.holding import Holding
 from tests.support.corpus import make_ct, pydicom_test_files
 
@@ -104,8 +105,17 @@ def _maxrss_kb() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
+def _accept(env: _Env, data: bytes, sop_class: str, sop_instance: str) -> int:
+    """What the acceptor does with a received data set: a raw file, the intake, then discard."""
+    raw = env.holding.new_raw_file(data)
+    try:
+        return env.intake.accept(StoreRequest(raw, sop_class, sop_instance, "1.2.840.10008.1.2.1", "FUZZ", "DEID_ROUTER"))
+    finally:
+        raw.discard()  # kept only when committed
+
+
 def _intake_one(env: _Env, data: bytes) -> None:
-    received = env.holding.incoming_dir / "fuzz.dcm"
+    received = env.root / "fuzz.dcm"
     received.write_bytes(data)
     try:
         sop_class, sop_instance = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.3"
@@ -114,7 +124,7 @@ def _intake_one(env: _Env, data: bytes) -> None:
         except Exception:
             pass
         before = _maxrss_kb()
-        status = env.intake.accept(StoreRequest(received, sop_class, sop_instance, "1.2.840.10008.1.2.1", "FUZZ", "DEID_ROUTER"))
+        status = _accept(env, data, sop_class, sop_instance)
         assert status in VALID_STATUSES, hex(status)
         assert _maxrss_kb() - before < MAX_RSS_GROWTH_KB
         if status == statuses.SUCCESS:
@@ -175,12 +185,8 @@ def test_truncated_files_are_never_acknowledged(env: _Env, tmp_path: Path) -> No
     """Every cut of a valid file (header or pixel data) is refused: pydicom alone would accept it."""
     ct = make_ct(tmp_path / "ct.dcm", "PID8", "TRUNC^SEED", "1.2.3.11", "1.2.3.12", "1.2.3.13", rows=16, cols=16).read_bytes()
     for cut in range(140, len(ct) - 1, 37):
-        received = env.holding.incoming_dir / "cut.dcm"
-        received.write_bytes(ct[:cut])
-        status = env.intake.accept(StoreRequest(received, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.13",
-                                                "1.2.840.10008.1.2.1", "FUZZ", "DEID_ROUTER"))
+        status = _accept(env, ct[:cut], "1.2.840.10008.5.1.4.1.1.2", "1.2.3.13")
         assert status != statuses.SUCCESS, f"truncated at {cut} acknowledged"
-        received.unlink(missing_ok=True)
 
 
 def test_four_gigabyte_length_is_refused_without_reading_it(env: _Env, tmp_path: Path) -> None:
@@ -190,10 +196,7 @@ def test_four_gigabyte_length_is_refused_without_reading_it(env: _Env, tmp_path:
 
     _meta, off = split_dataset(tmp_path / "ct.dcm")
     hostile = ct[:off] + struct.pack("<HH2sHL", 0x0008, 0x0001, b"OB", 0, 0xFFFFFFF0) + b"\x01" * 64 + ct[off:]
-    received = env.holding.incoming_dir / "huge.dcm"
-    received.write_bytes(hostile)
     before = _maxrss_kb()
-    status = env.intake.accept(StoreRequest(received, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.23",
-                                            "1.2.840.10008.1.2.1", "FUZZ", "DEID_ROUTER"))
+    status = _accept(env, hostile, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.23")
     assert status == statuses.CANNOT_UNDERSTAND
     assert _maxrss_kb() - before < MAX_RSS_GROWTH_KB

@@ -85,6 +85,7 @@ def test_good_config_is_ok_and_paths_resolve_against_its_folder(tmp_path: Path, 
         ('[storage]', '[storage]\nkeep_raw_hours = -1', "storage.keep_raw_hours"),
         ('[storage]', '[queue]\nbusy_timeout_seconds = 0\n[storage]', "queue.busy_timeout_seconds"),
         ('port = 11112', 'port = 11112\nprocesses = -1', "listener.processes"),
+        ('[storage]', '[queue]\nworker_nice = 20\n[storage]', "queue.worker_nice"),
     ],
 )
 def test_each_mistake_exits_2_naming_the_key(

@@ -15,11 +15,30 @@ from deid_router.errors import DeidError
 from tests.unit.deid.helpers import make
 from tests.unit.deid.synthetic import encode, roundtrip
 
+OPTION_NAMES = [o for o in DEID_OPTIONS if o != "retain_long_full_dates"]
+
+
+def _engine_text() -> bytes:
+    """Everything the engine writes by itself (MODIFIED, YES, method and code meanings...), for
+    every option: a generated "identifier" inside these words is not a leak."""
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.1.9"
+    ds.StudyInstanceUID = ds.SOPInstanceUID + ".1"
+    ds.PatientName, ds.PatientID, ds.Modality, ds.BurnedInAnnotation = "Q^Q", "Q1", "CT", "NO"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return b"".join(encode(make((option,)).deidentify(roundtrip(ds))).upper() for option in OPTION_NAMES)
+
+
+ENGINE_TEXT = _engine_text()
 # generic words (YES, FALSE, REMOVED...) are deliberately never treated as identifiers
 NAME_PART = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=5, max_size=10).filter(
-    lambda s: s not in GENERIC and s not in ("ANONYMIZED", "ANONYMOUS", "REMOVED"))
+    lambda s: s not in GENERIC and s not in ("ANONYMIZED", "ANONYMOUS", "REMOVED") and s.encode() not in ENGINE_TEXT)
 PID = st.text(alphabet="ABCDEFGHJKLMNPQRSTUVWXYZ0123456789", min_size=6, max_size=12).filter(
-    lambda s: any(c.isalpha() for c in s) and s not in GENERIC)
+    lambda s: any(c.isalpha() for c in s) and s not in GENERIC and s.encode() not in ENGINE_TEXT)
 # (keyword, VR) of text attributes: tabled (removed/cleaned by the profile) and untabled (kept)
 TABLED = [("ImageComments", "LT"), ("StudyDescription", "LO"), ("SeriesDescription", "LO"),
           ("AdditionalPatientHistory", "LT"), ("PatientComments", "LT"), ("RequestingService", "LO"),
@@ -27,7 +46,7 @@ TABLED = [("ImageComments", "LT"), ("StudyDescription", "LO"), ("SeriesDescripti
 UNTABLED = [("BodyPartExamined", "CS"), ("ProtocolName", "LO"), ("ImageType", "CS"), ("Manufacturer", "LO"),
             ("ConvolutionKernel", "SH"), ("CodeMeaning", "LO")]
 SEQS = ["ReferencedImageSequence", "SourceImageSequence", "AnatomicRegionSequence", "ReferencedStudySequence"]
-OPTIONS = st.lists(st.sampled_from([o for o in DEID_OPTIONS if o != "retain_long_full_dates"]), unique=True, max_size=4)
+OPTIONS = st.lists(st.sampled_from(OPTION_NAMES), unique=True, max_size=4)
 
 
 @st.composite

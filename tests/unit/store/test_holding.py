@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -12,22 +14,40 @@ from deid_router.routing import Router, RoutingFacts
 from deid_router.store.holding import Holding
 
 
-def test_adopt_moves_file_into_raw_with_size_and_hash(tmp_path: Path) -> None:
+def test_a_received_raw_file_is_written_in_place_and_committed_with_size_and_digest(tmp_path: Path) -> None:
     h = Holding(tmp_path / "hold", "node-a")
     h.prepare()
-    src = h.incoming_dir / "tmp123.dcm"
-    src.write_bytes(b"x" * 1000)
-    iid = h.new_id()
-    stored = h.adopt_raw(iid, src)
-    assert not src.exists()
-    assert stored.relative_path == f"raw/{iid[:2]}/node-a~{iid}.dcm"
+    head = b"\0" * 128 + b"DICM"
+    raw = h.new_raw_file(head)
+    chunks = [bytes(range(256)) * 2000, b"x" * 300_000, memoryview(b"tail")]
+    for chunk in chunks:
+        raw.write(chunk)
+    content = head + b"".join(bytes(c) for c in chunks)
+    stored = raw.commit()
+    assert stored.relative_path == f"raw/{raw.instance_id[:2]}/node-a~{raw.instance_id}.dcm"
     assert h.own_raw_files() == [stored.relative_path]
     assert Holding(tmp_path / "hold", "node-b").own_raw_files() == []
-    assert h.absolute(stored.relative_path).read_bytes() == b"x" * 1000
-    assert stored.size == 1000
-    import hashlib
+    assert h.absolute(stored.relative_path).read_bytes() == content
+    assert stored.size == len(content)
+    assert stored.sha256 == hashlib.sha256(content).hexdigest()
+    raw.discard()  # the acceptor always calls it: a committed file stays
+    assert h.absolute(stored.relative_path).exists()
 
-    assert stored.sha256 == hashlib.sha256(b"x" * 1000).hexdigest()
+
+def test_an_uncommitted_raw_file_is_removed_by_discard_and_a_failed_write_at_once(tmp_path: Path) -> None:
+    h = Holding(tmp_path, "n")
+    h.prepare()
+    refused = h.new_raw_file(b"\0" * 132)
+    refused.discard()
+    assert not refused.path.exists()
+    broken = h.new_raw_file(b"\0" * 132)
+    assert broken._fd is not None
+    os.close(broken._fd)  # the next write fails as on a full disk (EBADF stands in for ENOSPC)
+    broken._fd = os.open(os.devnull, os.O_RDONLY)
+    broken.write(b"more")
+    assert broken.failed and not broken.path.exists() and broken.sha256() is None
+    with pytest.raises(StorageError):
+        broken.commit()
 
 
 def test_failed_atomic_write_leaves_nothing(tmp_path: Path) -> None:
@@ -58,25 +78,15 @@ def test_failed_work_write_leaves_nothing_and_a_crash_leftover_goes_at_start(tmp
     assert not h.work_path(8).exists()
 
 
-def test_receive_digest_is_trusted_instead_of_rereading(tmp_path: Path) -> None:
-    h = Holding(tmp_path, "n")
-    h.prepare()
-    src = h.incoming_dir / "in.dcm"
-    src.write_bytes(b"y" * 100)
-    stored = h.adopt_raw(h.new_id(), src, sha256="ab" * 32)
-    assert stored.sha256 == "ab" * 32 and stored.size == 100
-    assert (tmp_path / stored.relative_path).read_bytes() == b"y" * 100
-
-
 def test_prepare_removes_only_this_nodes_leftovers(tmp_path: Path) -> None:
     mine, other = Holding(tmp_path, "a"), Holding(tmp_path, "b")
     mine.prepare()
     other.prepare()
-    (mine.incoming_dir / "tmpabc.dcm").write_bytes(b"partial")
+    (mine.work_dir / "5.dcm").write_bytes(b"partial")
     (mine.work_dir / "5.dcm.1234.part").write_bytes(b"partial")
-    (other.incoming_dir / "tmpdef.dcm").write_bytes(b"in flight on node b")
+    (other.work_dir / "6.dcm").write_bytes(b"in flight on node b")
     assert mine.prepare() == 2
-    assert (other.incoming_dir / "tmpdef.dcm").exists()
+    assert (other.work_dir / "6.dcm").exists()
 
 
 def test_paths_never_come_from_peer_values(tmp_path: Path) -> None:
