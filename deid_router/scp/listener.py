@@ -237,6 +237,7 @@ class Listener:
         # Share the port only between this node's own listener processes: with one process a
         # second node started by mistake on the same port must fail to bind, not share it.
         self._port = self.acceptor.start(self.config.host, self.config.port, reuse_port=self.config.processes != 1)
+        self.intake.holding.start_reserve()
         log.info("listener_started", ae_title=self.config.ae_title, port=self.port)
 
     @property
@@ -265,4 +266,5 @@ class Listener:
         while self.active_associations() and time.monotonic() < deadline:
             time.sleep(0.1)
         self.acceptor.abort_all()
+        self.intake.holding.stop_reserve()
         log.info("listener_stopped")

@@ -22,7 +22,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from deid_router.deid.keys import Keys
 from tests.support.corpus import make_ct, make_series
 from tests.support.fake_pacs import FakePacs
-from tests.support.fault_harness import assert_no_stray_files, files_under, uids_at
+from tests.support.fault_harness import assert_no_stray_files, files_under, held_raw_files, uids_at
 from tests.support.peers import storescu, storescu_acknowledged
 from tests.support.raw_scu import RawSCU, dataset_bytes
 from tests.support.router import RouterProcess, dicom_destination, wait_until
@@ -69,7 +69,7 @@ def test_abort_mid_transfer_and_truncated_data_set_leave_no_job_and_no_file(tmp_
             sent = scu.send_part_then_abort(data, sop_class, sop_uid, ts, fragments=8)
         assert sent == 8
         # the aborted transfer's partial raw file must not linger
-        wait_until(lambda: files_under(var / "raw") == [], 10, 0.2, "the aborted transfer's raw file to be removed")
+        wait_until(lambda: held_raw_files(var) == [], 10, 0.2, "the aborted transfer's raw file to be removed")
         _no_jobs(router)
 
         with RawSCU(router.port, CT) as scu:
@@ -77,7 +77,7 @@ def test_abort_mid_transfer_and_truncated_data_set_leave_no_job_and_no_file(tmp_
                 status = scu.store(data[:cut], sop_class, sop_uid, ts)
                 assert status is not None and status != 0x0000 and (status & 0xF000) in (0xA000, 0xC000), hex(status or 0)
         _no_jobs(router)
-        assert files_under(var / "raw") == []
+        assert held_raw_files(var) == []
         _good_instance_still_delivered(router, pacs, tmp_path)
         assert_no_stray_files(router)
 

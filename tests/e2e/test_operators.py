@@ -19,6 +19,7 @@ from tests.support.fault_harness import (
     assert_delivered,
     assert_no_stray_files,
     backend,  # noqa: F401  (fixture)
+    held_raw_files,
 )
 from tests.support.peers import storescu, storescu_acknowledged
 from tests.support.router import RouterProcess, dicom_destination, wait_until
@@ -131,7 +132,7 @@ def test_raw_file_deleted_from_holding_is_quarantined_at_once_with_reason(tmp_pa
     )
     with router:
         assert storescu_acknowledged(storescu("127.0.0.1", router.port, [tmp_path / "in"])) == 1
-        raw = [p for p in (router.workdir / "var" / "raw").rglob("*.dcm")]
+        raw = held_raw_files(router.workdir / "var")
         assert len(raw) == 1
         raw[0].unlink()
         with StoreSCP(tmp_path / "pacs", ae_title="PACS", port=pacs_port) as pacs:

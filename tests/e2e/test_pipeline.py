@@ -17,6 +17,7 @@ import pytest
 
 from deid_router.deid.keys import Keys
 from tests.support.corpus import make_series
+from tests.support.fault_harness import held_raw_files
 from tests.support.peers import StoreSCP, storescu, storescu_acknowledged
 from tests.support.router import RouterProcess, dicom_destination, free_port, wait_until
 
@@ -105,8 +106,8 @@ def test_sigkill_mid_run_then_resend_delivers_every_acknowledged_instance_once(
         ["storescu", "-v", "-nh", "+sd", "+r", "-aec", "DEID_ROUTER", "-aet", "MODALITY", "127.0.0.1", str(router.port), str(tmp_path / "in")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
     )
-    raw_dir = router.workdir / "var" / "raw"
-    wait_until(lambda: sum(1 for _ in raw_dir.rglob("*.dcm")) >= 40, 60, 0.02, "40 instances held")
+    var = router.workdir / "var"
+    wait_until(lambda: len(held_raw_files(var)) >= 40, 60, 0.02, "40 instances held")
     router.kill()
     first_out, _ = sender.communicate(timeout=60)
     acknowledged_first = first_out.count("Received Store Response (Success)")

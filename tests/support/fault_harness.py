@@ -115,6 +115,12 @@ def files_under(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
 
 
+def held_raw_files(var: Path) -> list[Path]:
+    """Raw files holding received bytes. A running listener also keeps a few empty files in
+    raw/ ready for the next transfers (its reserve): they hold nothing and are not counted."""
+    return [p for p in files_under(var / "raw") if p.stat().st_size > 0]
+
+
 def assert_no_stray_files(router: RouterProcess, root: Path | None = None) -> None:
     """No transfer or work leftovers, no partial file, and every raw file belongs to a row."""
     var = root or storage_root(router)
@@ -126,7 +132,7 @@ def assert_no_stray_files(router: RouterProcess, root: Path | None = None) -> No
     # the rows before listing the disk, and give a purge in progress a moment to finish.
     for attempt in range(5):
         known = held_raw_paths(router)
-        on_disk = {p.relative_to(var).as_posix() for p in files_under(var / "raw")}
+        on_disk = {p.relative_to(var).as_posix() for p in held_raw_files(var)}
         orphans = on_disk - known
         missing = held_raw_paths(router) - on_disk
         if not orphans and not missing:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,29 @@ def test_an_uncommitted_raw_file_is_removed_by_discard_and_a_failed_write_at_onc
         broken.commit()
 
 
+def test_the_reserve_hands_out_empty_durable_files_and_removes_the_unused_ones(tmp_path: Path) -> None:
+    h = Holding(tmp_path, "n")
+    h.prepare()
+    h.start_reserve()
+    try:
+        deadline = time.monotonic() + 10
+        while len(h.own_raw_files()) < Holding.RESERVE_SIZE and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reserved = set(h.own_raw_files())  # the queue, plus at most one waiting to join it
+        assert Holding.RESERVE_SIZE <= len(reserved) <= Holding.RESERVE_SIZE + 1
+        assert all(h.absolute(rel).stat().st_size == 0 for rel in reserved)
+        raw = h.new_raw_file(b"head")
+        assert raw.relative_path in reserved and raw._entry_durable
+        raw.write(b"+data")
+        stored = raw.commit()
+        assert h.absolute(stored.relative_path).read_bytes() == b"head+data"
+    finally:
+        h.stop_reserve()
+    assert h.own_raw_files() == [stored.relative_path]
+    late = h.new_raw_file(b"inline")  # stopped: created on demand, as without a reserve
+    assert late.commit().size == len(b"inline")
+
+
 def test_failed_atomic_write_leaves_nothing(tmp_path: Path) -> None:
     h = Holding(tmp_path, "n")
     h.prepare()
@@ -94,8 +118,10 @@ def test_paths_never_come_from_peer_values(tmp_path: Path) -> None:
     for hostile in ("../../etc/passwd", "1.2.3/../../x", "a\x00b", "1.2.840.10008/../"):
         with pytest.raises(StorageError):
             h.raw_relative(hostile)
-    with pytest.raises(StorageError):
-        h.absolute("../outside.dcm")
+    for tampered in ("../outside.dcm", "raw/../../outside.dcm", "/etc/passwd", "raw/a\0b.dcm", ".."):
+        with pytest.raises(StorageError):
+            h.absolute(tampered)
+    assert h.absolute("raw/ab/../ab/n~x.dcm") == tmp_path / "raw/ab/n~x.dcm"
 
 
 def test_routes_match_globs_and_merge_destinations() -> None:
