@@ -40,6 +40,7 @@ REASON_INVALID_PARAMETER = 0x06
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_ECHO_RQ = 0x0030
+C_CANCEL_RQ = 0x0FFF  # answered by the operation it cancels, never by itself
 RESPONSE_BIT = 0x8000
 NO_DATA_SET = 0x0101
 UNRECOGNIZED_OPERATION = 0x0211
@@ -60,7 +61,7 @@ class Command:
     """The parts of a DIMSE command set either end acts on."""
 
     field: int
-    message_id: int  # Message ID of a request, Message ID Being Responded To of a response
+    message_id: int  # Message ID of a request, Message ID Being Responded To of a response or cancel
     has_data_set: bool
     sop_class_uid: bytes  # as sent, padding included: echoed in the response
     sop_instance_uid: bytes
@@ -95,7 +96,7 @@ def decode_command(data: bytes) -> Command:
     response = bool(field & RESPONSE_BIT)
     return Command(
         field=field,
-        message_id=us(0x0120 if response else 0x0110),
+        message_id=us(0x0120 if response or field == C_CANCEL_RQ else 0x0110),
         has_data_set=us(0x0800) != NO_DATA_SET,
         sop_class_uid=values.get(0x0002, b""),
         sop_instance_uid=values.get(0x1000, b""),

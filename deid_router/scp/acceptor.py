@@ -283,6 +283,8 @@ class Association:
             )
         elif command.has_data_set:
             raise wire.ProtocolError("unsupported request with a data set")
+        elif command.field == wire.C_CANCEL_RQ:
+            pass  # nothing here runs long enough to be cancelled
         else:
             status = statuses.CANNOT_UNDERSTAND if command.field == wire.C_STORE_RQ else wire.UNRECOGNIZED_OPERATION
             self._respond(context_id, command, status)

@@ -82,7 +82,7 @@ def _command(field: int, message_id: int, has_data_set: bool, sop_class: str = C
         for elem, value in (
             (0x0002, uid),
             (0x0100, struct.pack("<H", field)),
-            (0x0110, struct.pack("<H", message_id)),
+            (0x0120 if field == wire.C_CANCEL_RQ else 0x0110, struct.pack("<H", message_id)),
             (0x0800, struct.pack("<H", 0x0001 if has_data_set else 0x0101)),
         )
     )
@@ -143,6 +143,17 @@ def test_an_unknown_request_is_answered_unrecognized_operation(node: tuple) -> N
     assert pdu_type == wire.P_DATA_TF
     response = wire.decode_command(body[wire.PDV_HEADER.size :])
     assert (response.field, response.message_id, response.status) == (0x8020, 7, wire.UNRECOGNIZED_OPERATION)
+
+
+def test_a_cancel_gets_no_response_and_the_association_goes_on(node: tuple) -> None:
+    port, _holding, _received = node
+    stream = _associate(port, [(Verification, EXPLICIT_LE)])
+    stream.sock.sendall(wire.encode_p_data(1, _command(wire.C_CANCEL_RQ, 4, False, Verification), True, 0))
+    stream.sock.sendall(wire.encode_p_data(1, _command(wire.C_ECHO_RQ, 5, False, Verification), True, 0))
+    pdu_type, body = stream.read_pdu(1 << 20)
+    assert pdu_type == wire.P_DATA_TF
+    response = wire.decode_command(body[wire.PDV_HEADER.size :])
+    assert (response.field, response.message_id, response.status) == (0x8030, 5, 0x0000)
 
 
 def test_responses_fit_the_requestors_maximum_pdu(node: tuple) -> None:
