@@ -28,6 +28,10 @@ class QueueError(DeidRouterError):
     """The job database could not be reached or refused a write."""
 
 
+class ListenerError(DeidRouterError):
+    """The DICOM port could not be opened (in use, not permitted, no such address)."""
+
+
 # Trouble with the machine rather than the instance: whoever meets it retries later. The
 # de-identification engine lets these through instead of quarantining the instance.
 InfrastructureError = (QueueError, StorageError, OSError)

@@ -10,6 +10,7 @@ contexts (its unrestricted storage negotiation) and encodes the A-ASSOCIATE-AC/R
 
 from __future__ import annotations
 
+import os
 import socket
 import socketserver
 import threading
@@ -30,6 +31,7 @@ from pynetdicom.presentation import build_context, negotiate_unrestricted
 
 from deid_router.observability.logging import get_logger
 from deid_router import wire
+from deid_router.errors import ListenerError
 from deid_router.scp import statuses
 from deid_router.scp.receive import (
     IMPLEMENTATION_CLASS_UID,
@@ -368,7 +370,11 @@ class Acceptor:
 
     def start(self, host: str, port: int, reuse_port: bool) -> int:
         """Bind, serve in a background thread, and return the bound port."""
-        server = _Server((host, port), self, reuse_port)
+        try:
+            server = _Server((host, port), self, reuse_port)
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+            raise ListenerError(f"cannot listen on {host}:{port}: {reason.lower()}") from exc
         threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
         self._server = server
         return int(server.server_address[1])

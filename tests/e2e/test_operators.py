@@ -1,11 +1,15 @@
 """Operator workflow on a PACS that permanently refuses: quarantine at once with the status
 code, fix the PACS, release one entry (twice: idempotent), retry the rest, and read every
-step back from ``quarantine show`` and ``status --json``.
+step back from ``quarantine show`` and ``status --json``. And what an administrator sees when
+the node cannot start (its port taken).
 """
 
 from __future__ import annotations
 
 import re
+import socket
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -142,3 +146,18 @@ def test_raw_file_deleted_from_holding_is_quarantined_at_once_with_reason(tmp_pa
             steps = _history(router.cli("quarantine", "show", entries[0]["id"]).stdout)
             assert steps[-1]["to_state"] == "failed" and int(steps[-1]["attempt"]) <= 2, steps
             assert pacs.sop_instance_uids() == Counter()
+
+
+def test_a_port_already_in_use_is_a_clear_error_and_leaves_no_process(tmp_path: Path) -> None:
+    """Another DICOM node (or a second router by mistake) on the port: one line that says so."""
+    router = RouterProcess(tmp_path / "router", [{"name": "outbox", "type": "folder", "path": "var/outbox"}])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", router.port))
+        taken.listen()
+        done = subprocess.run(
+            [sys.executable, "-m", "deid_router", "serve", "--config", str(router.config_path)],
+            cwd=router.workdir, capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{router.port}: address already in use" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
