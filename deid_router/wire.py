@@ -4,7 +4,8 @@ Only what the listener (an acceptor of C-STORE and C-ECHO) and the forwarder (a 
 C-STORE) need: PDU framing, P-DATA-TF encoding, the release and abort PDUs, and the command
 sets of C-STORE/C-ECHO requests and responses (always implicit VR little endian, group 0000).
 A-ASSOCIATE PDUs are decoded and encoded with pynetdicom's PDU classes by the callers
-(:mod:`deid_router.scp.acceptor`, :mod:`deid_router.forward.association`).
+(:mod:`deid_router.scp.acceptor`, :mod:`deid_router.forward.association`), from the
+primitive :func:`associate_primitive` starts for both.
 """
 
 from __future__ import annotations
@@ -12,7 +13,21 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
+
+from pydicom.uid import UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+)
+
+APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"  # the DICOM application context (PS3.7 A.2.1)
+# Sent in A-ASSOCIATE-RQ/AC and written into received files' meta, as before (pynetdicom's).
+IMPLEMENTATION_CLASS_UID = str(PYNETDICOM_IMPLEMENTATION_UID)
+IMPLEMENTATION_VERSION_NAME = str(PYNETDICOM_IMPLEMENTATION_VERSION)
 
 # PDU types (PS3.8 9.3.1)
 A_ASSOCIATE_RQ = 0x01
@@ -176,6 +191,23 @@ def encode_release_rp() -> bytes:
 
 def encode_abort(source: int, reason: int) -> bytes:
     return PDU_HEADER.pack(A_ABORT, 4) + bytes((0, 0, source, reason))
+
+
+def associate_primitive(calling_aet: str, called_aet: str, max_pdu: int, items: list[Any]) -> A_ASSOCIATE:
+    """An A-ASSOCIATE (request or accept) with our user information: the Maximum Length
+    we receive (0: unlimited), our implementation class and version, then ``items``."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = UID(APPLICATION_CONTEXT_NAME)
+    primitive.calling_ae_title = calling_aet
+    primitive.called_ae_title = called_aet
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = max_pdu
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    primitive.user_information = [max_length, implementation, version, *items]
+    return primitive
 
 
 class PduStream:

@@ -23,22 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom.uid import UID
 from pynetdicom import pdu as pnd_pdu
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-)
 from pynetdicom.presentation import build_context
 
 from deid_router import wire
 from deid_router.forward.status import reject_reason
 from deid_router.scp.integrity import Malformed, read_meta
-from deid_router.scp.receive import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
-APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
 MAX_RESPONSE_PDU_BYTES = 1024 * 1024
 SEND_FRAGMENT_BYTES = 1024 * 1024  # per P-DATA-TF when the PACS sets no limit
 READ_BUFFER_BYTES = 64 * 1024
@@ -106,18 +97,8 @@ class RequestedAssociation:
             context.context_id = 2 * index + 1
             proposed[2 * index + 1] = (sop_class, syntax)
             contexts.append(context)
-        request = A_ASSOCIATE()
-        request.application_context_name = UID(APPLICATION_CONTEXT_NAME)
-        request.calling_ae_title = calling_aet
-        request.called_ae_title = called_aet
+        request = wire.associate_primitive(calling_aet, called_aet, max_pdu, [])
         request.presentation_context_definition_list = contexts
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = max_pdu
-        implementation = ImplementationClassUIDNotification()
-        implementation.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        request.user_information = [max_length, implementation, version]
         rq_pdu = pnd_pdu.A_ASSOCIATE_RQ()
         rq_pdu.from_primitive(request)
         try:

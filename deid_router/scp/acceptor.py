@@ -19,13 +19,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from pynetdicom import pdu as pnd_pdu
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-    SCP_SCU_RoleSelectionNegotiation,
-)
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.presentation import build_context, negotiate_unrestricted
 
@@ -33,17 +27,11 @@ from deid_router.observability.logging import get_logger
 from deid_router import wire
 from deid_router.errors import ListenerError
 from deid_router.scp import statuses
-from deid_router.scp.receive import (
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME,
-    StoreRequest,
-    create_file_meta,
-)
+from deid_router.scp.receive import StoreRequest, create_file_meta
 from deid_router.store.holding import RawFile
 
 log = get_logger("scp")
 
-APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
 MAX_ASSOCIATE_RQ_BYTES = 1024 * 1024  # a request with hundreds of contexts is ~50 KB
 MAX_CONTROL_PDU_BYTES = 1024
@@ -185,20 +173,12 @@ class Association:
             (int(i.maximum_length_received or 0) for i in user_info if isinstance(i, MaximumLengthNotification)), 0
         )
 
-        accept = A_ASSOCIATE()
-        accept.application_context_name = APPLICATION_CONTEXT_NAME
-        accept.calling_ae_title = request.calling_ae_title
-        accept.called_ae_title = request.called_ae_title
+        accept = wire.associate_primitive(
+            request.calling_ae_title, request.called_ae_title, self.settings.max_pdu_size, list(roles)
+        )
         accept.result = 0x00
         accept.result_source = 0x01
         accept.presentation_context_definition_results_list = results
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = self.settings.max_pdu_size
-        implementation = ImplementationClassUIDNotification()
-        implementation.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        accept.user_information = [max_length, implementation, version, *roles]
         ac_pdu = pnd_pdu.A_ASSOCIATE_AC()
         ac_pdu.from_primitive(accept)
         self._send(ac_pdu.encode())

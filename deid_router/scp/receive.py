@@ -5,13 +5,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-
 from deid_router.store.holding import RawFile
-
-# Sent in A-ASSOCIATE-AC/RQ and written into received files' meta, as before (pynetdicom's).
-IMPLEMENTATION_CLASS_UID = str(PYNETDICOM_IMPLEMENTATION_UID)
-IMPLEMENTATION_VERSION_NAME = str(PYNETDICOM_IMPLEMENTATION_VERSION)
+from deid_router.wire import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 
 @dataclass(frozen=True)
