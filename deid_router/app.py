@@ -153,6 +153,7 @@ def worker_process_main(config_path: str, index: int, log_level: str, parent_pid
         lease_seconds=config.queue.lease_seconds,
         batch_size=config.queue.batch_size,
         poll_seconds=config.queue.poll_seconds,
+        work_prefix=f"w{index}",
     )
     log.info("worker_started", owner=owner)
     try:

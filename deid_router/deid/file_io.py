@@ -7,7 +7,9 @@ so it cannot carry PHI through.
 
 from __future__ import annotations
 
-import shutil
+import errno
+import io
+import os
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 _PIXEL_TAGS = frozenset({(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)})
 _LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"UC", b"UR", b"SQ", b"SV", b"UV"})
 _CHUNK = 1 << 20
+# copy_file_range refuses these pairs (another filesystem, a pipe, an old kernel): copy in Python
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF})
 
 
 def pixel_element_end(fp: BinaryIO, start: int, size: int, little: bool, implicit: bool) -> int:
@@ -71,11 +75,11 @@ def pixel_element_end(fp: BinaryIO, start: int, size: int, little: bool, implici
     return int(end)
 
 
-def copy_range(fp: BinaryIO, dst: BinaryIO, start: int, end: int, size: int) -> None:
-    fp.seek(start)
-    if end == size:
-        shutil.copyfileobj(fp, dst, _CHUNK)
+def copy_range(fp: BinaryIO, dst: BinaryIO, start: int, end: int) -> None:
+    """Append bytes ``start:end`` of ``fp`` to ``dst``: in the kernel where it can, else read/write."""
+    if _kernel_copy(fp, dst, start, end):
         return
+    fp.seek(start)
     remaining = end - start
     while remaining > 0:
         chunk = fp.read(min(_CHUNK, remaining))
@@ -83,6 +87,28 @@ def copy_range(fp: BinaryIO, dst: BinaryIO, start: int, end: int, size: int) -> 
             raise DeidError("invalid_dataset", "file shrank while copying pixel data", "PixelData")
         dst.write(chunk)
         remaining -= len(chunk)
+
+
+def _kernel_copy(fp: BinaryIO, dst: BinaryIO, start: int, end: int) -> bool:
+    """copy_file_range from ``fp`` at ``start`` to ``dst`` at its position; False when the
+    kernel cannot copy between these two (an in-memory file, another filesystem, old kernel)."""
+    try:
+        dst.flush()
+        out_fd = dst.fileno()
+    except (io.UnsupportedOperation, AttributeError):
+        return False
+    pos = start
+    while pos < end:
+        try:
+            copied = os.copy_file_range(fp.fileno(), out_fd, end - pos, pos)
+        except OSError as exc:
+            if pos == start and exc.errno in _NO_KERNEL_COPY:
+                return False
+            raise
+        if not copied:
+            raise DeidError("invalid_dataset", "file shrank while copying pixel data", "PixelData")
+        pos += copied
+    return True
 
 
 def _known_encoding(ts: str) -> bool:
@@ -128,7 +154,7 @@ def deidentify_file(deid: Deidentifier, src: Path, dst: BinaryIO) -> DeidResult:
             else:
                 dcmwrite(dst, ds, enforce_file_format=True)
             if has_pixels:
-                copy_range(fp, dst, start, end, size)
+                copy_range(fp, dst, start, end)
             return deid.result_of(ds)
     except (DeidError, *InfrastructureError):
         raise  # infrastructure trouble is retried by the caller, never quarantined

@@ -50,6 +50,7 @@ class Worker:
     lease_seconds: float
     batch_size: int
     poll_seconds: float = 0.5
+    work_prefix: str = "w"  # names this worker's work files; unique among a node's workers
     stats: WorkerStats = field(default_factory=WorkerStats)
     _held: set[int] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -57,10 +58,10 @@ class Worker:
 
     def run(self, stop: threading.Event) -> None:
         """Serve every destination until ``stop`` is set; then release whatever is still held."""
+        serving = [(name, i, lane) for name, lanes in self.destinations.items() for i, lane in enumerate(lanes)]
         threads = [
-            threading.Thread(target=self._serve, args=(name, lane, stop), name=f"dest-{name}-{i}", daemon=True)
-            for name, lanes in self.destinations.items()
-            for i, lane in enumerate(lanes)
+            threading.Thread(target=self._serve, args=(name, lane, n, stop), name=f"dest-{name}-{i}", daemon=True)
+            for n, (name, i, lane) in enumerate(serving)
         ]
         threads.append(threading.Thread(target=self._heartbeat, args=(stop,), name="heartbeat", daemon=True))
         for t in threads:
@@ -78,13 +79,13 @@ class Worker:
             for lane in lanes:
                 lane.close()
 
-    def _serve(self, name: str, lane: Destination, stop: threading.Event) -> None:
+    def _serve(self, name: str, lane: Destination, lane_no: int, stop: threading.Event) -> None:
         """One association's loop for destination ``name``: batches while there is work; pauses
         while the destination is unavailable. Claims are atomic, so lanes never share a job."""
         wait = self.poll_seconds
         while not stop.is_set():
             try:
-                done, pause = self.run_once(name, lane)
+                done, pause = self.run_once(name, lane, lane_no)
                 wait = pause if pause else self.poll_seconds
             except QueueError as exc:
                 log.error("worker_queue_unavailable", destination=name, error=type(exc.__cause__ or exc).__name__)
@@ -92,8 +93,9 @@ class Worker:
             if not done or wait > self.poll_seconds:
                 stop.wait(wait)
 
-    def run_once(self, name: str, lane: Destination) -> tuple[int, float]:
-        """Claim and process one batch for destination ``name`` over ``lane``.
+    def run_once(self, name: str, lane: Destination, lane_no: int = 0) -> tuple[int, float]:
+        """Claim and process one batch for destination ``name`` over ``lane`` (this worker's
+        ``lane_no``-th: its work files are its own).
 
         Returns (jobs processed, seconds to pause this destination: 0 unless it is unavailable).
         """
@@ -104,16 +106,17 @@ class Worker:
         with self._lock:
             self._held.update(j.job_id for j in jobs)
         try:
-            return len(jobs), self._process(name, lane, jobs)
+            return len(jobs), self._process(name, lane, jobs, f"{self.work_prefix}-{lane_no}")
         finally:
             with self._lock:
                 self._held.difference_update(j.job_id for j in jobs)
 
-    def _process(self, name: str, lane: Destination, jobs: list[ClaimedJob]) -> float:
+    def _process(self, name: str, lane: Destination, jobs: list[ClaimedJob], work_prefix: str) -> float:
         deliveries: list[Delivery] = []
         outcomes: dict[int, Outcome] = {}
-        for job in jobs:
-            delivery, outcome = self._deidentify(job)
+        slots = [f"{work_prefix}-{i}" for i in range(len(jobs))]
+        for job, slot in zip(jobs, slots, strict=True):
+            delivery, outcome = self._deidentify(job, slot)
             if delivery is not None:
                 deliveries.append(delivery)
             elif outcome is not None:
@@ -136,7 +139,8 @@ class Worker:
         applied = self._finish_with_retries([(job.job_id, decision) for job, _, decision in final])
         for (job, outcome, decision), ok in zip(final, applied, strict=True):
             self._record(job, outcome, decision.to_state.value, ok)
-            self.holding.work_path(job.job_id).unlink(missing_ok=True)
+        for slot in slots:
+            self.holding.release_work(slot)
         if unavailable:
             log.warning("destination_paused", destination=name, seconds=round(pause, 1), failures=failures)
         return pause
@@ -154,16 +158,16 @@ class Worker:
                 time.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def _deidentify(self, job: ClaimedJob) -> tuple[Delivery | None, Outcome | None]:
+    def _deidentify(self, job: ClaimedJob, slot: str) -> tuple[Delivery | None, Outcome | None]:
         src = self.holding.absolute(job.raw_path)
-        dst = self.holding.work_path(job.job_id)
+        dst = self.holding.work_path(slot)
         if not src.is_file():
             # Checked up front: inside the writer the ENOENT becomes a StorageError, and a
             # missing raw file was retried max_attempts times as "work_write_failed".
             log.error("job_raw_missing", job_id=job.job_id)
             return None, Outcome(OutcomeKind.PERMANENT, None, "raw_file_missing")
         try:
-            with self.holding.work_writer(job.job_id) as fh:
+            with self.holding.work_writer(slot) as fh:
                 fault_point("during_deid")
                 result = self.deidentifier.deidentify_file(src, fh)
         except DeidError as exc:

@@ -16,8 +16,11 @@ import errno
 import hashlib
 import os
 import queue
+import random
+import secrets
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,6 +81,11 @@ def _removed_on_failure(path: Path) -> Iterator[None]:
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+
+
+SPARE_SLOTS = 16384  # emptied raw files kept in spare/ for reuse, at most (see Holding.delete)
+SPARE_AT_START = 1024  # spare files a node makes sure of when it starts
+WORK_KEEP_BYTES = 64 * 1024 * 1024  # a larger work file is deleted after its send, not kept
 
 
 class RawFile:
@@ -198,6 +206,9 @@ class Holding:
         self.raw_dir = root / "raw"
         # Per node: several nodes may share one holding volume, and each cleans only its own.
         self.work_dir = root / "work" / node
+        self.spare_dir = root / "spare"
+        self._spares: list[str] = []
+        self._next_spare_scan = 0.0
         self._reserve: queue.Queue[_Reserved] | None = None
         self._reserve_stop = threading.Event()
         self._reserve_thread: threading.Thread | None = None
@@ -209,8 +220,13 @@ class Holding:
         this node's work folder can go. Raw files without a database row are swept by the
         node (``sweep_orphans``), each node only its own.
         """
-        for d in (self.root, self.raw_dir, self.work_dir):
+        for d in (self.root, self.raw_dir, self.work_dir, self.spare_dir):
             d.mkdir(parents=True, exist_ok=True)
+        # Every fan-out folder and some spare files up front: the first instances after a start
+        # then cost no mkdir or create either.
+        for i in range(256):
+            (self.raw_dir / f"{i:02x}").mkdir(exist_ok=True)
+        self._top_up_spares(SPARE_AT_START)
         removed = 0
         for d in (self.work_dir,):
             for p in _walk_files(d):
@@ -257,8 +273,11 @@ class Holding:
     def metrics_path(self) -> Path:
         return self.root / "metrics" / f"{self.node}.prom"
 
-    def work_path(self, job_id: int) -> Path:
-        return self.work_dir / f"{int(job_id)}.dcm"
+    def work_path(self, slot: str) -> Path:
+        """The work file of a worker's slot (``<worker>-<lane>-<position in the batch>``)."""
+        if not slot.replace("-", "").isalnum():
+            raise StorageError("work slots are generated names")
+        return self.work_dir / f"{slot}.dcm"
 
     def new_raw_file(self, head: bytes) -> RawFile:
         """Start receiving a new raw instance; ``head`` is its preamble and file meta."""
@@ -303,7 +322,9 @@ class Holding:
         while not self._reserve_stop.is_set():
             instance_id, path, rel = self._raw_place()
             try:
-                fd = _create(path)
+                fd = self._take_spare(path)
+                if fd is None:
+                    fd = _create(path)
             except OSError:
                 self._reserve_stop.wait(1.0)  # disk full or read-only: receiving creates inline
                 continue
@@ -345,17 +366,32 @@ class Holding:
                 return
 
     @contextmanager
-    def work_writer(self, job_id: int) -> Iterator[BinaryIO]:
-        """Yield the work file of a job to write its de-identified instance into.
+    def work_writer(self, slot: str) -> Iterator[BinaryIO]:
+        """Yield the work file of a slot to write a de-identified instance into.
 
         A work file is scratch, not data of record: the raw file and the database are, and a
         job whose worker dies is de-identified again from them (start-up clears the work
-        folder). So no fsync and no rename: the worker that writes it sends it, then deletes it.
-        A failed write removes the partial file.
+        folder). So no fsync and no rename: the worker writes it, sends it, and writes the
+        slot's next instance over it, the same file rather than a new one per instance (see
+        :meth:`delete` for what creating files costs). Written over in place and cut to
+        length afterwards: a file truncated to zero would make ext4 write it to disk on close.
+        A failed write removes it.
         """
-        path = self.work_path(job_id)
-        with _removed_on_failure(path), open(path, "wb") as fh:
-            yield fh
+        path = self.work_path(slot)
+        with _removed_on_failure(path):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            with open(fd, "wb", buffering=0) as fh:
+                yield fh
+                os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
+
+    def release_work(self, slot: str) -> None:
+        """After a send: a large instance's work file goes; others stay for the slot's next one."""
+        path = self.work_path(slot)
+        try:
+            if path.stat().st_size > WORK_KEEP_BYTES:
+                path.unlink()
+        except OSError:
+            pass
 
     @contextmanager
     def atomic_writer(self, final: Path) -> Iterator[BinaryIO]:
@@ -371,13 +407,79 @@ class Holding:
             fsync_dir(final.parent)
 
     def delete(self, relative_path: str) -> None:
+        """Remove a raw file: emptied, then kept as a spare to be received into again.
+
+        Creating files is what deleting them makes slow: where ext4 runs without a journal
+        (this project's CI machines), creating a file steps, one by one, over every inode
+        freed in the last minutes; at a few hundred instances a second that was a quarter of
+        the listener's CPU. So a raw file is truncated (no byte of the instance stays) and
+        renamed into one of :data:`SPARE_SLOTS` slots of ``spare/``, from which the reserve
+        takes it; a slot already holding a spare is replaced, which bounds the pool.
+        """
+        path = self.absolute(relative_path)
         try:
-            self.absolute(relative_path).unlink(missing_ok=True)
+            os.truncate(path, 0)
+        except FileNotFoundError:
+            return
         except OSError as exc:
             raise StorageError("could not delete raw file") from exc
+        try:
+            os.rename(path, self.spare_dir / _spare_name(secrets.randbelow(SPARE_SLOTS)))
+        except OSError:
+            try:
+                path.unlink(missing_ok=True)  # no spare folder (a command run without a node)
+            except OSError as exc:
+                raise StorageError("could not delete raw file") from exc
+
+    def _top_up_spares(self, count: int) -> None:
+        names = set(os.listdir(self.spare_dir))
+        for slot in range(SPARE_SLOTS):
+            if len(names) >= count:
+                return
+            name = _spare_name(slot)
+            if name not in names:
+                try:
+                    os.close(_create(self.spare_dir / name))
+                except FileExistsError:
+                    pass  # another node sharing this volume made it meanwhile
+                names.add(name)
+
+    def _take_spare(self, path: Path) -> int | None:
+        """Move a spare file to ``path`` and open it, emptied; None when there is none."""
+        while True:
+            if not self._spares:
+                now = time.monotonic()
+                if now < self._next_spare_scan:
+                    return None
+                self._next_spare_scan = now + 1.0
+                try:
+                    self._spares = [e.name for e in os.scandir(self.spare_dir)]
+                except OSError:
+                    return None
+                random.shuffle(self._spares)  # several processes take from the same pool
+                if not self._spares:
+                    return None
+            name = self._spares.pop()
+            try:
+                os.rename(self.spare_dir / name, path)
+            except FileNotFoundError:
+                continue  # another process took it
+            except OSError:
+                return None
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                os.ftruncate(fd, 0)
+            except OSError:
+                path.unlink(missing_ok=True)
+                return None
+            return fd
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
+
+
+def _spare_name(slot: int) -> str:
+    return f"{slot:04x}"
 
 
 def _discard_reserved(item: _Reserved) -> None:

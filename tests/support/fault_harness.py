@@ -9,6 +9,7 @@ reason); nothing else is left behind (no job, no raw file without a row, no part
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -124,7 +125,9 @@ def held_raw_files(var: Path) -> list[Path]:
 def assert_no_stray_files(router: RouterProcess, root: Path | None = None) -> None:
     """No transfer or work leftovers, no partial file, and every raw file belongs to a row."""
     var = root or storage_root(router)
-    leftovers = files_under(var / "work")
+    # work/ keeps one file per worker slot (w<worker>-<lane>-<position>.dcm), written over
+    # for each instance; anything else there is a leftover
+    leftovers = [p for p in files_under(var / "work") if not re.fullmatch(r"w\d+-\d+-\d+\.dcm", p.name)]
     assert leftovers == [], f"files left in work/: {leftovers[:5]}"
     partial = [p for p in files_under(var) if p.name.endswith(".part") or p.name.startswith(".tmp-")]
     assert partial == [], f"partial files: {partial[:5]}"

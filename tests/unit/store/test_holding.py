@@ -12,7 +12,7 @@ import pytest
 from deid_router.config import RouteConfig
 from deid_router.errors import StorageError
 from deid_router.routing import Router, RoutingFacts
-from deid_router.store.holding import Holding
+from deid_router.store.holding import SPARE_AT_START, SPARE_SLOTS, WORK_KEEP_BYTES, Holding
 
 
 def test_a_received_raw_file_is_written_in_place_and_committed_with_size_and_digest(tmp_path: Path) -> None:
@@ -77,7 +77,7 @@ def test_the_reserve_hands_out_empty_durable_files_and_removes_the_unused_ones(t
 def test_failed_atomic_write_leaves_nothing(tmp_path: Path) -> None:
     h = Holding(tmp_path, "n")
     h.prepare()
-    final = h.work_path(7)
+    final = h.work_path("w0-0-7")
     with pytest.raises(RuntimeError):
         with h.atomic_writer(final) as fh:
             fh.write(b"half")
@@ -90,16 +90,72 @@ def test_failed_work_write_leaves_nothing_and_a_crash_leftover_goes_at_start(tmp
     h = Holding(tmp_path, "n")
     h.prepare()
     with pytest.raises(RuntimeError):
-        with h.work_writer(7) as fh:
+        with h.work_writer("w0-0-7") as fh:
             fh.write(b"half")
             raise RuntimeError("deid failed mid-write")
     assert list(h.work_dir.iterdir()) == []
     # a worker killed after writing, before sending: the work file is scratch, redone from raw
-    with h.work_writer(8) as fh:
+    with h.work_writer("w0-0-8") as fh:
         fh.write(b"whole but never sent")
-    assert h.work_path(8).read_bytes() == b"whole but never sent"
+    assert h.work_path("w0-0-8").read_bytes() == b"whole but never sent"
     assert h.prepare() == 1
-    assert not h.work_path(8).exists()
+    assert not h.work_path("w0-0-8").exists()
+
+
+def test_a_work_slot_is_one_file_holding_exactly_its_latest_instance(tmp_path: Path) -> None:
+    h = Holding(tmp_path, "n")
+    h.prepare()
+    with h.work_writer("w1-0-0") as fh:
+        fh.write(b"a longer first instance")
+    inode = h.work_path("w1-0-0").stat().st_ino
+    h.release_work("w1-0-0")
+    with h.work_writer("w1-0-0") as fh:
+        fh.write(b"second")
+    assert h.work_path("w1-0-0").read_bytes() == b"second"  # nothing of the first one left
+    assert h.work_path("w1-0-0").stat().st_ino == inode  # the same file: no create, no delete
+    with h.work_writer("w1-0-1") as fh:
+        fh.seek(WORK_KEEP_BYTES)
+        fh.write(b"end of a large instance")
+    h.release_work("w1-0-1")  # a large instance's file is not kept for the next one
+    assert not h.work_path("w1-0-1").exists()
+    with pytest.raises(StorageError):
+        h.work_path("../../raw/x")
+
+
+def test_a_deleted_raw_file_is_emptied_and_received_into_again(tmp_path: Path) -> None:
+    h = Holding(tmp_path, "n")
+    h.prepare()
+    h.prepare()  # a restart tops the pool up; it does not grow it
+    spares = {p.stat().st_ino: p for p in h.spare_dir.iterdir()}
+    assert len(spares) == SPARE_AT_START and all(p.stat().st_size == 0 for p in spares.values())
+    stored = h.new_raw_file(b"identified bytes").commit()
+    inode = h.absolute(stored.relative_path).stat().st_ino
+    assert inode not in spares  # no reserve running: created
+    h.delete(stored.relative_path)
+    h.delete(stored.relative_path)  # twice: nothing to do
+    assert not h.absolute(stored.relative_path).exists()
+    emptied = [p for p in h.spare_dir.iterdir() if p.stat().st_ino == inode]
+    assert len(emptied) == 1 and emptied[0].read_bytes() == b""  # kept as a spare, no byte of it left
+    pool = {p.stat().st_ino for p in h.spare_dir.iterdir()}
+    h.start_reserve()
+    try:
+        deadline = time.monotonic() + 5
+        while len(h.own_raw_files()) < Holding.RESERVE_SIZE and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reserved = {h.absolute(rel).stat().st_ino for rel in h.own_raw_files()}
+        assert len(reserved) >= Holding.RESERVE_SIZE and reserved <= pool  # taken, not created
+    finally:
+        h.stop_reserve()
+    names = [p.name for p in h.spare_dir.iterdir()]  # one of SPARE_SLOTS names: the pool is bounded
+    assert all(int(name, 16) < SPARE_SLOTS for name in names)
+
+
+def test_deleting_without_a_spare_folder_still_deletes(tmp_path: Path) -> None:
+    h = Holding(tmp_path, "n")  # as a command that is not a node sees it: never prepared
+    h.raw_dir.mkdir()
+    stored = h.new_raw_file(b"identified bytes").commit()
+    h.delete(stored.relative_path)
+    assert not h.absolute(stored.relative_path).exists() and not h.spare_dir.exists()
 
 
 def test_prepare_removes_only_this_nodes_leftovers(tmp_path: Path) -> None:
