@@ -24,9 +24,10 @@ from typing import cast, Any, TypedDict
 
 from sqlalchemy import Engine, Table, and_, bindparam, case, exists, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 
+from deid_router.db.driver import DriverStatement, driver_transaction
 from deid_router.db.engine import READ_ONLY_OPTION
 from deid_router.db.models import AuditEvent, Crosswalk, Instance, Job, QuarantineRow, utc_now
 from deid_router.db.models import JobEvent as JobEventRow
@@ -146,6 +147,21 @@ _INSERT_INSTANCE = insert(_INSTANCES)
 _JOBS = cast(Table, Job.__table__)
 _INSERT_JOB = insert(_JOBS).returning(_JOBS.c.id)
 _INSERT_EVENT = insert(cast(Table, JobEventRow.__table__))
+_ADVISORY_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"
+
+
+class _EnqueueStatements:
+    """The enqueue of a new instance, compiled once for the engine (see ``db.driver``)."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        instance_keys = [c.key for c in _INSTANCES.columns]
+        job_keys = [c.key for c in _JOBS.columns if c.key != "id"]
+        event_keys = ["job_id", "at", "from_state", "to_state", "attempt", "status_code", "reason"]
+        self.lock = DriverStatement(text(_ADVISORY_LOCK), dialect)
+        self.by_sop_key = DriverStatement(_SELECT_BY_SOP_KEY, dialect)
+        self.instance = DriverStatement(_INSERT_INSTANCE, dialect, instance_keys)
+        self.job = DriverStatement(_INSERT_JOB, dialect, job_keys)
+        self.event = DriverStatement(_INSERT_EVENT, dialect, event_keys)
 
 # The claim a worker lane makes many times a second: due jobs of one destination.
 _J = _JOBS.c
@@ -191,6 +207,7 @@ class JobRepository:
         self._engine = engine
         self._clock = clock
         self._pg = engine.dialect.name == "postgresql"
+        self._fast = _EnqueueStatements(engine.dialect)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -239,15 +256,61 @@ class JobRepository:
         A re-send of identical content that already has live (or delivered) jobs creates
         nothing (``duplicate``); a re-send with the same SOP key but different content is
         kept and quarantined (``conflict``), never overwriting what was received first.
+
+        The acknowledgement waits for this: the usual case, an instance never seen before,
+        runs on the driver's cursor (:mod:`deid_router.db.driver`); a re-send is decided in a
+        second transaction by :meth:`_enqueue_again`.
         """
         dests = list(dict.fromkeys(destinations))
         if not dests:
             raise ValueError("enqueue needs at least one destination (an unrouted raw file would never be purged)")
         now = self._clock()
-        with self._tx("enqueue") as conn:
+        fast = self._fast
+        with driver_transaction(self._engine, "enqueue") as cur:
             if self._pg:
                 # Serialise concurrent re-sends of the same instance (SQLite: BEGIN IMMEDIATE).
-                conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": inst.sop_key})
+                cur.execute(fast.lock.sql, fast.lock.args({"k": inst.sop_key}))
+            cur.execute(fast.by_sop_key.sql, fast.by_sop_key.args({"sop_key": inst.sop_key}))
+            seen = bool(cur.fetchall())
+            if not seen:
+                job_ids = []
+                cur.execute(fast.instance.sql, fast.instance.args(self._instance_row(inst, now)))
+                for dest in dests:
+                    cur.execute(fast.job.sql, fast.job.args(self._job_row(inst, dest, JobState.QUEUED, "", now)))
+                    job_ids.append(int(cur.fetchone()[0]))
+                self._events_on_cursor(
+                    cur, [self._ev(j, now, None, JobState.QUEUED.value, 0, None, "received") for j in job_ids]
+                )
+        if seen:
+            return self._enqueue_again(inst, dests, now)
+        return EnqueueResult(instance_id=inst.instance_id, job_ids=job_ids, duplicate=False, conflict=False)
+
+    def _events_on_cursor(self, cur: Any, rows: Sequence[dict[str, Any]]) -> None:
+        cur.executemany(self._fast.event.sql, [self._fast.event.args(r) for r in rows])
+
+    @staticmethod
+    def _instance_row(inst: NewInstance, now: datetime) -> dict[str, Any]:
+        return {
+            "id": inst.instance_id, "sop_key": inst.sop_key, "content_sha256": inst.content_sha256,
+            "raw_path": inst.raw_path, "size": inst.size, "sop_class_uid": inst.sop_class_uid,
+            "transfer_syntax": inst.transfer_syntax, "calling_aet": inst.calling_aet,
+            "called_aet": inst.called_aet, "modality": inst.modality, "received_at": now,
+            "raw_deleted_at": None,
+        }
+
+    @staticmethod
+    def _job_row(inst: NewInstance, dest: str, state: JobState, reason: str, now: datetime) -> dict[str, Any]:
+        return {
+            "instance_id": inst.instance_id, "destination": dest, "state": state.value, "attempts": 0,
+            "run_after": now, "last_reason": reason, "created_at": now, "updated_at": now,
+            "lease_owner": None, "lease_expires_at": None, "last_status": None,
+        }
+
+    def _enqueue_again(self, inst: NewInstance, dests: list[str], now: datetime) -> EnqueueResult:
+        """Enqueue an instance whose SOP key is known: a duplicate, a new route, or a conflict."""
+        with self._tx("enqueue") as conn:
+            if self._pg:
+                conn.execute(text(_ADVISORY_LOCK), {"k": inst.sop_key})
             existing = conn.execute(_SELECT_BY_SOP_KEY, {"sop_key": inst.sop_key}).all()
             same = [r.id for r in existing if r.content_sha256 == inst.content_sha256]
             conflict = any(r.content_sha256 != inst.content_sha256 for r in existing)
@@ -265,29 +328,13 @@ class JobRepository:
             needed = [d for d in dests if d not in covered]
             if not needed:
                 return EnqueueResult(instance_id=same[0], job_ids=[], duplicate=True, conflict=False)
-            conn.execute(
-                _INSERT_INSTANCE,
-                {
-                    "id": inst.instance_id, "sop_key": inst.sop_key, "content_sha256": inst.content_sha256,
-                    "raw_path": inst.raw_path, "size": inst.size, "sop_class_uid": inst.sop_class_uid,
-                    "transfer_syntax": inst.transfer_syntax, "calling_aet": inst.calling_aet,
-                    "called_aet": inst.called_aet, "modality": inst.modality, "received_at": now,
-                    "raw_deleted_at": None,
-                },
-            )
+            conn.execute(_INSERT_INSTANCE, self._instance_row(inst, now))
             state = JobState.FAILED if conflict else JobState.QUEUED
             reason = CONFLICT_REASON if conflict else ""
             job_ids: list[int] = []
             events: list[dict[str, Any]] = []
             for dest in needed:
-                job_id = conn.execute(
-                    _INSERT_JOB,
-                    {
-                        "instance_id": inst.instance_id, "destination": dest, "state": state.value, "attempts": 0,
-                        "run_after": now, "last_reason": reason, "created_at": now, "updated_at": now,
-                        "lease_owner": None, "lease_expires_at": None, "last_status": None,
-                    },
-                ).scalar_one()
+                job_id = conn.execute(_INSERT_JOB, self._job_row(inst, dest, state, reason, now)).scalar_one()
                 job_ids.append(job_id)
                 events.append(self._ev(job_id, now, None, state.value, 0, None, reason or "received"))
             self._event(conn, events)

@@ -56,9 +56,16 @@ def test_enqueue_is_atomic(repo: JobRepository, engine: Engine, instance_factory
         raise RuntimeError("crash after the jobs were inserted")
 
     monkeypatch.setattr(JobRepository, "_event", staticmethod(boom))
+    monkeypatch.setattr(JobRepository, "_events_on_cursor", boom)
     with pytest.raises(RuntimeError):
-        repo.enqueue(instance_factory(), ["pacs", "outbox"])
+        repo.enqueue(instance_factory(), ["pacs", "outbox"])  # a new instance
     assert _count(engine, Instance) == 0 and _count(engine, Job) == 0
+    monkeypatch.undo()
+    repo.enqueue(instance_factory(sop_key="k" * 64, sha="a" * 64), ["pacs"])
+    monkeypatch.setattr(JobRepository, "_event", staticmethod(boom))
+    with pytest.raises(RuntimeError):
+        repo.enqueue(instance_factory(sop_key="k" * 64, sha="b" * 64), ["pacs"])  # a conflicting re-send
+    assert _count(engine, Instance) == 1 and _count(engine, Job) == 1
 
 
 def test_resend_of_same_content_is_a_duplicate(repo: JobRepository, engine: Engine, instance_factory: Factory) -> None:
