@@ -69,7 +69,7 @@ class QueueConfig:
     batch_size: int = 32
     poll_seconds: float = 0.5
     busy_timeout_seconds: float = 30.0  # SQLite: how long a write waits for the lock before 0xA700
-    worker_nice: int = 10  # workers yield the CPU to the listener: intake never waits for de-identification
+    worker_nice: int = 19  # workers yield the CPU to the listener: intake never waits for de-identification
 
 
 @dataclass(frozen=True)
@@ -285,7 +285,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         batch_size=r.number(qu, "queue", "batch_size", int, 32, 1),
         poll_seconds=r.number(qu, "queue", "poll_seconds", float, 0.5, 0.01),
         busy_timeout_seconds=r.number(qu, "queue", "busy_timeout_seconds", float, 30.0, 0.1),
-        worker_nice=r.number(qu, "queue", "worker_nice", int, 10, 0),
+        worker_nice=r.number(qu, "queue", "worker_nice", int, 19, 0),
     )
     if queue.worker_nice > 19:
         r.problem("queue.worker_nice", "must be <= 19")

@@ -311,7 +311,7 @@ def render(rows: list[Row], profiles: dict[str, list[tuple[str, str, float]]], a
         f"one minute to the next (absolute numbers are noisy; compare the ratios, measured side by side in this one "
         f"run, and the receiver CPU per instance, which drifts less), "
         f"Python {platform.python_version()}. Total bench time {seconds:.0f} s.  ",
-        f"Queue: {'PostgreSQL' if args.pg else 'SQLite (default)'}; router workers=2 (queue.worker_nice 10, the default), batch_size 32, max PDU 0.  ",
+        f"Queue: {'PostgreSQL' if args.pg else 'SQLite (default)'}; router workers=2 (queue.worker_nice 19, the default), batch_size 32, max PDU 0.  ",
         f"storescu flags: `TCP_NODELAY=1 storescu {' '.join(SCU_FLAGS)}` (one association per sender).  ",
         f"storescp flags: `TCP_NODELAY=1 storescp {' '.join(SCP_COMMON)}` + `--ignore` or `{' '.join(SCP_WRITE)} -od DIR`; "
         "the router's destination is the writing storescp.  ",

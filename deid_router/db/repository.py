@@ -1,6 +1,8 @@
 """The job repository: the only code that writes SQL for the queue.
 
-Every method is one short transaction (``engine.begin()``); every state write goes through
+Every method is one short transaction (``engine.begin()``; the enqueue of a new instance, on
+the acknowledgement path, runs the same Core statements on the driver's cursor, see
+``db.driver``); every state write goes through
 ``jobs.states.assert_transition`` and leaves a ``job_events`` row. Database trouble leaves
 this module as :class:`deid_router.errors.QueueError` with the driver error as ``__cause__``
 and a message that names the operation only (never a value).

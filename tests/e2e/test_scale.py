@@ -93,10 +93,10 @@ def test_two_nodes_share_one_queue_deliver_each_instance_exactly_once(tmp_path: 
     try:
         node_a.start()  # first: creates the secret and migrates; the second finds both done
         node_b.start()
-        # the listener has the CPU first: de-identification workers run at queue.worker_nice (10)
+        # the listener has the CPU first: de-identification workers run at queue.worker_nice (19)
         assert node_a.proc is not None
         workers = [p for p in process_tree(node_a.proc.pid) if "spawn_main" in cmdline(p)]
-        assert len(workers) == 2 and [nice(p) for p in workers] == [10, 10]
+        assert len(workers) == 2 and [nice(p) for p in workers] == [19, 19]
         assert nice(node_a.proc.pid) == 0
         results: dict[int, Any] = {}
 
