@@ -225,7 +225,10 @@ class Holding:
         # Every fan-out folder and some spare files up front: the first instances after a start
         # then cost no mkdir or create either.
         for i in range(256):
-            (self.raw_dir / f"{i:02x}").mkdir(exist_ok=True)
+            try:
+                (self.raw_dir / f"{i:02x}").mkdir(exist_ok=True)
+            except OSError:
+                break  # a full disk: made when first needed (Holding._raw_place)
         self._top_up_spares(SPARE_AT_START)
         removed = 0
         for d in (self.work_dir,):
@@ -442,6 +445,8 @@ class Holding:
                     os.close(_create(self.spare_dir / name))
                 except FileExistsError:
                     pass  # another node sharing this volume made it meanwhile
+                except OSError:
+                    return  # a full disk: receiving creates its files as it goes
                 names.add(name)
 
     def _take_spare(self, path: Path) -> int | None:
