@@ -26,7 +26,7 @@ from tests.support.bigdicom import pixel_sha256, write_big_multiframe
 from tests.support.corpus import make_series
 from tests.support.peers import StoreSCP, storescu, storescu_acknowledged
 from tests.support.procmon import RssSampler, cmdline, nice, process_tree
-from tests.support.router import RouterProcess, dicom_destination
+from tests.support.router import RouterProcess, dicom_destination, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -95,8 +95,13 @@ def test_two_nodes_share_one_queue_deliver_each_instance_exactly_once(tmp_path: 
         node_b.start()
         # the listener has the CPU first: de-identification workers run at queue.worker_nice (19)
         assert node_a.proc is not None
-        workers = [p for p in process_tree(node_a.proc.pid) if "spawn_main" in cmdline(p)]
-        assert len(workers) == 2 and [nice(p) for p in workers] == [19, 19]
+        pid = node_a.proc.pid
+
+        def worker_nices() -> list[int]:
+            return [nice(p) for p in process_tree(pid) if "spawn_main" in cmdline(p)]
+
+        # two workers, each lowering its priority as soon as it has read the configuration
+        wait_until(lambda: worker_nices() == [19, 19], 20, 0.1, "two workers at nice 19")
         assert nice(node_a.proc.pid) == 0
         results: dict[int, Any] = {}
 
