@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 MIN_CONFIDENCE = 50.0
+_LIGHT = 220  # 8-bit level from which a pixel may be text
 _WORD = re.compile(r"[0-9A-Za-z]{3,}")
 _ALNUM = re.compile(r"[^0-9A-Za-z]+")
 
@@ -65,13 +66,24 @@ def words(img: np.ndarray) -> list[Word]:
         from PIL import Image
     except ImportError as exc:
         raise DeidError("ocr_unavailable", "pytesseract or Pillow is not installed") from exc
+    # Burned-in text is light (white, yellow, green) on an image: read the grey rendering
+    # (inverted when dark), then the light pixels alone as black on white.
+    bright = img if img.ndim == 2 else img[..., :3].max(axis=2)
     grey = img if img.ndim == 2 else (img[..., :3].astype(np.uint16).sum(axis=2) // 3).astype(np.uint8)
     if float(grey.mean()) < 128:  # Tesseract reads dark text on a light background best
         grey = 255 - grey
+    binary = np.where(bright >= _LIGHT, 0, 255).astype(np.uint8)
+    found: list[Word] = []
+    for image in (grey, binary):
+        found.extend(_read(pytesseract, Image, image))
+    return found
+
+
+def _read(pytesseract: Any, image_mod: Any, grey: np.ndarray) -> list[Word]:
     scale = 2 if max(grey.shape) < 1200 else 1
-    pil = Image.fromarray(grey)
+    pil = image_mod.fromarray(grey)
     if scale > 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.LANCZOS)
+        pil = pil.resize((pil.width * scale, pil.height * scale), image_mod.Resampling.LANCZOS)
     try:
         data = pytesseract.image_to_data(pil, config="--psm 11", output_type=pytesseract.Output.DICT)
     except (pytesseract.TesseractNotFoundError, pytesseract.TesseractError, OSError) as exc:

@@ -164,6 +164,14 @@ class Plan:
         return self.ts_out in NATIVE
 
     @property
+    def header_photometric(self) -> str:
+        """What the output's header says: RGB in JPEG 2000 is written with the reversible colour
+        transform, which PS3.5 8.2.4 names YBR_RCT (decoders give RGB back)."""
+        if self.ts_out == JPEG2000Lossless and self.photometric_out == "RGB":
+            return "YBR_RCT"
+        return self.photometric_out
+
+    @property
     def out_rows(self) -> int:
         return self.crop[3] - self.crop[1] if self.crop else self.spec.rows
 
@@ -232,8 +240,8 @@ def apply_header(plan: Plan, ds: Dataset) -> None:
     """The Image Pixel module and file meta of the cleaned output (the engine marks the rest)."""
     spec = plan.spec
     ds.file_meta.TransferSyntaxUID = UID(plan.ts_out)
-    if plan.photometric_out != spec.photometric:
-        ds.PhotometricInterpretation = plan.photometric_out
+    if plan.header_photometric != spec.photometric:
+        ds.PhotometricInterpretation = plan.header_photometric
     if spec.samples > 1 and ("PlanarConfiguration" in ds or plan.planar_out != spec.planar):
         ds.PlanarConfiguration = plan.planar_out
     if plan.crop:
@@ -338,7 +346,7 @@ def _encoder(plan: Plan) -> Callable[[np.ndarray], bytes]:
         number_of_frames=1, planar_configuration=0,
     )
     if plan.ts_out == JPEG2000Lossless:
-        opts["use_mct"] = False  # the pixels stay RGB, as PhotometricInterpretation says
+        opts["use_mct"] = plan.header_photometric == "YBR_RCT"
 
     def encode(arr: np.ndarray) -> bytes:
         try:

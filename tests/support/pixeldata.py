@@ -84,6 +84,15 @@ def dataset(frames: list[np.ndarray], sop_class: str = US_IMAGE, manufacturer: s
     ds.StudyDate = "20240312"
     ds.AccessionNumber = "ACC5566"
     ds.Modality = "US" if sop_class != SC_IMAGE else "OT"
+    ds.PatientSex = "O"
+    ds.StudyTime = "101500"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "S1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Laterality = ""
+    ds.PatientOrientation = ""
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL"] if sop_class != SC_IMAGE else ["DERIVED", "SECONDARY"]
     ds.Manufacturer = manufacturer
     ds.ManufacturerModelName = model
     if sop_class == SC_IMAGE:
@@ -131,7 +140,7 @@ def encode(ds: FileDataset, syntax: str) -> FileDataset:
         ds.LossyImageCompression = "01"
         ds.LossyImageCompressionMethod = "ISO_10918_1"
         return ds
-    ds.compress(uid, encoding_plugin="pylibjpeg" if syntax == "j2k" else "", **({"use_mct": False} if syntax == "j2k" else {}))
+    ds.compress(uid)  # JPEG 2000 RGB: with the reversible colour transform, as YBR_RCT
     return ds
 
 
