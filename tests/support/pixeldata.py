@@ -158,3 +158,29 @@ def decoded(path: Path) -> np.ndarray:
     if int(ds.get("NumberOfFrames", 1) or 1) == 1:
         arr = arr[None]
     return arr
+
+
+def write_big_cine(path: Path, frames: int, rows: int = 480, cols: int = 640) -> None:
+    """A native RGB US multi-frame of ``frames`` frames written frame by frame (never in memory):
+    every frame carries the burned-in band, each one shifted so frames differ."""
+    import struct
+
+    base = render(rows=rows, cols=cols)
+    ds = dataset([base[:1, :1]], sop_class=US_MULTIFRAME)
+    ds.Rows, ds.Columns = rows, cols
+    ds.NumberOfFrames = frames
+    del ds.PixelData
+    length = rows * cols * 3 * frames
+    with open(path, "wb") as fh:
+        ds.save_as(fh, enforce_file_format=True)
+        fh.write(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, length + (length & 1)))
+        for i in range(frames):
+            fh.write(big_cine_frame(base, i).tobytes())
+        if length & 1:
+            fh.write(b"\0")
+
+
+def big_cine_frame(base: np.ndarray, i: int) -> np.ndarray:
+    frame = base.copy()
+    frame[60:] = np.roll(base[60:], i, axis=1)
+    return frame
