@@ -311,3 +311,35 @@ def test_check_config_validates_the_rules_file(tmp_path: Path, capsys: pytest.Ca
     (tmp_path / "rules.toml").write_text(px.RULE_TOML)
     assert main(["check-config", "--config", str(cfg)]) == 2
     assert "needs deid.pixel_ocr = true" in "".join(capsys.readouterr())
+
+
+def test_dry_run_preview_writes_before_and_after_pngs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    cfg = tmp_path / "router.toml"
+    cfg.write_text(CONFIG)
+    (tmp_path / "rules.toml").write_text(px.RULE_TOML)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    px.write(px.encode(px.dataset([px.render()]), "jpeg"), inp / "us.dcm")
+    px.write(px.dataset([px.render()], model="OTHER9"), inp / "unknown.dcm")
+    prev = tmp_path / "preview"
+    code = main(["deidentify", "--config", str(cfg), str(inp), "--out", str(tmp_path / "out"),
+                 "--dry-run", "--preview", str(prev)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert not (tmp_path / "out").exists()
+    assert "rule 'ACME SONO1 header band': before/after written" in text
+    assert "burned_in_no_rule: before image only" in text
+    us = sorted(prev.glob("*-us.*.png"))
+    assert [p.name.split(".", 1)[1] for p in us] == ["after.png", "before.png"]
+    assert not list(prev.glob("*-unknown.after.png")) and list(prev.glob("*-unknown.before.png"))
+    for p in prev.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o600
+    before = np.asarray(Image.open(next(prev.glob("*-us.before.png"))))
+    after = np.asarray(Image.open(next(prev.glob("*-us.after.png"))))
+    assert (before[39, 5:300] == [255, 0, 0]).all()  # the region's outline, in red
+    assert (after[2:38, 2:318] == 0).all()  # inside the outline: black
+    assert (before[2:38, 2:318] > 200).any()  # the text, before
+    assert main(["deidentify", "--config", str(cfg), str(inp), "--out", str(tmp_path / "out"),
+                 "--preview", str(prev)]) == 2
