@@ -308,7 +308,7 @@ def _decoded_frames(plan: Plan, src: BinaryIO | bytes, extended: tuple[bytes, by
 
     try:
         decoder = get_decoder(plan.ts_in)
-        extra: dict[str, Any] = {"as_rgb": plan.as_rgb}
+        extra: dict[str, Any] = {"as_rgb": plan.as_rgb, "pixel_keyword": "PixelData"}
         if extended is not None:
             extra["extended_offsets"] = extended
         frames = decoder.iter_array(src, **plan.spec.options(**extra))

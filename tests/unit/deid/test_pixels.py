@@ -343,3 +343,78 @@ def test_dry_run_preview_writes_before_and_after_pngs(tmp_path: Path, capsys: py
     assert (before[2:38, 2:318] > 200).any()  # the text, before
     assert main(["deidentify", "--config", str(cfg), str(inp), "--out", str(tmp_path / "out"),
                  "--preview", str(prev)]) == 2
+
+
+_OTHER = {  # input made by: (tool args or "pydicom:<uid>", expected output syntax, lossy input)
+    "jpeg_lossless_sv1": (["dcmcjpeg", "+e1"], ExplicitVRLittleEndian, False),
+    "jpeg_lossless": (["dcmcjpeg", "+el"], ExplicitVRLittleEndian, False),
+    "jpeg_baseline_dcmtk": (["dcmcjpeg", "+eb"], JPEGLSLossless, True),
+    "jpegls_near_lossless": (["dcmcjpls", "+en"], JPEGLSLossless, True),
+    "j2k_lossy": (["pydicom:1.2.840.10008.1.2.4.91"], JPEG2000Lossless, True),
+}
+
+
+@pytest.mark.parametrize("colour", [True, False], ids=["rgb", "mono"])
+@pytest.mark.parametrize("kind", list(_OTHER))
+def test_other_encodings_cleaned_without_further_loss(kind: str, colour: bool, tmp_path: Path, rules: Path) -> None:
+    make_with, want_ts, lossy = _OTHER[kind]
+    native = px.write(px.dataset([px.render(colour=colour, frame=i) for i in range(2)], sop_class=px.US_MULTIFRAME),
+                      tmp_path / "native.dcm")
+    src = tmp_path / "in.dcm"
+    if make_with[0].startswith("pydicom:"):
+        ds = dcmread(native)
+        ds.compress(make_with[0].split(":", 1)[1], j2k_cr=[20])
+        ds.save_as(src, enforce_file_format=True)
+    else:
+        res = subprocess.run([_tool(make_with[0]), *make_with[1:], str(native), str(src)], capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+    dst = tmp_path / "out.dcm"
+    _clean(src, dst, rules)
+    before, after = px.decoded(src), px.decoded(dst)
+    mask = _band_mask(before.shape[1:3])
+    assert (after[:, mask] == 0).all()
+    assert np.array_equal(after[:, ~mask], before[:, ~mask])
+    out = dcmread(dst)
+    assert out.file_meta.TransferSyntaxUID == want_ts
+    if lossy:
+        assert out.LossyImageCompression == "01"
+    assert len(_dciodvfy_errors(dst)) <= len(_dciodvfy_errors(src)), _dciodvfy_errors(dst)
+
+
+@pytest.mark.parametrize("syntax", ["rle", "jpegls", "j2k"])
+def test_signed_16_bit_compressed(syntax: str, tmp_path: Path, rules: Path) -> None:
+    ds, black = _variants()["mono16_signed_12bit"]
+    ds.compress(px.SYNTAXES[syntax])
+    src = tmp_path / "in.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    dst = tmp_path / "out.dcm"
+    _clean(src, dst, rules)
+    before, after = px.decoded(src), px.decoded(dst)
+    mask = _band_mask(before.shape[1:3])
+    assert (after[:, mask] == black[0]).all()
+    assert np.array_equal(after[:, ~mask], before[:, ~mask])
+    assert dcmread(dst).file_meta.TransferSyntaxUID == px.SYNTAXES[syntax]
+
+
+def test_native_ybr_full_422_written_as_ybr_full(tmp_path: Path, rules: Path) -> None:
+    from pydicom.pixels import convert_color_space, pixel_array
+
+    rgb = px.render()
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    y, cb, cr = ybr[..., 0], ybr[..., 1], ybr[..., 2]
+    packed = np.empty((240, 160, 4), dtype=np.uint8)  # Y0 Y1 Cb Cr per pair of pixels
+    packed[..., 0], packed[..., 1] = y[:, 0::2], y[:, 1::2]
+    packed[..., 2], packed[..., 3] = cb[:, 0::2], cr[:, 0::2]
+    ds = px.dataset([rgb])
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PixelData = packed.tobytes()
+    src = px.write(ds, tmp_path / "in.dcm")
+    dst = tmp_path / "out.dcm"
+    _clean(src, dst, rules)
+    out = dcmread(dst)
+    assert out.PhotometricInterpretation == "YBR_FULL" and out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    before, after = pixel_array(src, raw=True), pixel_array(dst, raw=True)
+    mask = _band_mask(before.shape[:2])
+    assert (after[mask] == [0, 128, 128]).all()
+    assert np.array_equal(after[~mask], before[~mask])
