@@ -247,6 +247,7 @@ def apply_header(plan: Plan, ds: Dataset) -> None:
     if plan.crop:
         ds.Rows = plan.out_rows
         ds.Columns = plan.out_columns
+        _crop_us_regions(plan.crop, ds)
     for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
         if keyword in ds:
             del ds[keyword]
@@ -255,6 +256,32 @@ def apply_header(plan: Plan, ds: Dataset) -> None:
         if "LossyImageCompressionMethod" not in ds:
             ds.LossyImageCompressionMethod = LOSSY_METHOD[plan.ts_in]
     ds.BurnedInAnnotation = "NO"
+
+
+def _crop_us_regions(crop: Box, ds: Dataset) -> None:
+    """Ultrasound calibration regions follow the crop (shifted, clipped; ones left outside go)."""
+    regions = ds.get("SequenceOfUltrasoundRegions")
+    if not regions:
+        return
+    cx0, cy0, cx1, cy1 = crop
+    kept = []
+    for item in regions:
+        try:
+            x0, y0 = int(item.RegionLocationMinX0), int(item.RegionLocationMinY0)
+            x1, y1 = int(item.RegionLocationMaxX1), int(item.RegionLocationMaxY1)
+        except (AttributeError, TypeError, ValueError):
+            raise DeidError("pixel_unsupported", "an ultrasound region without its location",
+                            "SequenceOfUltrasoundRegions") from None
+        nx0, ny0, nx1, ny1 = max(x0, cx0), max(y0, cy0), min(x1, cx1 - 1), min(y1, cy1 - 1)
+        if nx0 > nx1 or ny0 > ny1:
+            continue
+        item.RegionLocationMinX0, item.RegionLocationMinY0 = nx0 - cx0, ny0 - cy0
+        item.RegionLocationMaxX1, item.RegionLocationMaxY1 = nx1 - cx0, ny1 - cy0
+        kept.append(item)
+    if kept:
+        ds.SequenceOfUltrasoundRegions = kept
+    else:
+        del ds.SequenceOfUltrasoundRegions
 
 
 def clean_frame(plan: Plan, arr: np.ndarray, planar1: bool) -> np.ndarray:

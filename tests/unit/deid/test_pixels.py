@@ -250,12 +250,19 @@ def test_crop_keeps_only_the_box(tmp_path: Path) -> None:
     rules.write_text(px.RULE_TOML.replace("regions = [[0, 0, 320, 40]]", "regions = [[0, 0, 320, 40]]\ncrop = [10, 40, 310, 230]"))
     for syntax in ("native", "jpegls"):
         img = px.render()
-        src = px.write(px.encode(px.dataset([img]), syntax), tmp_path / f"{syntax}.dcm")
+        ds = px.dataset([img])
+        region = Dataset()
+        region.RegionLocationMinX0, region.RegionLocationMinY0 = 0, 30
+        region.RegionLocationMaxX1, region.RegionLocationMaxY1 = 319, 239
+        ds.SequenceOfUltrasoundRegions = [region]
+        src = px.write(px.encode(ds, syntax), tmp_path / f"{syntax}.dcm")
         dst = tmp_path / f"{syntax}-out.dcm"
         _clean(src, dst, rules)
         out = dcmread(dst)
         assert (out.Rows, out.Columns) == (190, 300)
         assert np.array_equal(out.pixel_array, img[40:230, 10:310])
+        r = out.SequenceOfUltrasoundRegions[0]  # the calibration region follows the crop
+        assert (r.RegionLocationMinX0, r.RegionLocationMinY0, r.RegionLocationMaxX1, r.RegionLocationMaxY1) == (0, 0, 299, 189)
 
 
 def test_rules_file_validation_names_each_problem() -> None:
