@@ -32,6 +32,9 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000,
     JPEG2000Lossless,
@@ -64,12 +67,17 @@ REENCODE: dict[str, str] = {
     JPEGExtended12Bit: JPEGLSLossless,
     JPEGLSNearLossless: JPEGLSLossless,
     JPEG2000: JPEG2000Lossless,
+    # High-Throughput JPEG 2000: decoded by pylibjpeg-openjpeg, no encoder
+    HTJ2KLossless: ExplicitVRLittleEndian,
+    HTJ2KLosslessRPCL: ExplicitVRLittleEndian,
+    HTJ2K: JPEG2000Lossless,
 }
 LOSSY_METHOD: dict[str, str] = {
     JPEGBaseline8Bit: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1",
-    JPEGLSNearLossless: "ISO_14495_1", JPEG2000: "ISO_15444_1",
+    JPEGLSNearLossless: "ISO_14495_1", JPEG2000: "ISO_15444_1", HTJ2K: "ISO_15444_15",
 }
 _JPEG_FAMILY = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1})
+_J2K_FAMILY = frozenset({JPEG2000, JPEG2000Lossless, HTJ2K, HTJ2KLossless, HTJ2KLosslessRPCL})
 _DECODED_RGB = {  # (input syntax family, photometric) decoded to RGB by pydicom's decoders
     "jpeg": frozenset({"YBR_FULL", "YBR_FULL_422", "RGB"}),
     "j2k": frozenset({"YBR_RCT", "YBR_ICT", "RGB"}),
@@ -216,7 +224,7 @@ def make_plan(ds: Dataset, ts: str, rule: PixelRule, ocr_frames: int = 0) -> Pla
             ts_out = ExplicitVRLittleEndian
     elif ts in REENCODE:
         ts_out = REENCODE[ts]
-        family = "jpeg" if ts in _JPEG_FAMILY else "j2k" if ts in (JPEG2000, JPEG2000Lossless) else ""
+        family = "jpeg" if ts in _JPEG_FAMILY else "j2k" if ts in _J2K_FAMILY else ""
         if spec.samples == 3 and family and photometric in _DECODED_RGB[family]:
             photometric, as_rgb = "RGB", family == "jpeg"
         if spec.samples == 3 and ts_out != RLELossless:

@@ -356,6 +356,7 @@ _OTHER = {  # input made by: (tool args or "pydicom:<uid>", expected output synt
     "jpeg_lossless_sv1": (["dcmcjpeg", "+e1"], ExplicitVRLittleEndian, False),
     "jpeg_lossless": (["dcmcjpeg", "+el"], ExplicitVRLittleEndian, False),
     "jpeg_baseline_dcmtk": (["dcmcjpeg", "+eb"], JPEGLSLossless, True),
+    "jpeg_extended_dcmtk": (["dcmcjpeg", "+ee"], JPEGLSLossless, True),
     "jpegls_near_lossless": (["dcmcjpls", "+en"], JPEGLSLossless, True),
     "j2k_lossy": (["pydicom:1.2.840.10008.1.2.4.91"], JPEG2000Lossless, True),
 }
