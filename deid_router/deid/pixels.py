@@ -466,6 +466,8 @@ def value_start(fp: BinaryIO, start: int, little: bool, implicit: bool) -> tuple
     """(offset of the pixel element's value, its explicit VR) for the element at ``start``."""
     fp.seek(start)
     hdr = fp.read(8)
+    if struct.unpack(("<" if little else ">") + "HH", hdr[:4]) != _PIXEL_TAG:
+        raise DeidError("pixel_unsupported", "float pixel data is not cleaned", "FloatPixelData")
     if implicit:
         return start + 8, b"OW"
     vr = hdr[4:6]
