@@ -118,3 +118,19 @@ def test_200mb_cine_cleaned_frame_by_frame_under_300mb(tmp_path: Path) -> None:
 @pytest.mark.timeout(1800)
 def test_1gb_cine_cleaned_frame_by_frame_under_300mb(tmp_path: Path) -> None:
     _big_cine_through_node(tmp_path, frames=1166, timeout=1200)  # 1 GiB
+
+
+def test_ocr_in_the_workers_quarantines_a_name_left_outside_the_regions(tmp_path: Path) -> None:
+    inp = tmp_path / "in"
+    inp.mkdir()
+    px.write(px.dataset([px.render()]), inp / "clean.dcm")
+    px.write(px.dataset([px.render(elsewhere="ZEBRAFINCH")]), inp / "leaky.dcm")
+    router = _router(tmp_path, pixel_ocr=True)
+    with router:
+        res = storescu("127.0.0.1", router.port, [inp])
+        assert storescu_acknowledged(res) == 2, res.stdout[-2000:]
+        status = router.wait_idle(120)
+        assert status["jobs"]["done"] == 1 and status["quarantined"] == 1, status
+        assert "burned_in_text_found" in router.cli("quarantine", "list").stdout
+    files = _outbox(router)
+    assert len(files) == 1 and px.NAME.encode() not in files[0].read_bytes()
