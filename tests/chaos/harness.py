@@ -53,7 +53,7 @@ from tests.support.procmon import RssSampler
 from tests.support.router import RouterProcess, dicom_destination
 from tests.support.tcp_proxy import TcpProxy
 
-RSS_LIMIT_MB = 300.0  # per node: every process of it together
+RSS_LIMIT_MB = 400.0  # a node, all its processes together: listener and two workers (300 MB with one)
 FINAL_STATES = ("done", "failed", "purged")
 # listener fault points that fire before the acknowledgement, and worker ones after the claim
 NODE_FAULT_POINTS = [p for p in POINTS if p != "during_folder_write"]
@@ -70,7 +70,7 @@ class Chaos:
     pg_url: str | None = None
     instances: int = 600
     fault_every: tuple[float, float] = (2.0, 5.0)
-    rng: random.Random = field(init=False)
+    errors: list[BaseException] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
     acked: set[str] = field(default_factory=set)
     sent: set[str] = field(default_factory=set)
@@ -83,7 +83,6 @@ class Chaos:
     _a700: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.rng = random.Random(self.seed)
         self.workdir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ set-up
@@ -236,8 +235,7 @@ class Chaos:
 
     # ------------------------------------------------------------------ faults
 
-    def _fault(self, kind: str) -> None:
-        rng = self.rng
+    def _fault(self, kind: str, rng: random.Random) -> None:
         if kind == "node_kill":
             r = rng.choice(self.routers)
             r.kill()
@@ -279,23 +277,34 @@ class Chaos:
             self.proxy.restore()
         else:  # pragma: no cover - the kinds are ours
             raise ValueError(kind)
-        self.faults[kind] += 1
 
-    def _kinds(self) -> list[str]:
-        kinds = ["node_kill", "worker_kill", "storescp_down", "orthanc_down", "pacs_a700", "disk_full"]
-        return kinds + (["db_cut"] if self.proxy is not None else [])
+    def _injectors(self) -> list[list[str]]:
+        """Two injectors run at once, so faults overlap: one for the node and its resources,
+        one for the destinations (each owns its kinds: no two threads act on one thing)."""
+        local = ["node_kill", "worker_kill", "disk_full"] + (["db_cut"] if self.proxy is not None else [])
+        return [local, ["storescp_down", "orthanc_down", "pacs_a700"]]
 
-    def _inject(self, until: float) -> None:
-        kinds = self._kinds()
+    def _inject(self, kinds: list[str], rng: random.Random, until: float, supervise: bool) -> None:
+        try:
+            self._inject_until(kinds, rng, until, supervise)
+        except BaseException as exc:  # the run fails on it, after healing
+            self.errors.append(exc)
+
+    def _inject_until(self, kinds: list[str], rng: random.Random, until: float, supervise: bool) -> None:
         # every kind once first (in a seeded order), then at random
         plan = kinds[:]
-        self.rng.shuffle(plan)
+        rng.shuffle(plan)
         while not self._stop_faults.is_set() and time.monotonic() < until:
-            if self._stop_faults.wait(self.rng.uniform(*self.fault_every)):
+            if self._stop_faults.wait(rng.uniform(*self.fault_every)):
                 break
-            self._supervise()
-            self._fault(plan.pop(0) if plan else self.rng.choice(kinds))
-            self._supervise()
+            if supervise:
+                self._supervise()
+            kind = plan.pop(0) if plan else rng.choice(kinds)
+            self._fault(kind, rng)
+            with self._lock:
+                self.faults[kind] += 1
+            if supervise:
+                self._supervise()
 
     # ------------------------------------------------------------------ the run
 
@@ -312,11 +321,22 @@ class Chaos:
         # senders pace themselves over the whole chaos window: one round of the corpus at a time
         for t in senders:
             t.start()
+        injectors = [
+            threading.Thread(
+                target=self._inject, args=(kinds, random.Random(self.seed * 100 + i), chaos_until, i == 0), daemon=True
+            )
+            for i, kinds in enumerate(self._injectors())
+        ]
         try:
-            self._inject(chaos_until)
+            for t in injectors:
+                t.start()
+            for t in injectors:
+                t.join()
         finally:
             self._stop_faults.set()
             self._heal()
+        if self.errors:
+            raise self.errors[0]
         for t in senders:
             t.join(timeout=max(1.0, send_until - time.monotonic()))
         self._drain(timeout=300)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import Chaos, Report
+from tests.chaos.harness import RSS_LIMIT_MB, Chaos, Report
 from tests.conftest import missing, require_tool
 
 pytestmark = pytest.mark.e2e
@@ -53,7 +53,7 @@ def _assert_invariant(report: Report) -> None:
     assert {k: v for k, v in report.jobs.items() if v and k not in ("done",)} == {}, table
     assert report.fault_count >= MIN_FAULTS, table
     assert len([k for k, v in report.faults.items() if v]) >= MIN_KINDS, table
-    assert report.peak_rss_mb < 300 * 1.5, table  # a node's processes together (two workers, listener)
+    assert report.peak_rss_mb < RSS_LIMIT_MB, table
 
 
 @pytest.mark.timeout(1200)
