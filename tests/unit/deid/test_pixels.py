@@ -426,3 +426,24 @@ def test_native_ybr_full_422_written_as_ybr_full(tmp_path: Path, rules: Path) ->
     mask = _band_mask(before.shape[:2])
     assert (after[mask] == [0, 128, 128]).all()
     assert np.array_equal(after[~mask], before[~mask])
+
+
+def test_configured_fill_value(tmp_path: Path) -> None:
+    rules = tmp_path / "fill.toml"
+    rules.write_text(px.RULE_TOML + "fill = 77\n")
+    img = px.render(colour=False)
+    src = px.write(px.dataset([img]), tmp_path / "in.dcm")
+    _clean(src, tmp_path / "out.dcm", rules)
+    out = px.decoded(tmp_path / "out.dcm")[0]
+    assert (out[:40] == 77).all() and np.array_equal(out[40:], img[40:])
+
+
+def test_corrupt_compressed_pixels_quarantine(tmp_path: Path, rules: Path) -> None:
+    from pydicom.encaps import encapsulate
+
+    ds = px.encode(px.dataset([px.render()]), "jpeg")
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xdb" + b"\x00" * 500])  # a JPEG that stops after a marker
+    src = px.write(ds, tmp_path / "in.dcm")
+    with pytest.raises(DeidError) as err:
+        _clean(src, tmp_path / "out.dcm", rules)
+    assert err.value.reason == "pixel_decode_failed"
