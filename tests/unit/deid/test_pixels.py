@@ -447,3 +447,18 @@ def test_corrupt_compressed_pixels_quarantine(tmp_path: Path, rules: Path) -> No
     with pytest.raises(DeidError) as err:
         _clean(src, tmp_path / "out.dcm", rules)
     assert err.value.reason == "pixel_decode_failed"
+
+
+def test_video_cine_is_quarantined_not_forwarded(tmp_path: Path, rules: Path) -> None:
+    """MPEG-4/H.264 cines cannot be decoded frame by frame here: quarantined, never sent as they are."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import MPEG4HP41
+
+    ds = px.dataset([px.render()])
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 100])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = MPEG4HP41
+    src = px.write(ds, tmp_path / "in.dcm")
+    with pytest.raises(DeidError) as err:
+        _clean(src, tmp_path / "out.dcm", rules)
+    assert err.value.reason == "pixel_unsupported"
