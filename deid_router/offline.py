@@ -1,25 +1,36 @@
 """Offline batch de-identification (``deid-router deidentify``).
 
-Same engine, keys and crosswalk as the node. Files are spread over worker processes; each
-output is written atomically under ``OUT/<study>/<series>/<sop>.dcm`` (output UIDs); an input
-the engine refuses is copied to the sibling ``quarantine/`` folder with a reason file that
-names the reason and the attribute path, never a value.
+Same engine, keys and crosswalk as the node, without the node: nothing of the server (DICOM
+network, scheduler, destinations) is imported. Files go to worker processes (one per
+``IN_PROCESS_MAX`` files, up to ``--workers``; none with ``--workers 1``: then in this process) in
+chunks of paths, one task per chunk, not per file; each chunk's crosswalk rows come back with its
+results and are stored here, one transaction per chunk; progress is redrawn per chunk. Each output is written atomically under ``OUT/<study>/<series>/<sop>.dcm`` (output
+UIDs); an input the engine refuses is copied to the sibling ``quarantine/`` folder with a reason
+file that names the reason and the attribute path, never a value.
 """
 
 from __future__ import annotations
 
+import math
+import multiprocessing
 import os
 import shutil
 import sys
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from deid_router.config import Config
+from deid_router.deid.crosswalk import BufferedCrosswalk, CrosswalkRow
 from deid_router.errors import DeidError, DeidRouterError
 from deid_router.store.holding import Holding
+
+IN_PROCESS_MAX = 32  # files per worker process: a worker's start costs about this many files
+CHUNK_MAX = 32  # paths per worker task
+CHUNKS_PER_WORKER = 4  # at least, so that workers finish together
 
 _worker_state: dict[str, object] = {}
 
@@ -51,11 +62,53 @@ def _is_dicom(path: Path) -> bool:
 
 
 def _init_worker(config: Config) -> None:
-    from deid_router.app import build_context
+    """The engine, keys and a buffering crosswalk: no database, no server parts."""
+    if "deid" in _worker_state:
+        return
+    from deid_router.deid.engine import Deidentifier
+    from deid_router.deid.keys import Keys
 
-    ctx = build_context(config)
-    _worker_state["ctx"] = ctx
-    _worker_state["deid"] = ctx.deidentifier()
+    keys = Keys.load_or_create(config.deid.secret_file)
+    crosswalk = BufferedCrosswalk(keys, config.deid.patient_mapping_csv)
+    _worker_state["crosswalk"] = crosswalk
+    _worker_state["deid"] = Deidentifier(config.deid, keys, crosswalk)
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    results: list[FileResult]
+    crosswalk: list[CrosswalkRow]
+
+
+def _process_chunk(paths: list[str], out: str, quarantine: str) -> ChunkResult:
+    """De-identify a chunk of paths; the crosswalk rows they produced come back with them."""
+    results = []
+    for src in paths:
+        try:
+            results.append(_process(src, out, quarantine))
+        except Exception as exc:  # noqa: BLE001  # one bad input never loses the chunk's rows
+            results.append(FileResult(src, "quarantined", f"unexpected {type(exc).__name__}"))
+    crosswalk = _worker_state["crosswalk"]
+    assert isinstance(crosswalk, BufferedCrosswalk)
+    return ChunkResult(results, crosswalk.take())
+
+
+def _chunks(files: list[Path], processes: int) -> list[list[str]]:
+    size = max(1, min(CHUNK_MAX, math.ceil(len(files) / (max(1, processes) * CHUNKS_PER_WORKER))))
+    return [[str(f) for f in files[i:i + size]] for i in range(0, len(files), size)]
+
+
+def _process_count(workers: int, n_files: int) -> int:
+    """Worker processes for ``n_files`` (0: in this process).
+
+    One worker per ``IN_PROCESS_MAX`` files, up to ``--workers`` (default: the CPU cores).
+    Even one file goes to a worker when there is a second core: it imports the engine while
+    this process opens the crosswalk database, so start-up costs the larger of the two, not both.
+    """
+    limit = workers or (os.cpu_count() or 1)
+    if limit <= 1 or (os.cpu_count() or 1) <= 1:
+        return 0
+    return min(limit, math.ceil(n_files / IN_PROCESS_MAX))
 
 
 def _process(src: str, out: str, quarantine: str) -> FileResult:
@@ -103,22 +156,44 @@ def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry
     files = list(iter_inputs(inputs))
     if dry_run:
         return _dry_run(config, files, preview)
-    from deid_router.app import build_context
+    from deid_router.deid.keys import Keys
 
-    build_context(config, run_migrations=True).close()  # the crosswalk table must exist
+    Keys.load_or_create(config.deid.secret_file)  # created here once; workers only read it
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     quarantine = out.parent / "quarantine"
-    n_workers = max(1, min(workers or (os.cpu_count() or 1), len(files) or 1))
+    processes = _process_count(workers, len(files))
+    chunks = _chunks(files, processes)
+    work = partial(_process_chunk, out=str(out), quarantine=str(quarantine))
     counts = {"ok": 0, "quarantined": 0, "skipped": 0}
     total = len(files)
-    with ProcessPoolExecutor(max_workers=n_workers, initializer=_init_worker, initargs=(config,)) as pool:
-        futures = [pool.submit(_process, str(f), str(out), str(quarantine)) for f in files]
-        for done, fut in enumerate(as_completed(futures), 1):
-            res = fut.result()
-            counts[res.status] += 1
-            if res.status == "quarantined":
-                print(f"\nquarantined: {res.src} ({res.detail})", file=sys.stderr)
+    with ExitStack() as stack:
+        results: Iterator[ChunkResult]
+        if processes:
+            # Workers start (fork, before this process imports the database layer) and build
+            # their engine while the database is opened below; no task is sent before it is.
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            pool = stack.enter_context(multiprocessing.get_context(method).Pool(processes, _init_worker, (config,)))
+        from deid_router.db.crosswalk import crosswalk_store
+
+        store = crosswalk_store(config)  # the crosswalk table must exist before anything is written
+        stack.callback(store.close)
+        if processes:
+            results = pool.imap_unordered(work, chunks)
+        else:
+            _init_worker(config)
+            results = map(work, chunks)
+        done = 0
+        seen: set[tuple[str, str]] = set()
+        for chunk in results:
+            rows = [r for r in chunk.crosswalk if (r[0], r[1]) not in seen]
+            store.crosswalk_record_many(rows)
+            seen.update((r[0], r[1]) for r in rows)
+            for res in chunk.results:
+                counts[res.status] += 1
+                if res.status == "quarantined":
+                    print(f"\nquarantined: {res.src} ({res.detail})", file=sys.stderr)
+            done += len(chunk.results)
             _progress(done, total, counts)
     print(file=sys.stderr)
     print(
