@@ -207,7 +207,7 @@ def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry
             # their engine while the database is opened below; no task is sent before it is.
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             pool = stack.enter_context(multiprocessing.get_context(method).Pool(processes, _init_worker, (config,)))
-        from deid_router.db.crosswalk import crosswalk_store
+        from deid_router.db.crosswalk_rows import crosswalk_store
 
         store = crosswalk_store(config)  # the crosswalk table must exist before anything is written
         stack.callback(store.close)
@@ -220,7 +220,7 @@ def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry
         seen: set[tuple[str, str]] = set()
         for chunk in results:
             rows = [r for r in chunk.crosswalk if (r[0], r[1]) not in seen]
-            store.crosswalk_record_many(rows)
+            store.record_many(rows)
             seen.update((r[0], r[1]) for r in rows)
             for res in chunk.results:
                 counts[res.status] += 1

@@ -9,14 +9,9 @@ Every lookup and export is written to the audit table.
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from sqlalchemy import Engine
-
-from deid_router.config import Config
-from deid_router.db.engine import make_engine, migrate_if_behind
 from deid_router.db.repository import JobRepository
 from deid_router.deid.crosswalk import crosswalk_token, load_patient_mapping
 from deid_router.deid.keys import Keys
@@ -42,31 +37,6 @@ class DbCrosswalk:
         if self._mapping is None:
             return None
         return self._mapping.get(patient_id)
-
-
-class CrosswalkStore:
-    """The crosswalk table alone, for the offline tool: the queue database without the node."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._repo = JobRepository(engine)
-
-    def crosswalk_record_many(self, rows: Sequence[tuple[str, str, str, bytes]]) -> None:
-        self._repo.crosswalk_record_many(rows)
-
-    def close(self) -> None:
-        self._engine.dispose()
-
-
-def crosswalk_store(config: Config) -> CrosswalkStore:
-    """Open the queue database named by ``config`` (migrated: the table must exist)."""
-    engine = make_engine(config.queue.url, busy_timeout_ms=int(config.queue.busy_timeout_seconds * 1000))
-    try:
-        migrate_if_behind(engine)
-    except BaseException:
-        engine.dispose()
-        raise
-    return CrosswalkStore(engine)
 
 
 def _split_issuer(original: str) -> tuple[str, str]:

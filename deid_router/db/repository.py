@@ -866,17 +866,11 @@ class JobRepository:
 
     def crosswalk_record_many(self, rows: Sequence[tuple[str, str, str, bytes]]) -> None:
         """``crosswalk_record`` for many ``(kind, token, pseudonym, original_encrypted)`` rows in
-        one transaction (the offline batch records a chunk of files at once); repeats are no-ops.
-        """
-        if not rows:
-            return
-        now = self._clock()
-        values = [{"kind": k, "token": t, "pseudonym": p, "original_encrypted": o, "created_at": now}
-                  for k, t, p, o in rows]
-        dialect: Any = postgresql if self._pg else sqlite
-        stmt = dialect.insert(Crosswalk).on_conflict_do_nothing(index_elements=["kind", "token"])
+        one transaction; repeats are no-ops (the insert lives in ``db/crosswalk_rows.py``)."""
+        from deid_router.db.crosswalk_rows import insert_rows
+
         with self._tx("crosswalk_record_many") as conn:
-            conn.execute(stmt, values)
+            insert_rows(conn, rows, self._clock())
 
     def crosswalk_lookup(self, pseudonym: str) -> list[tuple[str, bytes]]:
         """``(kind, original_encrypted)`` for a pseudonym (callers audit the lookup)."""
