@@ -118,6 +118,16 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """``[http]``: console, API, health and metrics (port 0: no HTTP server)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    cert_file: Path | None = None  # [http.tls]: both or neither
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     listener: ListenerConfig
@@ -127,6 +137,7 @@ class Config:
     destinations: tuple[DestinationConfig, ...]
     routes: tuple[RouteConfig, ...]
     warnings: tuple[str, ...] = ()
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def destination(self, name: str) -> DestinationConfig:
         for d in self.destinations:
@@ -233,7 +244,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     r = _Reader(str(file))
     base = file.parent
     warnings: list[str] = []
-    r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes"))
+    r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes", "http"))
 
     # [listener]
     li = r.table(raw, "listener")
@@ -457,6 +468,8 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     if not routes:
         r.problem("routes", "at least one [[routes]] is required, or nothing would be forwarded")
 
+    http = _parse_http(r, raw, base)
+
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -468,6 +481,32 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         destinations=tuple(destinations),
         routes=tuple(routes),
         warnings=tuple(warnings),
+        http=http,
+    )
+
+
+def _parse_http(r: _Reader, raw: dict[str, Any], base: Path) -> HttpConfig:
+    """``[http]`` host, port and the optional ``[http.tls]`` cert_file / key_file."""
+    ht = r.table(raw, "http")
+    r.unknown(ht, "http", ("host", "port", "tls"))
+    d = HttpConfig()
+    port = r.number(ht, "http", "port", int, d.port, 0)
+    if port > 65535:
+        r.problem("http.port", "must be <= 65535")
+    tls = r.table(ht, "tls") if "tls" in ht else {}
+    r.unknown(tls, "http.tls", ("cert_file", "key_file"))
+    files: dict[str, Path | None] = {}
+    for key in ("cert_file", "key_file"):
+        value = r.get(tls, "http.tls", key, str, "")
+        files[key] = _resolve(base, value) if value else None
+        path = files[key]
+        if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
+            r.problem(f"http.tls.{key}", f"{path} is not a readable file")
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        r.problem("http.tls", "cert_file and key_file go together")
+    return HttpConfig(
+        host=r.get(ht, "http", "host", str, d.host), port=port,
+        cert_file=files["cert_file"], key_file=files["key_file"],
     )
 
 

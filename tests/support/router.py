@@ -92,6 +92,7 @@ class RouterProcess:
     deid: dict[str, Any] = field(default_factory=dict)
     storage: dict[str, Any] = field(default_factory=dict)
     routes: list[dict[str, Any]] | None = None
+    http: dict[str, Any] = field(default_factory=dict)  # {"port": free_port()} turns the HTTP server on
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -125,6 +126,7 @@ class RouterProcess:
             "deid": {"secret_file": "var/secret.key", **self.deid},
             "destinations": self.destinations,
             "routes": self.routes or [{"name": "all", "destinations": [d["name"] for d in self.destinations]}],
+            "http": {"host": "127.0.0.1", "port": 0, **self.http},  # off unless a test asks (never 8080)
         }
         self.config_path.write_text(render_toml(doc), encoding="utf-8")
 
@@ -167,6 +169,18 @@ class RouterProcess:
                 self.terminate()
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    @property
+    def http_url(self) -> str:
+        scheme = "https" if "tls" in self.http else "http"
+        return f"{scheme}://127.0.0.1:{self.http['port']}"
+
+    def add_user(self, name: str, role: str, password: str) -> None:
+        """``deid-router user add`` with a password file (mode 0600, in the router's folder)."""
+        path = self.workdir / f"{name}.password"
+        path.write_text(password + "\n", encoding="utf-8")
+        path.chmod(0o600)
+        self.cli("user", "add", name, "--role", role, "--password-file", str(path))
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         # --config right after the command word: nested commands (quarantine list) need it there
