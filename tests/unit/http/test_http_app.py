@@ -1,0 +1,202 @@
+"""The ASGI app in-process (Starlette's TestClient) on a real SQLite queue: logins, roles,
+CSRF, the failed-login limit, readiness reasons. The real node and browser are in tests/e2e."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from deid_router.app import build_context
+from deid_router.config import load_config
+from deid_router.db.operations import UserStore
+from deid_router.http.app import build_app
+from deid_router.http.auth import FailedLogins, RateLimited, basic_credentials
+from deid_router.http.passwords import hash_password, verify_password
+from deid_router.http.services import Services, build_services
+
+ADMIN = ("root", "admin-password")
+VIEWER = ("watcher", "viewer-password")
+
+
+def _config(tmp_path: Path, min_free_mb: int = 1) -> Path:
+    path = tmp_path / "router.toml"
+    path.write_text(
+        f"""
+[storage]
+root = "var"
+min_free_mb = {min_free_mb}
+[deid]
+secret_file = "var/secret.key"
+[[destinations]]
+name = "outbox"
+type = "folder"
+path = "var/outbox"
+[[routes]]
+name = "all"
+destinations = ["outbox"]
+[http]
+port = 1
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def _services(tmp_path: Path, listener: dict[str, bool], min_free_mb: int = 1) -> Iterator[Services]:
+    ctx = build_context(load_config(_config(tmp_path, min_free_mb)), run_migrations=True)
+    users = UserStore(ctx.engine)
+    users.add(ADMIN[0], "admin", hash_password(ADMIN[1]))
+    users.add(VIEWER[0], "viewer", hash_password(VIEWER[1]))
+    try:
+        yield build_services(ctx.config, ctx.repo, ctx.holding, "s" * 64, lambda: listener["up"])
+    finally:
+        ctx.close()
+
+
+@pytest.fixture
+def listener() -> dict[str, bool]:
+    return {"up": True}
+
+
+@pytest.fixture
+def svc(tmp_path: Path, listener: dict[str, bool]) -> Iterator[Services]:
+    yield from _services(tmp_path, listener)
+
+
+@pytest.fixture
+def client(svc: Services) -> TestClient:
+    return TestClient(build_app(svc), base_url="http://127.0.0.1")
+
+
+def _login(client: TestClient, user: tuple[str, str]) -> str:
+    page = client.get("/login")
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert token is not None
+    res = client.post("/login", data={"csrf": token.group(1), "username": user[0], "password": user[1], "next": "/"},
+                      follow_redirects=False)
+    assert res.status_code == 303, res.text
+    home = client.get("/")
+    found = re.search(r'name="csrf" value="([^"]+)"', home.text)
+    assert home.status_code == 200 and found is not None
+    return found.group(1)
+
+
+def test_health_needs_no_login_and_readiness_names_the_listener(client: TestClient, listener: dict[str, bool]) -> None:
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").json() == {"ready": True}
+    listener["up"] = False
+    res = client.get("/readyz")
+    assert res.status_code == 503 and res.json()["reasons"] == ["DICOM listener is not accepting associations"]
+    assert "deid_router_jobs{" in client.get("/metrics").text
+
+
+def test_readiness_fails_when_the_holding_disk_is_below_its_reserve(tmp_path: Path) -> None:
+    for svc in _services(tmp_path, {"up": True}, min_free_mb=10**9):
+        res = TestClient(build_app(svc)).get("/readyz")
+        assert res.status_code == 503
+        assert res.json()["reasons"] == ["holding disk is below its reserve (storage.min_free_mb)"]
+
+
+def test_api_401_without_or_with_wrong_credentials_403_for_a_viewers_write(client: TestClient) -> None:
+    res = client.get("/api/v1/status")
+    assert res.status_code == 401 and res.headers["www-authenticate"].startswith("Basic")
+    assert client.get("/api/v1/status", auth=(ADMIN[0], "wrong-password")).status_code == 401
+    status = client.get("/api/v1/status", auth=VIEWER)
+    assert status.status_code == 200 and status.json()["paused"] == []
+    assert client.post("/api/v1/destinations/outbox/pause", auth=VIEWER, json={}).status_code == 403
+    assert client.post("/api/v1/quarantine/1/release", auth=VIEWER, json={}).status_code == 403
+    assert client.get("/api/v1/destinations", auth=VIEWER).json()["destinations"][0]["paused"] is False
+
+
+def test_api_writes_need_json_and_are_audited_with_the_user(client: TestClient) -> None:
+    form = client.post("/api/v1/destinations/outbox/pause", auth=ADMIN, data={"reason": "x"})
+    assert form.status_code == 415  # what a cross-site form would send
+    res = client.post("/api/v1/destinations/outbox/pause", auth=ADMIN, json={"reason": "PACS upgrade"})
+    assert res.status_code == 200
+    assert client.get("/api/v1/status", auth=VIEWER).json()["paused"] == ["outbox"]
+    assert client.post("/api/v1/destinations/nowhere/pause", auth=ADMIN, json={}).status_code == 404
+    assert client.post("/api/v1/quarantine/99/release", auth=ADMIN, json={}).status_code == 404
+    assert client.post("/api/v1/jobs/99/retry", auth=ADMIN, json={}).status_code == 404
+    client.post("/api/v1/destinations/outbox/resume", auth=ADMIN, json={})
+    events = client.get("/api/v1/audit", auth=VIEWER).json()["events"]
+    assert [(e["action"], e["user"]) for e in events[:2]] == [("destination_resume", "root"), ("destination_pause", "root")]
+
+
+def test_failed_logins_are_limited_per_client(client: TestClient) -> None:
+    for _ in range(5):
+        assert client.get("/api/v1/status", auth=(ADMIN[0], "guess")).status_code == 401
+    limited = client.get("/api/v1/status", auth=ADMIN)  # even the right password, for a while
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) > 0
+
+
+def test_console_401_shows_the_login_form_and_login_is_audited(client: TestClient, svc: Services) -> None:
+    res = client.get("/quarantine")
+    assert res.status_code == 401 and 'action="/login"' in res.text and 'value="/quarantine"' in res.text
+    _login(client, VIEWER)
+    assert client.get("/quarantine").status_code == 200
+    assert ("login", "watcher") in [(a, u) for _, a, u, _ in svc.repo.audit_events()]
+
+
+def test_console_login_rejects_a_wrong_password_and_a_missing_csrf_token(client: TestClient) -> None:
+    client.get("/login")
+    assert client.post("/login", data={"username": ADMIN[0], "password": ADMIN[1]}).status_code == 403
+    page = client.get("/login")
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert token is not None
+    res = client.post("/login", data={"csrf": token.group(1), "username": ADMIN[0], "password": "nope"})
+    assert res.status_code == 401 and "Wrong user name or password" in res.text
+
+
+def test_console_writes_need_the_csrf_token_and_the_admin_role(svc: Services) -> None:
+    viewer = TestClient(build_app(svc), base_url="http://127.0.0.1")
+    token = _login(viewer, VIEWER)
+    assert viewer.post("/destinations/outbox/pause", data={"csrf": token}).status_code == 403
+    admin = TestClient(build_app(svc), base_url="http://127.0.0.1")
+    token = _login(admin, ADMIN)
+    assert admin.post("/destinations/outbox/pause", data={"reason": "x"}).status_code == 403  # no token
+    res = admin.post("/destinations/outbox/pause", data={"csrf": token, "reason": "upgrade"}, follow_redirects=False)
+    assert res.status_code == 303
+    assert svc.states.paused() == ["outbox"]
+    assert "paused" in admin.get("/destinations").text
+
+
+def test_a_removed_user_is_logged_out(client: TestClient, svc: Services) -> None:
+    _login(client, VIEWER)
+    svc.users.remove(VIEWER[0])
+    assert client.get("/").status_code == 401
+
+
+def test_every_console_page_renders_for_both_roles(svc: Services) -> None:
+    for user in (VIEWER, ADMIN):
+        c = TestClient(build_app(svc), base_url="http://127.0.0.1")
+        _login(c, user)
+        for path in ("/", "/jobs", "/jobs?state=failed&destination=outbox", "/quarantine", "/quarantine?all=1",
+                     "/destinations", "/audit", "/config"):
+            res = c.get(path)
+            assert res.status_code == 200, (path, res.text[:500])
+            assert res.headers["x-frame-options"] == "DENY"
+        assert "secret.key" in c.get("/config").text  # where the secret is, never what it is
+
+
+def test_passwords_basic_header_and_the_failure_window() -> None:
+    h = hash_password("long enough")
+    assert h.startswith("$argon2id$") and verify_password(h, "long enough") and not verify_password(h, "other")
+    with pytest.raises(ValueError):
+        hash_password("short")
+    assert basic_credentials("Basic dTpwOnc=") == ("u", "p:w")
+    assert basic_credentials("Basic !!!") is None and basic_credentials("Bearer x") is None
+    now = [0.0]
+    limiter = FailedLogins(allowed=2, window=10, clock=lambda: now[0])
+    limiter.failed("a")
+    limiter.failed("a")
+    with pytest.raises(RateLimited):
+        limiter.check("a")
+    limiter.check("b")
+    now[0] = 10.5
+    limiter.check("a")
+
+
