@@ -24,10 +24,12 @@ class HttpServer:
         self._sock: socket.socket | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._port = config.port
 
     @property
     def port(self) -> int:
-        return int(self._sock.getsockname()[1]) if self._sock is not None else self.config.port
+        """The bound port (the configured one; useful when that was chosen by the OS)."""
+        return self._port
 
     def start(self, timeout: float = 15.0) -> None:
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
@@ -42,6 +44,7 @@ class HttpServer:
                 "change [http] port (0: no HTTP server)"
             ) from exc
         sock.listen(128)
+        self._port = int(sock.getsockname()[1])
         sock.set_inheritable(False)
         self._sock = sock
         tls = self.config.cert_file is not None
