@@ -280,6 +280,8 @@ class Node:
     def stop(self) -> None:
         """Stop accepting, let transfers finish, let workers release their jobs, exit (< 30 s)."""
         log.info("node_stopping")
+        if self.http is not None:
+            self.http.begin_stop()  # closes while the listener drains; joined below
         listeners = self._signal_children("listener")
         self.listener.shutdown(SHUTDOWN_GRACE_SECONDS)
         self._join(listeners, timeout=2.0)

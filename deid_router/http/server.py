@@ -64,6 +64,11 @@ class HttpServer:
             time.sleep(0.02)
         log.info("http_started", host=self.config.host, port=self.port, tls=tls)
 
+    def begin_stop(self) -> None:
+        """Ask the server to close (returns at once; ``stop`` waits for it)."""
+        if self._server is not None:
+            self._server.should_exit = True
+
     def stop(self, timeout: float = 5.0) -> None:
         if self._server is None:
             return
