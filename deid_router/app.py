@@ -190,8 +190,7 @@ def build_http(ctx: Context, listener: Listener) -> HttpServer | None:
     from deid_router.http.server import HttpServer
     from deid_router.http.services import build_services
 
-    secret = ctx.keys.token("http_session", "v1")
-    svc = build_services(ctx.config, ctx.repo, ctx.holding, secret, lambda: listener.listening)
+    svc = build_services(ctx.config, ctx.repo, ctx.holding, ctx.keys, lambda: listener.listening)
     return HttpServer(ctx.config.http, build_app(svc))
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
@@ -58,8 +59,18 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "-"
 
 
+MAX_UPLOAD_BYTES = 256 * 1024 * 1024
+
+
 async def _form(request: Request) -> dict[str, str]:
+    """The form's text fields; uploaded files (the dry-run's) go to ``request.state.files``."""
     form = await request.form()
+    files: dict[str, bytes] = {}
+    for k, v in form.multi_items():
+        if isinstance(v, UploadFile):
+            files[k] = await v.read(MAX_UPLOAD_BYTES)
+            await v.close()
+    request.state.files = files
     return {k: v for k, v in form.items() if isinstance(v, str)}
 
 
@@ -68,7 +79,9 @@ def _csrf_ok(request: Request, form: dict[str, str]) -> bool:
     return isinstance(expected, str) and hmac.compare_digest(expected, form.get("csrf", ""))
 
 
-def page(svc: Services, handler: Page, write: bool = False) -> Callable[[Request], Awaitable[Response]]:
+def page(
+    svc: Services, handler: Page, write: bool = False, admin_only: bool = False
+) -> Callable[[Request], Awaitable[Response]]:
     """Session check, CSRF and role check for writes, the handler off the event loop."""
 
     async def run(request: Request) -> Response:
@@ -80,6 +93,8 @@ def page(svc: Services, handler: Page, write: bool = False) -> Callable[[Request
         if who is None:
             request.session.pop("user", None)
             return _render(request, "login.html", 401, next=request.url.path, message="Please log in.")
+        if admin_only and not who.is_admin:
+            return _render(request, "error.html", 403, user=who, message="Only an admin may see this page.")
         form: dict[str, str] = {}
         if request.method == "POST":
             form = await _form(request)
@@ -303,6 +318,41 @@ def effective_config(svc: Services) -> list[tuple[str, list[tuple[str, str]]]]:
     return out
 
 
+def dry_run_form(request: Request, svc: Services, who: Principal) -> Any:
+    return "dryrun.html", {"rows": None, "calling_aet": "MODALITY", "error": "", "destinations": None}
+
+
+def dry_run_post(request: Request, svc: Services, who: Principal) -> Any:
+    """Which destinations an uploaded file goes to and what the real engine does to each
+    attribute. Admin only: the table shows the original values."""
+    from io import BytesIO
+
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from deid_router.deid.plan import dry_run
+    from deid_router.errors import DeidError
+    from deid_router.routing import Router, RoutingFacts
+
+    calling = request.state.form.get("calling_aet", "MODALITY")[:16]
+    data = request.state.files.get("file", b"")
+    context: dict[str, Any] = {"rows": None, "calling_aet": calling, "error": "", "destinations": None}
+    try:
+        ds = dcmread(BytesIO(data), stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, ValueError, TypeError, OSError):
+        context["error"] = "not a DICOM Part-10 file"
+        return "dryrun.html", context
+    facts = RoutingFacts(calling_aet=calling, called_aet=svc.config.listener.ae_title,
+                         modality=str(ds.get("Modality", "")), sop_class_uid=str(ds.get("SOPClassUID", "")))
+    context["destinations"] = Router(svc.config.routes).destinations_for(facts)
+    try:
+        context["rows"] = dry_run(svc.deidentifier(), ds)
+    except DeidError as exc:
+        context["error"] = f"would be quarantined: {exc.reason}" + (f" at {exc.path}" if exc.path else "")
+    svc.repo.audit("dry_run", who.name, f"attributes={len(context['rows'] or [])}")
+    return "dryrun.html", context
+
+
 def routes(svc: Services) -> list[Route]:
     return [
         Route("/login", login_form, methods=["GET"]),
@@ -323,6 +373,8 @@ def routes(svc: Services) -> list[Route]:
         Route("/destinations/{name}/resume", page(svc, _pause(False), write=True), methods=["POST"]),
         Route("/audit", page(svc, audit)),
         Route("/config", page(svc, configuration)),
+        Route("/dryrun", page(svc, dry_run_form, admin_only=True), methods=["GET"]),
+        Route("/dryrun", page(svc, dry_run_post, write=True, admin_only=True), methods=["POST"]),
     ]
 
 

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from deid_router.config import Config
 from deid_router.db.operations import DestinationStates, Reports, UserStore
 from deid_router.db.repository import JobRepository
+from deid_router.deid.crosswalk import NullCrosswalk
+from deid_router.deid.engine import Deidentifier
+from deid_router.deid.keys import Keys
 from deid_router.http.actions import Actions
 from deid_router.http.auth import Authenticator
 from deid_router.http.health import Readiness
@@ -30,6 +33,11 @@ class Services:
     readiness: Readiness
     metrics: CollectorRegistry
     session_secret: str
+    keys: Keys
+
+    def deidentifier(self) -> Deidentifier:
+        """The real engine, recording nothing in the crosswalk (for the dry-run page)."""
+        return Deidentifier(self.config.deid, self.keys, NullCrosswalk())
 
     @property
     def destinations(self) -> tuple[str, ...]:
@@ -37,8 +45,9 @@ class Services:
 
 
 def build_services(
-    config: Config, repo: JobRepository, holding: Holding, session_secret: str, listener_up: Callable[[], bool]
+    config: Config, repo: JobRepository, holding: Holding, keys: Keys, listener_up: Callable[[], bool]
 ) -> Services:
+    session_secret = keys.token("http_session", "v1")
     engine = repo.engine
     reports = Reports(engine, repo)
     states = DestinationStates(engine)
@@ -57,4 +66,5 @@ def build_services(
                             config.storage.min_free_mb * 1024 * 1024),
         metrics=registry_for(QueueCollector(reports, holding.free_bytes, names)),
         session_secret=session_secret,
+        keys=keys,
     )

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import csv
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
@@ -59,6 +60,18 @@ def _text(driver: WebDriver, css: str) -> str:
     return str(driver.find_element(By.CSS_SELECTOR, css).text).strip()
 
 
+def _until(driver: WebDriver, check: Callable[[], bool], what: str) -> None:
+    """Wait for ``check``; a page still loading (stale or missing element) counts as not yet."""
+
+    def safe() -> bool:
+        try:
+            return check()
+        except WebDriverException:
+            return False
+
+    wait_until(safe, 20, what=what)
+
+
 def _mapping(path: Path, patient_ids: list[str]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
@@ -97,7 +110,7 @@ def test_console_login_dashboard_release_and_pause(tmp_path: Path, storescp: Sto
         browser.find_element(By.ID, "username").send_keys(ADMIN[0])
         browser.find_element(By.ID, "password").send_keys(ADMIN[1])
         browser.find_element(By.ID, "login").click()
-        wait_until(lambda: "Dashboard" in browser.title, 15, what="the dashboard")
+        _until(browser, lambda: "Dashboard" in browser.title, "the dashboard")
         for dest in ("pacs", "outbox"):
             assert _text(browser, f"#dest-{dest} .count-done") == "3"
             assert _text(browser, f"#dest-{dest} .count-failed") == "1"
@@ -121,10 +134,10 @@ def test_console_login_dashboard_release_and_pause(tmp_path: Path, storescp: Sto
         router.start()
         browser.get(f"{url}/quarantine/{pacs_entry}")
         browser.find_element(By.ID, "release").click()
-        assert "Are you sure" in _text(browser, "#confirm-text")
+        _until(browser, lambda: "Are you sure" in _text(browser, "#confirm-text"), "the confirmation")
         _shot(browser, "04-release-confirm")
         browser.find_element(By.ID, "confirm").click()
-        wait_until(lambda: _text(browser, "#entry-state").startswith("released"), 15, what="the release")
+        _until(browser, lambda: _text(browser, "#entry-state").startswith("released"), "the release")
         router.wait_idle(60, expect_done=7)
         assert len(storescp.sop_instance_uids()) == 4  # the released instance was delivered
         browser.get(url + "/")
@@ -137,7 +150,7 @@ def test_console_login_dashboard_release_and_pause(tmp_path: Path, storescp: Sto
         browser.get(url + "/destinations")
         browser.find_element(By.CSS_SELECTOR, "#dest-pacs input[name=reason]").send_keys("PACS upgrade")
         browser.find_element(By.CSS_SELECTOR, "#dest-pacs button.pause").click()
-        wait_until(lambda: "paused" in _text(browser, "#dest-pacs .pause-state"), 15, what="the pause")
+        _until(browser, lambda: "paused" in _text(browser, "#dest-pacs .pause-state"), "the pause")
         assert "PACS upgrade" in _text(browser, "#dest-pacs .pause-state")
         assert router.status()["paused"] == ["pacs"]
         browser.get(url + "/")
@@ -145,7 +158,7 @@ def test_console_login_dashboard_release_and_pause(tmp_path: Path, storescp: Sto
         _shot(browser, "06-paused")
         browser.get(url + "/destinations")
         browser.find_element(By.CSS_SELECTOR, "#dest-pacs button.resume").click()
-        wait_until(lambda: _text(browser, "#dest-pacs .pause-state") == "sending", 15, what="the resume")
+        _until(browser, lambda: _text(browser, "#dest-pacs .pause-state") == "sending", "the resume")
         assert router.status()["paused"] == []
 
         browser.get(url + "/audit")
@@ -153,8 +166,16 @@ def test_console_login_dashboard_release_and_pause(tmp_path: Path, storescp: Sto
         for action in ("login", "quarantine_release", "destination_pause", "destination_resume"):
             assert f"{action} admin" in audit, audit
         _shot(browser, "07-audit")
+        # The rule dry-run (admin only): routes and the engine's before/after of a file.
+        browser.get(url + "/dryrun")
+        browser.find_element(By.ID, "file").send_keys(str(study[0]))
+        browser.find_element(By.ID, "run").click()
+        _until(browser, lambda: bool(browser.find_elements(By.ID, "diff")), "the dry-run table")
+        assert _text(browser, "#routes") == "Routed to: pacs, outbox"
+        assert "PatientID" in _text(browser, "#diff")
+        _shot(browser, "08-dry-run")
         browser.find_element(By.ID, "logout").click()
-        wait_until(lambda: "Log in" in browser.title, 15, what="the logout")
+        _until(browser, lambda: "Log in" in browser.title, "the logout")
         browser.get(url + "/")
         assert browser.find_elements(By.ID, "login")
         assert router.terminate() == 0

@@ -52,7 +52,7 @@ def _services(tmp_path: Path, listener: dict[str, bool], min_free_mb: int = 1) -
     users.add(ADMIN[0], "admin", hash_password(ADMIN[1]))
     users.add(VIEWER[0], "viewer", hash_password(VIEWER[1]))
     try:
-        yield build_services(ctx.config, ctx.repo, ctx.holding, "s" * 64, lambda: listener["up"])
+        yield build_services(ctx.config, ctx.repo, ctx.holding, ctx.keys, lambda: listener["up"])
     finally:
         ctx.close()
 
@@ -200,3 +200,27 @@ def test_passwords_basic_header_and_the_failure_window() -> None:
     limiter.check("a")
 
 
+
+
+def test_dry_run_is_admin_only_and_shows_routes_and_the_engines_changes(svc: Services) -> None:
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("CT_small.dcm")
+    assert path is not None
+    original_name = str(dcmread(path).PatientName)
+    viewer = TestClient(build_app(svc), base_url="http://127.0.0.1")
+    token = _login(viewer, VIEWER)
+    assert viewer.get("/dryrun").status_code == 403
+    assert viewer.post("/dryrun", data={"csrf": token}, files={"file": b"x"}).status_code == 403
+    admin = TestClient(build_app(svc), base_url="http://127.0.0.1")
+    token = _login(admin, ADMIN)
+    assert admin.get("/dryrun").status_code == 200
+    with open(path, "rb") as fh:
+        res = admin.post("/dryrun", data={"csrf": token, "calling_aet": "CT1"}, files={"file": ("ct.dcm", fh)})
+    assert res.status_code == 200
+    assert "Routed to: outbox" in res.text and 'id="diff"' in res.text
+    assert original_name in res.text  # the admin sees the original next to what is sent
+    bad = admin.post("/dryrun", data={"csrf": token}, files={"file": ("x.dcm", b"not dicom")})
+    assert "not a DICOM Part-10 file" in bad.text
+    assert ("dry_run", "root") in [(a, u) for _, a, u, _ in svc.repo.audit_events()]
