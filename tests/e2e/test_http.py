@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -23,12 +24,13 @@ ADMIN = ("admin", "admin-password")
 VIEWER = ("viewer", "viewer-password")
 
 
-def _router(tmp_path: Path, scp: StoreSCP, **kw: object) -> RouterProcess:
+def _router(tmp_path: Path, scp: StoreSCP, queue: dict[str, Any] | None = None) -> RouterProcess:
     router = RouterProcess(
-        tmp_path / "router", [dicom_destination("pacs", scp.port, scp.ae_title)], http={"port": free_port()}, **kw  # type: ignore[arg-type]
+        tmp_path / "router", [dicom_destination("pacs", scp.port, scp.ae_title)], http={"port": free_port()},
+        queue=queue or {},
     )
-    router.add_user(*ADMIN[:1], "admin", ADMIN[1])
-    router.add_user(*VIEWER[:1], "viewer", VIEWER[1])
+    router.add_user(ADMIN[0], "admin", ADMIN[1])
+    router.add_user(VIEWER[0], "viewer", VIEWER[1])
     return router
 
 

@@ -92,7 +92,8 @@ class RouterProcess:
     deid: dict[str, Any] = field(default_factory=dict)
     storage: dict[str, Any] = field(default_factory=dict)
     routes: list[dict[str, Any]] | None = None
-    http: dict[str, Any] = field(default_factory=dict)  # {"port": free_port()} turns the HTTP server on
+    # {"port": free_port()} turns the HTTP server on; None leaves [http] out (a router older than it)
+    http: dict[str, Any] | None = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -126,8 +127,9 @@ class RouterProcess:
             "deid": {"secret_file": "var/secret.key", **self.deid},
             "destinations": self.destinations,
             "routes": self.routes or [{"name": "all", "destinations": [d["name"] for d in self.destinations]}],
-            "http": {"host": "127.0.0.1", "port": 0, **self.http},  # off unless a test asks (never 8080)
         }
+        if self.http is not None:
+            doc["http"] = {"host": "127.0.0.1", "port": 0, **self.http}  # off unless a test asks (never 8080)
         self.config_path.write_text(render_toml(doc), encoding="utf-8")
 
     def start(self, timeout: float = 30.0) -> RouterProcess:
@@ -172,6 +174,7 @@ class RouterProcess:
 
     @property
     def http_url(self) -> str:
+        assert self.http and self.http.get("port"), "start the router with http={'port': free_port()}"
         scheme = "https" if "tls" in self.http else "http"
         return f"{scheme}://127.0.0.1:{self.http['port']}"
 
