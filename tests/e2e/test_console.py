@@ -99,7 +99,7 @@ def test_console_login_dashboard_release_and_pause(tmp_path: Path, storescp: Sto
     with router:
         res = storescu("127.0.0.1", router.port, [tmp_path / "in"])
         assert storescu_acknowledged(res) == 4, res.stdout[-2000:]
-        router.wait_idle(60, expect_done=6)
+        router.wait_idle_api(VIEWER, 60, expect_done=6)
         url = router.http_url
 
         # No login: 401 from the API and the console (the console's 401 is the login form).
@@ -138,7 +138,7 @@ def test_console_login_dashboard_release_and_pause(tmp_path: Path, storescp: Sto
         _shot(browser, "04-release-confirm")
         browser.find_element(By.ID, "confirm").click()
         _until(browser, lambda: _text(browser, "#entry-state").startswith("released"), "the release")
-        router.wait_idle(60, expect_done=7)
+        router.wait_idle_api(VIEWER, 60, expect_done=7)
         assert len(storescp.sop_instance_uids()) == 4  # the released instance was delivered
         browser.get(url + "/")
         assert _text(browser, "#dest-pacs .count-done") == "4"
@@ -152,14 +152,14 @@ def test_console_login_dashboard_release_and_pause(tmp_path: Path, storescp: Sto
         browser.find_element(By.CSS_SELECTOR, "#dest-pacs button.pause").click()
         _until(browser, lambda: "paused" in _text(browser, "#dest-pacs .pause-state"), "the pause")
         assert "PACS upgrade" in _text(browser, "#dest-pacs .pause-state")
-        assert router.status()["paused"] == ["pacs"]
+        assert router.api_status(VIEWER)["paused"] == ["pacs"]
         browser.get(url + "/")
         assert _text(browser, "#dest-pacs .pause-state").startswith("paused")
         _shot(browser, "06-paused")
         browser.get(url + "/destinations")
         browser.find_element(By.CSS_SELECTOR, "#dest-pacs button.resume").click()
         _until(browser, lambda: _text(browser, "#dest-pacs .pause-state") == "sending", "the resume")
-        assert router.status()["paused"] == []
+        assert router.api_status(VIEWER)["paused"] == []
 
         browser.get(url + "/audit")
         audit = _text(browser, "#audit")

@@ -55,7 +55,7 @@ def test_metrics_counters_move_as_instances_flow(tmp_path: Path, storescp: Store
         assert before[("deid_router_destination_paused", pacs)] == 0
         assert before[("deid_router_holding_free_bytes", ())] > 0
         assert storescu_acknowledged(storescu("127.0.0.1", router.port, [tmp_path / "in"])) == 4
-        router.wait_idle(60, expect_done=4)
+        router.wait_idle_api(VIEWER, 60, expect_done=4)
         after = _metrics(router)
         assert after[("deid_router_instances_received_total", ())] == 4
         assert after[("deid_router_instances_delivered_total", pacs)] == 4
@@ -76,9 +76,10 @@ def test_metrics_counters_move_as_instances_flow(tmp_path: Path, storescp: Store
         assert paused[("deid_router_instances_received_total", ())] == 6
         assert paused[("deid_router_instances_delivered_total", pacs)] == 4
         assert len(storescp.sop_instance_uids()) == 4
-        assert router.status()["paused"] == ["pacs"]
+        assert router.api_status(VIEWER)["paused"] == ["pacs"]
+        assert router.status() == router.api_status(VIEWER)  # the same object as status --json
         httpx.post(router.http_url + "/api/v1/destinations/pacs/resume", auth=ADMIN, json={})
-        router.wait_idle(60, expect_done=6)
+        router.wait_idle_api(VIEWER, 60, expect_done=6)
         assert _metrics(router)[("deid_router_instances_delivered_total", pacs)] == 6
         assert router.terminate() == 0
 
@@ -154,7 +155,7 @@ def test_no_page_endpoint_or_metric_shows_a_planted_value(
     with router:
         res = storescu("127.0.0.1", router.port, [folder])
         assert storescu_acknowledged(res) == 6, res.stdout[-2000:]
-        status = router.wait_idle(90)
+        status = router.wait_idle_api(VIEWER, 90)
         assert status["quarantined"] >= 1 and status["jobs"]["done"] >= 4
         api = httpx.Client(base_url=router.http_url, timeout=20)
         entries = api.get("/api/v1/quarantine", auth=VIEWER).json()["entries"]

@@ -183,7 +183,35 @@ class RouterProcess:
         path = self.workdir / f"{name}.password"
         path.write_text(password + "\n", encoding="utf-8")
         path.chmod(0o600)
-        self.cli("user", "add", name, "--role", role, "--password-file", str(path))
+        from deid_router.cli import main  # in-process: the same command, without a Python start-up
+
+        args = ["user", "add", name, "--role", role, "--password-file", str(path), "--config", str(self.config_path)]
+        assert main(args) == 0, f"deid-router {' '.join(args)} failed"
+
+    def api_status(self, auth: tuple[str, str]) -> dict[str, Any]:
+        """``GET /api/v1/status`` (the object of ``status --json``), without a CLI process per poll."""
+        import httpx
+
+        res = httpx.get(self.http_url + "/api/v1/status", auth=auth, timeout=30)
+        res.raise_for_status()
+        return dict(res.json())
+
+    def wait_idle_api(self, auth: tuple[str, str], timeout: float, expect_done: int | None = None) -> dict[str, Any]:
+        """:meth:`wait_idle` through the HTTP API (an HTTP-enabled router)."""
+        last: dict[str, Any] = {}
+
+        def idle() -> bool:
+            nonlocal last
+            last = self.api_status(auth)
+            jobs = last["jobs"]
+            busy = jobs.get("queued", 0) + jobs.get("running", 0) + jobs.get("retrying", 0)
+            return busy == 0 and (expect_done is None or jobs.get("done", 0) >= expect_done)
+
+        try:
+            wait_until(idle, timeout, interval=0.3, what="the queue to drain")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last status {last}\n{self.log_text()[-3000:]}") from None
+        return last
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         # --config right after the command word: nested commands (quarantine list) need it there
