@@ -94,6 +94,7 @@ class RouterProcess:
     routes: list[dict[str, Any]] | None = None
     # {"port": free_port()} turns the HTTP server on; None leaves [http] out (a router older than it)
     http: dict[str, Any] | None = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # more top-level tables ([storage_commitment], ...)
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -127,6 +128,7 @@ class RouterProcess:
             "deid": {"secret_file": "var/secret.key", **self.deid},
             "destinations": self.destinations,
             "routes": self.routes or [{"name": "all", "destinations": [d["name"] for d in self.destinations]}],
+            **self.extra,
         }
         if self.http is not None:
             doc["http"] = {"host": "127.0.0.1", "port": 0, **self.http}  # off unless a test asks (never 8080)
