@@ -224,3 +224,38 @@ def test_dry_run_is_admin_only_and_shows_routes_and_the_engines_changes(svc: Ser
     bad = admin.post("/dryrun", data={"csrf": token}, files={"file": ("x.dcm", b"not dicom")})
     assert "not a DICOM Part-10 file" in bad.text
     assert ("dry_run", "root") in [(a, u) for _, a, u, _ in svc.repo.audit_events()]
+
+
+def test_readiness_notices_a_moved_sqlite_database(client: TestClient, svc: Services) -> None:
+    db = Path(svc.config.queue.url.removeprefix("sqlite:///"))
+    moved = db.with_name("moved.sqlite3")
+    db.rename(moved)
+    try:
+        res = client.get("/readyz")
+        assert res.status_code == 503 and res.json()["reasons"] == ["queue database file is missing"]
+    finally:
+        moved.rename(db)
+    assert client.get("/readyz").status_code == 200
+
+
+def test_an_unexpected_error_is_a_bare_500_logged_by_type_only(
+    svc: Services, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import deid_router.deid.plan
+
+    def boom(*_: object) -> None:
+        raise RuntimeError("Sentinelname^Plantedgiven in a library message")
+
+    monkeypatch.setattr(deid_router.deid.plan, "dry_run", boom)
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("CT_small.dcm")
+    assert path is not None
+    admin = TestClient(build_app(svc), base_url="http://127.0.0.1")
+    token = _login(admin, ADMIN)
+    capsys.readouterr()
+    with open(path, "rb") as fh:
+        res = admin.post("/dryrun", data={"csrf": token}, files={"file": ("ct.dcm", fh)})
+    assert res.status_code == 500 and "Sentinelname" not in res.text
+    logged = capsys.readouterr()
+    assert "http_request_failed" in logged.out + logged.err and "Sentinelname" not in logged.out + logged.err
