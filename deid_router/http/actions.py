@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deid_router.config import Config
 from deid_router.db.operations import DestinationStates, Reports
 from deid_router.db.repository import JobRepository
 from deid_router.errors import StorageError
+from deid_router.forward.echo import EchoResult, echo
 from deid_router.http.auth import Principal
 from deid_router.observability.logging import get_logger
 from deid_router.store.holding import Holding
@@ -73,6 +75,13 @@ class Actions:
             raise NotFound(f"no destination {destination!r}")
         self.states.set_paused(destination, paused, who.name, reason[:200])
         self._audit(who, "destination_pause" if paused else "destination_resume", f"destination={destination}")
+
+    def echo(self, who: Principal, destination: str, config: Config) -> EchoResult:
+        if destination not in self.destinations:
+            raise NotFound(f"no destination {destination!r}")
+        result = echo(config.destination(destination), config.listener.ae_title)
+        self._audit(who, "destination_echo", f"destination={destination} ok={result.ok}")
+        return result
 
     def login(self, who: Principal, client: str) -> None:
         self._audit(who, "login", f"role={who.role} client={client}")

@@ -159,6 +159,11 @@ def _pause(paused: bool) -> Handler:
     return handler
 
 
+def destination_echo(request: Request, svc: Services, who: Principal) -> Any:
+    name = str(request.path_params["name"])
+    return {"destination": name, **svc.actions.echo(who, name, svc.config).__dict__}
+
+
 def audit(request: Request, svc: Services, who: Principal) -> Any:
     return {"events": [{"at": at, "action": a, "user": u, "detail": d} for at, a, u, d in svc.reports.audit()]}
 
@@ -177,5 +182,6 @@ def routes(svc: Services) -> list[Route]:
         Route(f"{p}/destinations", endpoint(svc, destinations)),
         Route(f"{p}/destinations/{{name}}/pause", endpoint(svc, _pause(True), write=True), methods=["POST"]),
         Route(f"{p}/destinations/{{name}}/resume", endpoint(svc, _pause(False), write=True), methods=["POST"]),
+        Route(f"{p}/destinations/{{name}}/echo", endpoint(svc, destination_echo, write=True), methods=["POST"]),
         Route(f"{p}/audit", endpoint(svc, audit)),
     ]

@@ -265,7 +265,7 @@ def _do(action: str) -> Page:
     return handler
 
 
-def destinations(request: Request, svc: Services, who: Principal) -> Any:
+def destinations(request: Request, svc: Services, who: Principal, echo: Any = None) -> Any:
     states = svc.states.all()
     counts = svc.repo.status_counts(svc.destinations)["destinations"]
     rows = [
@@ -273,7 +273,13 @@ def destinations(request: Request, svc: Services, who: Principal) -> Any:
          "state": states.get(d.name), "counts": counts.get(d.name, {})}
         for d in svc.config.destinations
     ]
-    return "destinations.html", {"rows": rows}
+    return "destinations.html", {"rows": rows, "echo": echo}
+
+
+def destination_echo(request: Request, svc: Services, who: Principal) -> Any:
+    name = str(request.path_params["name"])
+    result = svc.actions.echo(who, name, svc.config)
+    return destinations(request, svc, who, echo={"name": name, **result.__dict__})
 
 
 def _pause(paused: bool) -> Page:
@@ -371,6 +377,7 @@ def routes(svc: Services) -> list[Route]:
         Route("/destinations", page(svc, destinations)),
         Route("/destinations/{name}/pause", page(svc, _pause(True), write=True), methods=["POST"]),
         Route("/destinations/{name}/resume", page(svc, _pause(False), write=True), methods=["POST"]),
+        Route("/destinations/{name}/echo", page(svc, destination_echo, write=True), methods=["POST"]),
         Route("/audit", page(svc, audit)),
         Route("/config", page(svc, configuration)),
         Route("/dryrun", page(svc, dry_run_form, admin_only=True), methods=["GET"]),

@@ -157,6 +157,8 @@ def test_console_login_dashboard_release_and_pause(tmp_path: Path, storescp: Sto
         assert _text(browser, "#dest-pacs .pause-state").startswith("paused")
         _shot(browser, "06-paused")
         browser.get(url + "/destinations")
+        browser.find_element(By.CSS_SELECTOR, "#dest-pacs button.echo").click()
+        _until(browser, lambda: _text(browser, "#echo-result") == "pacs: echo answered 0x0000", "the C-ECHO")
         browser.find_element(By.CSS_SELECTOR, "#dest-pacs button.resume").click()
         _until(browser, lambda: _text(browser, "#dest-pacs .pause-state") == "sending", "the resume")
         assert router.api_status(VIEWER)["paused"] == []

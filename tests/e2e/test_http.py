@@ -65,6 +65,10 @@ def test_metrics_counters_move_as_instances_flow(tmp_path: Path, storescp: Store
         assert after[("deid_router_quarantined", ())] == 0
         assert after[("deid_router_build_info", (("version", "0.1.0"),))] == 1
 
+        echo = httpx.post(router.http_url + "/api/v1/destinations/pacs/echo", auth=ADMIN, json={}, timeout=30)
+        assert echo.json() == {"destination": "pacs", "ok": True, "status": 0, "detail": "echo answered"}
+        assert httpx.post(router.http_url + "/api/v1/destinations/pacs/echo", auth=VIEWER, json={}).status_code == 403
+
         # An admin pauses the PACS: new instances wait (and age), nothing more is delivered.
         res = httpx.post(router.http_url + "/api/v1/destinations/pacs/pause", auth=ADMIN, json={"reason": "test"})
         assert res.status_code == 200

@@ -122,8 +122,12 @@ def test_api_writes_need_json_and_are_audited_with_the_user(client: TestClient) 
     assert client.post("/api/v1/quarantine/99/release", auth=ADMIN, json={}).status_code == 404
     assert client.post("/api/v1/jobs/99/retry", auth=ADMIN, json={}).status_code == 404
     client.post("/api/v1/destinations/outbox/resume", auth=ADMIN, json={})
+    echo = client.post("/api/v1/destinations/outbox/echo", auth=ADMIN, json={}).json()
+    assert (echo["ok"], echo["detail"]) == (True, "folder is writable")
     events = client.get("/api/v1/audit", auth=VIEWER).json()["events"]
-    assert [(e["action"], e["user"]) for e in events[:2]] == [("destination_resume", "root"), ("destination_pause", "root")]
+    assert [(e["action"], e["user"]) for e in events[:3]] == [
+        ("destination_echo", "root"), ("destination_resume", "root"), ("destination_pause", "root")
+    ]
 
 
 def test_failed_logins_are_limited_per_client(client: TestClient) -> None:
