@@ -34,6 +34,7 @@ TEMPLATES.env.filters["hex"] = status_hex
 TEMPLATES.env.filters["when"] = when
 TEMPLATES.env.filters["age"] = age
 STATES = tuple(s.value for s in ALL_STATES)
+JOBS_PER_PAGE = 200
 
 Page = Callable[[Request, Services, Principal], Any]
 
@@ -209,9 +210,11 @@ def jobs(request: Request, svc: Services, who: Principal) -> Any:
     dest = q.get("destination") or None
     if state is not None and state not in STATES:
         state = None
-    rows = svc.reports.jobs(state, dest, 200)
+    before = q.get("before", "")
+    rows = svc.reports.jobs(state, dest, JOBS_PER_PAGE, int(before) if before.isdigit() else None)
+    older = rows[-1].id if len(rows) == JOBS_PER_PAGE else None
     return "jobs.html", {"rows": rows, "states": STATES, "destinations": svc.destinations,
-                         "state": state or "", "destination": dest or ""}
+                         "state": state or "", "destination": dest or "", "older": older}
 
 
 def job(request: Request, svc: Services, who: Principal) -> Any:
@@ -263,6 +266,34 @@ def _do(action: str) -> Page:
         return RedirectResponse(f"/quarantine/{e.id}", status_code=303)
 
     return handler
+
+
+_BULK_ACTIONS = ("release", "purge")
+_BULK_MAX = 500
+
+
+def _bulk_ids(values: list[str]) -> list[int]:
+    return sorted({int(v) for v in values if v.isdigit()})[:_BULK_MAX]
+
+
+def quarantine_bulk_confirm(request: Request, svc: Services, who: Principal) -> Any:
+    """What a bulk release or purge would do, with the button that does it."""
+    action = request.query_params.get("action", "")
+    if action not in _BULK_ACTIONS:
+        raise NotFound("no such bulk action")
+    entries = [e for i in _bulk_ids(request.query_params.getlist("id")) for e in svc.reports.quarantine(qid=i)
+               if e.released_at is None and e.purged_at is None]
+    return "quarantine_bulk.html", {"entries": entries, "action": action,
+                                    "ids": ",".join(str(e.id) for e in entries)}
+
+
+def quarantine_bulk(request: Request, svc: Services, who: Principal) -> Any:
+    action = request.state.form.get("action", "")
+    if action not in _BULK_ACTIONS:
+        raise NotFound("no such bulk action")
+    for qid in _bulk_ids(request.state.form.get("ids", "").split(",")):
+        (svc.actions.release if action == "release" else svc.actions.purge)(who, qid)
+    return RedirectResponse("/quarantine", status_code=303)
 
 
 def destinations(request: Request, svc: Services, who: Principal, echo: Any = None) -> Any:
@@ -369,6 +400,8 @@ def routes(svc: Services) -> list[Route]:
         Route("/jobs/{job_id:int}", page(svc, job)),
         Route("/jobs/{job_id:int}/retry", page(svc, job_retry, write=True), methods=["POST"]),
         Route("/quarantine", page(svc, quarantine)),
+        Route("/quarantine/bulk", page(svc, quarantine_bulk_confirm, admin_only=True), methods=["GET"]),
+        Route("/quarantine/bulk", page(svc, quarantine_bulk, write=True), methods=["POST"]),
         Route("/quarantine/{qid:int}", page(svc, quarantine_entry)),
         Route("/quarantine/{qid:int}/release", page(svc, _confirm("release")), methods=["GET"]),
         Route("/quarantine/{qid:int}/release", page(svc, _do("release"), write=True), methods=["POST"]),

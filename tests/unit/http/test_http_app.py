@@ -263,3 +263,50 @@ def test_an_unexpected_error_is_a_bare_500_logged_by_type_only(
     assert res.status_code == 500 and "Sentinelname" not in res.text
     logged = capsys.readouterr()
     assert "http_request_failed" in logged.out + logged.err and "Sentinelname" not in logged.out + logged.err
+
+
+def _quarantine_three(svc: Services) -> list[int]:
+    from deid_router.db.repository import NewInstance, new_instance_id
+    from deid_router.jobs.outcome import Outcome, OutcomeKind
+    from deid_router.jobs.policy import RetryPolicy, decide
+    from deid_router.db.models import utc_now
+
+    for i in range(3):
+        iid = new_instance_id()
+        svc.repo.enqueue(NewInstance(iid, f"{i}" * 64, "a" * 64, f"raw/{iid}.dcm", 10, "1.2.840.10008.5.1.4.1.1.2",
+                                     "1.2.840.10008.1.2.1", "MODALITY", "DEID_ROUTER", "CT"), ["outbox"])
+    policy = RetryPolicy(1, 2, 1, jitter="none")
+    for job in svc.repo.claim("w", 60, 10):
+        svc.repo.finish(job.job_id, "w", decide(1, Outcome(OutcomeKind.PERMANENT, 0xA900, "refused"), policy, utc_now()))
+    return [e.id for e in svc.reports.quarantine()]
+
+
+def test_bulk_purge_asks_first_and_purges_only_the_chosen(svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = _quarantine_three(svc)
+    assert len(ids) == 3
+    viewer = TestClient(build_app(svc), base_url="http://127.0.0.1")
+    _login(viewer, VIEWER)
+    assert 'class="pick"' not in viewer.get("/quarantine").text
+    assert viewer.get(f"/quarantine/bulk?action=purge&id={ids[0]}").status_code == 403
+    admin = TestClient(build_app(svc), base_url="http://127.0.0.1")
+    token = _login(admin, ADMIN)
+    assert admin.get("/quarantine").text.count('class="pick"') == 3
+    confirm = admin.get(f"/quarantine/bulk?action=purge&id={ids[0]}&id={ids[1]}")
+    assert "Purge 2 quarantine entries" in confirm.text and "Are you sure" in confirm.text
+    assert len(svc.reports.quarantine()) == 3  # asking changed nothing
+    res = admin.post("/quarantine/bulk", data={"csrf": token, "action": "purge", "ids": f"{ids[0]},{ids[1]}"},
+                     follow_redirects=False)
+    assert res.status_code == 303
+    assert [e.id for e in svc.reports.quarantine()] == [ids[2]]
+    events = [(a, d) for _, a, _, d in svc.repo.audit_events() if a == "quarantine_purge"]
+    assert len(events) == 2
+    # the jobs list pages back
+    import deid_router.http.console as console
+
+    monkeypatch.setattr(console, "JOBS_PER_PAGE", 2)
+    first = admin.get("/jobs")
+    assert 'id="older"' in first.text
+    older = re.search(r'id="older" href="([^"]+)"', first.text)
+    assert older is not None
+    second = admin.get(older.group(1).replace("&amp;", "&"))
+    assert second.status_code == 200 and second.text.count('href="/jobs/') == 1 and 'id="older"' not in second.text
