@@ -177,7 +177,8 @@ def test_no_page_endpoint_or_metric_shows_a_planted_value(
         bodies: dict[str, str] = {}
         for user in (VIEWER, ADMIN):
             console = _console(router, user)
-            for path in pages:
+            admin_pages = ["/dryrun", "/quarantine/bulk?action=release&" + "&".join(f"id={q}" for q in qids)]
+            for path in pages + (admin_pages if user == ADMIN else []):
                 page = console.get(path)
                 assert page.status_code == 200, (user[0], path, page.status_code)
                 bodies[f"{user[0]} {path}"] = page.text
