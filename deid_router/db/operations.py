@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from deid_router.db.engine import READ_ONLY_OPTION
-from deid_router.db.models import DestinationState, Instance, Job, JobEvent, QuarantineRow, User, utc_now
+from deid_router.db.models import AuditEvent, DestinationState, Instance, Job, JobEvent, QuarantineRow, User, utc_now
 from deid_router.db.repository import JobRepository, StatusCounts
 from deid_router.errors import QueueError
 from deid_router.jobs.states import JobState
@@ -349,7 +349,12 @@ class Reports(_Store):
 
     def audit(self, limit: int = 200) -> list[tuple[datetime, str, str, str]]:
         """The newest audit records, newest first."""
-        return list(reversed(self.repo.audit_events()))[:limit]
+        with self._read("audit_recent") as conn:
+            rows = conn.execute(
+                select(AuditEvent.at, AuditEvent.action, AuditEvent.actor, AuditEvent.detail)
+                .order_by(AuditEvent.id.desc()).limit(limit)
+            ).all()
+        return [(r.at, r.action, r.actor, r.detail) for r in rows]
 
 
 def _utc(t: datetime) -> datetime:
