@@ -195,3 +195,18 @@ def test_no_page_endpoint_or_metric_shows_a_planted_value(
     needles = [*PLANTED.values(), "Sentinelname", "Plantedgiven", "Plantedreferrer", "PLANTED", *uids]
     leaks = [(where, n) for where, body in bodies.items() for n in needles if n in body]
     assert leaks == []
+
+
+def test_a_taken_http_port_stops_the_node_with_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        router = RouterProcess(tmp_path / "router", [{"name": "outbox", "type": "folder", "path": "var/outbox"}],
+                               http={"port": port})
+        with pytest.raises(AssertionError, match="router exited with 1"):
+            router.start()
+    assert f"cannot listen for HTTP on 127.0.0.1:{port}" in router.log_text()
+    assert "Traceback" not in router.log_text()
