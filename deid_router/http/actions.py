@@ -10,6 +10,7 @@ from deid_router.db.repository import JobRepository
 from deid_router.errors import StorageError
 from deid_router.forward.echo import EchoResult, echo
 from deid_router.http.auth import Principal
+from deid_router.observability.audit_messages import Auditor
 from deid_router.observability.logging import get_logger
 from deid_router.store.holding import Holding
 
@@ -27,6 +28,7 @@ class Actions:
     states: DestinationStates
     holding: Holding
     destinations: tuple[str, ...]
+    auditor: Auditor | None = None  # DICOM audit messages ([audit] syslog_url): console logins
 
     def _audit(self, who: Principal, action: str, detail: str) -> None:
         self.repo.audit(action, who.name, detail)
@@ -85,3 +87,15 @@ class Actions:
 
     def login(self, who: Principal, client: str) -> None:
         self._audit(who, "login", f"role={who.role} client={client}")
+        if self.auditor is not None:
+            self.auditor.user_authentication(who.name, True, peer_host=client)
+
+    def login_failed(self, known_user: str | None, client: str) -> None:
+        """A failed console login: to the audit repository, naming the user only if it exists
+        (a password typed into the user field must not travel to syslog)."""
+        if self.auditor is not None:
+            self.auditor.user_authentication(known_user or "unknown", False, peer_host=client)
+
+    def logout(self, who: Principal, client: str) -> None:
+        if self.auditor is not None:
+            self.auditor.user_authentication(who.name, True, logout=True, peer_host=client)

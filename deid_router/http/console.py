@@ -139,6 +139,9 @@ def login_post(svc: Services) -> Callable[[Request], Awaitable[Response]]:
         except QueueError:
             return _render(request, "error.html", 503, message="The queue database is unavailable.")
         if who is None:
+            name = form.get("username", "")
+            known = name if await run_in_threadpool(svc.users.get, name) is not None else None
+            await run_in_threadpool(svc.actions.login_failed, known, client)
             return _render(request, "login.html", 401, next=nxt, message="Wrong user name or password.")
         await run_in_threadpool(svc.actions.login, who, client)
         request.session.clear()
@@ -150,6 +153,7 @@ def login_post(svc: Services) -> Callable[[Request], Awaitable[Response]]:
 
 
 def logout(request: Request, svc: Services, who: Principal) -> Any:
+    svc.actions.logout(who, _client(request))
     request.session.clear()
     return RedirectResponse("/login", status_code=303)
 

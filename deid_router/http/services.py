@@ -14,6 +14,7 @@ from deid_router.deid.keys import Keys
 from deid_router.http.actions import Actions
 from deid_router.http.auth import Authenticator
 from deid_router.http.health import Readiness
+from deid_router.observability.audit_messages import Auditor
 from deid_router.observability.metrics import QueueCollector, registry_for
 from deid_router.store.holding import Holding
 
@@ -45,7 +46,8 @@ class Services:
 
 
 def build_services(
-    config: Config, repo: JobRepository, holding: Holding, keys: Keys, listener_up: Callable[[], bool]
+    config: Config, repo: JobRepository, holding: Holding, keys: Keys, listener_up: Callable[[], bool],
+    auditor: Auditor | None = None,
 ) -> Services:
     session_secret = keys.token("http_session", "v1")
     engine = repo.engine
@@ -61,7 +63,7 @@ def build_services(
         users=users,
         holding=holding,
         auth=Authenticator(users, session_secret.encode()),
-        actions=Actions(repo, reports, states, holding, names),
+        actions=Actions(repo, reports, states, holding, names, auditor),
         readiness=Readiness(reports, config.queue.url, listener_up, holding.free_bytes,
                             config.storage.min_free_mb * 1024 * 1024),
         metrics=registry_for(QueueCollector(reports, holding.free_bytes, names)),

@@ -310,3 +310,37 @@ def test_bulk_purge_asks_first_and_purges_only_the_chosen(svc: Services, monkeyp
     assert older is not None
     second = admin.get(older.group(1).replace("&amp;", "&"))
     assert second.status_code == 200 and second.text.count('href="/jobs/') == 1 and 'id="older"' not in second.text
+
+
+def test_console_logins_and_logouts_go_to_the_audit_repository(tmp_path: Path) -> None:
+    from deid_router.observability.audit_messages import AuditSink, Auditor
+    from tests.support.syslog_collector import SyslogCollector
+
+    collector = SyslogCollector("tcp")
+    auditor = Auditor(AuditSink(collector.url, "test-node"), "DEID_ROUTER")
+    try:
+        ctx = build_context(load_config(_config(tmp_path)), run_migrations=True)
+        UserStore(ctx.engine).add(ADMIN[0], "admin", hash_password(ADMIN[1]))
+        svc = build_services(ctx.config, ctx.repo, ctx.holding, ctx.keys, lambda: True, auditor)
+        c = TestClient(build_app(svc), base_url="http://127.0.0.1")
+        page = c.get("/login")
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert token is not None
+        c.post("/login", data={"csrf": token.group(1), "username": "typo-secret", "password": "x"})
+        c.post("/login", data={"csrf": token.group(1), "username": ADMIN[0], "password": "wrong"})
+        home_token = _login(c, ADMIN)
+        c.post("/logout", data={"csrf": home_token})
+        msgs = collector.wait_for(lambda ms: len(ms) >= 4, 10)
+        ctx.close()
+    finally:
+        auditor.close()
+        collector.stop()
+    users = []
+    for m in msgs:
+        root = m.xml()
+        event = root.find("EventIdentification")
+        assert event is not None and event.find("EventID") is not None
+        assert event.find("EventID").get("csd-code") == "110114"  # type: ignore[union-attr]
+        users.append((root.findall("ActiveParticipant")[0].get("UserID"), event.get("EventOutcomeIndicator")))
+    assert users == [("unknown", "4"), ("root", "4"), ("root", "0"), ("root", "0")]
+    assert all(b"typo-secret" not in m.msg for m in msgs)
