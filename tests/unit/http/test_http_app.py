@@ -20,6 +20,7 @@ from deid_router.http.services import Services, build_services
 
 ADMIN = ("root", "admin-password")
 VIEWER = ("watcher", "viewer-password")
+HASHES = {name: hash_password(pw) for name, pw in (ADMIN, VIEWER)}  # argon2 once, not per test
 
 
 def _config(tmp_path: Path, min_free_mb: int = 1) -> Path:
@@ -49,8 +50,8 @@ port = 1
 def _services(tmp_path: Path, listener: dict[str, bool], min_free_mb: int = 1) -> Iterator[Services]:
     ctx = build_context(load_config(_config(tmp_path, min_free_mb)), run_migrations=True)
     users = UserStore(ctx.engine)
-    users.add(ADMIN[0], "admin", hash_password(ADMIN[1]))
-    users.add(VIEWER[0], "viewer", hash_password(VIEWER[1]))
+    users.add(ADMIN[0], "admin", HASHES[ADMIN[0]])
+    users.add(VIEWER[0], "viewer", HASHES[VIEWER[0]])
     try:
         yield build_services(ctx.config, ctx.repo, ctx.holding, ctx.keys, lambda: listener["up"])
     finally:
@@ -320,7 +321,7 @@ def test_console_logins_and_logouts_go_to_the_audit_repository(tmp_path: Path) -
     auditor = Auditor(AuditSink(collector.url, "test-node"), "DEID_ROUTER")
     try:
         ctx = build_context(load_config(_config(tmp_path)), run_migrations=True)
-        UserStore(ctx.engine).add(ADMIN[0], "admin", hash_password(ADMIN[1]))
+        UserStore(ctx.engine).add(ADMIN[0], "admin", HASHES[ADMIN[0]])
         svc = build_services(ctx.config, ctx.repo, ctx.holding, ctx.keys, lambda: True, auditor)
         c = TestClient(build_app(svc), base_url="http://127.0.0.1")
         page = c.get("/login")
