@@ -238,9 +238,10 @@ class Reports(_Store):
         )
 
     def jobs(
-        self, state: str | None = None, destination: str | None = None, limit: int = 100, before_id: int | None = None
+        self, state: str | None = None, destination: str | None = None, limit: int = 100, before_id: int | None = None,
+        since: datetime | None = None,
     ) -> list[JobRow]:
-        """Newest first, filtered by state and destination; ``before_id`` pages back."""
+        """Newest first, filtered by state, destination and creation time; ``before_id`` pages back."""
         q = (
             select(Job.id, Job.destination, Job.state, Job.attempts, Job.last_status, Job.last_reason,
                    Job.created_at, Job.updated_at, Job.run_after, Instance.modality, Instance.sop_class_uid,
@@ -254,6 +255,8 @@ class Reports(_Store):
             q = q.where(Job.destination == destination)
         if before_id is not None:
             q = q.where(Job.id < before_id)
+        if since is not None:
+            q = q.where(Job.created_at >= since)
         with self._read("jobs_list") as conn:
             return [JobRow(**r._asdict()) for r in conn.execute(q).all()]
 

@@ -8,6 +8,7 @@ release or purge by another site.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -119,7 +120,13 @@ def jobs_list(request: Request, svc: Services, who: Principal) -> Any:
         before = int(q["before"]) if q.get("before") else None
     except ValueError:
         raise ValueError("limit and before must be integers") from None
-    return {"jobs": svc.reports.jobs(state, q.get("destination") or None, limit, before)}
+    try:
+        since = datetime.fromisoformat(q["since"]) if q.get("since") else None
+    except ValueError:
+        raise ValueError("since must be an ISO 8601 time, e.g. 2024-05-01T12:00:00+00:00") from None
+    if since is not None and since.tzinfo is None:
+        raise ValueError("since needs a UTC offset, e.g. 2024-05-01T12:00:00+00:00")
+    return {"jobs": svc.reports.jobs(state, q.get("destination") or None, limit, before, since)}
 
 
 def job_show(request: Request, svc: Services, who: Principal) -> Any:

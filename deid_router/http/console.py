@@ -35,6 +35,7 @@ TEMPLATES.env.filters["when"] = when
 TEMPLATES.env.filters["age"] = age
 STATES = tuple(s.value for s in ALL_STATES)
 JOBS_PER_PAGE = 200
+JOB_PERIODS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7)}
 
 Page = Callable[[Request, Services, Principal], Any]
 
@@ -215,10 +216,13 @@ def jobs(request: Request, svc: Services, who: Principal) -> Any:
     if state is not None and state not in STATES:
         state = None
     before = q.get("before", "")
-    rows = svc.reports.jobs(state, dest, JOBS_PER_PAGE, int(before) if before.isdigit() else None)
+    period = q.get("since", "")
+    since = utc_now() - JOB_PERIODS[period] if period in JOB_PERIODS else None
+    rows = svc.reports.jobs(state, dest, JOBS_PER_PAGE, int(before) if before.isdigit() else None, since)
     older = rows[-1].id if len(rows) == JOBS_PER_PAGE else None
-    return "jobs.html", {"rows": rows, "states": STATES, "destinations": svc.destinations,
-                         "state": state or "", "destination": dest or "", "older": older}
+    return "jobs.html", {"rows": rows, "states": STATES, "destinations": svc.destinations, "periods": JOB_PERIODS,
+                         "state": state or "", "destination": dest or "", "older": older,
+                         "since": period if since else ""}
 
 
 def job(request: Request, svc: Services, who: Principal) -> Any:

@@ -301,7 +301,12 @@ def test_bulk_purge_asks_first_and_purges_only_the_chosen(svc: Services, monkeyp
     assert [e.id for e in svc.reports.quarantine()] == [ids[2]]
     events = [(a, d) for _, a, _, d in svc.repo.audit_events() if a == "quarantine_purge"]
     assert len(events) == 2
-    # the jobs list pages back
+    # the jobs list filters by time and pages back
+    assert admin.get("/jobs?since=1h").text.count('href="/jobs/') == 3
+    api = TestClient(build_app(svc), base_url="http://127.0.0.1")
+    assert len(api.get("/api/v1/jobs?since=2000-01-01T00:00:00%2B00:00", auth=VIEWER).json()["jobs"]) == 3
+    assert api.get("/api/v1/jobs?since=2999-01-01T00:00:00%2B00:00", auth=VIEWER).json()["jobs"] == []
+    assert api.get("/api/v1/jobs?since=yesterday", auth=VIEWER).status_code == 400
     import deid_router.http.console as console
 
     monkeypatch.setattr(console, "JOBS_PER_PAGE", 2)
