@@ -146,6 +146,16 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """``[http]``: console, API, health and metrics (port 0: no HTTP server)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    cert_file: Path | None = None  # [http.tls]: both or neither
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     listener: ListenerConfig
@@ -155,6 +165,7 @@ class Config:
     destinations: tuple[DestinationConfig, ...]
     routes: tuple[RouteConfig, ...]
     warnings: tuple[str, ...] = ()
+    http: HttpConfig = field(default_factory=HttpConfig)
     storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
     audit: AuditConfig = AuditConfig()
 
@@ -263,7 +274,8 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     r = _Reader(str(file))
     base = file.parent
     warnings: list[str] = []
-    r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes", "storage_commitment", "audit"))
+    r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes", "storage_commitment", "audit",
+                        "http"))
 
     # [listener]
     li = r.table(raw, "listener")
@@ -488,6 +500,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     if not routes:
         r.problem("routes", "at least one [[routes]] is required, or nothing would be forwarded")
 
+    http = _parse_http(r, raw, base)
     storage_commitment = _storage_commitment(r, r.table(raw, "storage_commitment"))
     audit = _audit(r, r.table(raw, "audit"), base)
 
@@ -504,6 +517,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         warnings=tuple(warnings),
         storage_commitment=storage_commitment,
         audit=audit,
+        http=http,
     )
 
 
@@ -578,6 +592,31 @@ def _pixel_keys(r: _Reader, de: dict[str, Any], base: Path) -> dict[str, Any]:
     elif no_rule == "ocr_clear" and not ocr:
         r.problem("deid.pixel_no_rule", "'ocr_clear' needs deid.pixel_ocr = true")
     return {"pixel_rules_file": rules_file, "pixel_ocr": ocr, "pixel_no_rule": no_rule}
+
+
+def _parse_http(r: _Reader, raw: dict[str, Any], base: Path) -> HttpConfig:
+    """``[http]`` host, port and the optional ``[http.tls]`` cert_file / key_file."""
+    ht = r.table(raw, "http")
+    r.unknown(ht, "http", ("host", "port", "tls"))
+    d = HttpConfig()
+    port = r.number(ht, "http", "port", int, d.port, 0)
+    if port > 65535:
+        r.problem("http.port", "must be <= 65535")
+    tls = r.table(ht, "tls") if "tls" in ht else {}
+    r.unknown(tls, "http.tls", ("cert_file", "key_file"))
+    files: dict[str, Path | None] = {}
+    for key in ("cert_file", "key_file"):
+        value = r.get(tls, "http.tls", key, str, "")
+        files[key] = _resolve(base, value) if value else None
+        path = files[key]
+        if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
+            r.problem(f"http.tls.{key}", f"{path} is not a readable file")
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        r.problem("http.tls", "cert_file and key_file go together")
+    return HttpConfig(
+        host=r.get(ht, "http", "host", str, d.host), port=port,
+        cert_file=files["cert_file"], key_file=files["key_file"],
+    )
 
 
 def _known_keyword(name: str) -> bool:

@@ -67,3 +67,7 @@ class TransientForwardError(ForwardError):
 
 class PermanentForwardError(ForwardError):
     """Retrying will not help (refused SOP class, permanent rejection)."""
+
+
+class HttpServerError(DeidRouterError):
+    """The HTTP port (``[http]``) could not be opened, or the server did not start."""
