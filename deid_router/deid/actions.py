@@ -32,3 +32,32 @@ def fit(vr: str, text: str) -> str:
     n = MAX_LEN.get(vr)
     out = text[:n] if n else text
     return out.upper() if vr == "CS" else out
+
+
+# Values swept out of the items of kept sequences (and replaced by dummies in D sequences).
+SWEPT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC", "UR", "DA", "DT", "TM", "AS", "AE"})
+CLEANABLE_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC"})
+BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+
+# The attributes of a coded entry (PS3.3 Table 8.8-1); a code of a registered scheme is not
+# free text, one of a local scheme (99..., L, ...) may name anything and becomes DUMMY_CODE.
+CODE_TAGS = frozenset({
+    0x00080100, 0x00080102, 0x00080103, 0x00080104, 0x00080105, 0x00080106, 0x00080107, 0x0008010B,
+    0x0008010D, 0x0008010F, 0x00080117, 0x00080118, 0x00080119, 0x00080120, 0x00080122,
+})
+DUMMY_CODE = ((0x00080100, "SH", "261665006"), (0x00080102, "SH", "SCT"), (0x00080104, "LO", "Unknown"))
+
+
+def _registered_schemes() -> frozenset[str]:
+    """Coding scheme designators of PS3.16 Table 8-1 (pydicom's concept dictionaries and the
+    common ones they do not cover)."""
+    from pydicom.sr import _concepts_dict
+
+    extra = {"DCM", "SCT", "SRT", "SNM3", "LN", "UCUM", "FMA", "RADLEX", "NCIt", "UMLS", "MSH", "MDC",
+             "NEU", "I10", "I10C", "I10P", "I9C", "I11", "ICDO3", "ACR", "ASTM-sigpurpose", "C4", "C5", "HPC",
+             "ISO3166_1", "ISO639_1", "ISO639_2", "ISO_OID", "NCDR", "NICIP", "HL7", "RFC3066", "RFC5646",
+             "ITIS_TSN", "NDC", "RXNORM", "PUBCHEM_CID", "IBSI", "BARI", "UNS", "SPN", "MAYOASRG", "NYUMCCG"}
+    return frozenset(set(_concepts_dict.concepts) | extra)
+
+
+REGISTERED_SCHEMES = _registered_schemes()

@@ -23,7 +23,8 @@ from pydicom._uid_dict import UID_dictionary
 
 from deid_router.config import DeidConfig
 from deid_router.deid import actions as act
-from deid_router.deid import dates
+from deid_router.deid import dates, iod_types
+from deid_router.deid.accounting import check_accounted
 from deid_router.deid.crosswalk import Crosswalk, NullCrosswalk, load_patient_mapping
 from deid_router.deid.keys import Keys
 from deid_router.deid.profile import CURVE, EDITION, OVERLAY_COMMENTS, OVERLAY_DATA, PRIVATE, Profile
@@ -51,6 +52,7 @@ _T_IDENTITY_REMOVED = 0x00120062
 _T_METHOD = 0x00120063
 _T_METHOD_CODES = 0x00120064
 _T_LONGITUDINAL = 0x00280303
+_T_CSD = BaseTag(0x00080102)
 _PSEUDO_TAGS = frozenset({_T_PATIENT_NAME, _T_PATIENT_ID, _T_ACCESSION, _T_STUDY_ID})
 _OWN_TAGS = frozenset({_T_IDENTITY_REMOVED, _T_METHOD, _T_METHOD_CODES, _T_LONGITUDINAL,
                        _T_PATIENT_ID, _T_PATIENT_NAME})
@@ -97,9 +99,15 @@ class DeidResult:
 class _State:
     """Per-instance working state of one de-identification."""
 
-    __slots__ = ("ids", "offset", "patient_key", "patient_id_out", "patient_name_out", "pending")
+    __slots__ = ("ids", "offset", "patient_key", "patient_id_out", "patient_name_out", "pending",
+                 "ciod", "top_actions", "written", "derived")
 
-    def __init__(self) -> None:
+    def __init__(self, ciod: str | None = None, top_actions: dict[int, str] | None = None) -> None:
+        self.ciod = ciod
+        self.top_actions: dict[int, str] = top_actions if top_actions is not None else {}
+        # every value the engine wrote, and every UID the keyed map derived (the output check)
+        self.written: set[str] = set()
+        self.derived: set[str] = set()
         self.ids = Identifiers()
         self.offset = 0
         self.patient_key = ""
@@ -219,7 +227,8 @@ class Deidentifier:
         if not _first(_get(ds, rd, _T_SOP_INSTANCE)).strip():
             raise DeidError("invalid_dataset", "SOPInstanceUID is missing", "SOPInstanceUID")
         self._check_burned_in(ds, rd)
-        st = _State()
+        ciod = iod_types.ciod_of(_first(_get(ds, rd, _T_SOP_CLASS)).strip().rstrip("\0"))
+        st = _State(ciod, self.profile.actions_in(ciod))
         self._prepare(ds, st, rd)
         self._walk(ds, st, "", top=True, parent=rd)
         self._finish(ds, st)
@@ -304,6 +313,7 @@ class Deidentifier:
                 self._uid_cache.clear()
             self._uid_cache[v] = out
         st.ids.orig_uids.add(v)
+        st.derived.add(out)
         return out
 
     def _remap_value(self, value: object, st: _State, force: bool) -> object:
@@ -331,17 +341,106 @@ class Deidentifier:
             return value
         return fn(str(value), st.offset)
 
-    def _walk(self, ds: Dataset, st: _State, path: str, top: bool = False, parent: Reader | None = None) -> None:
-        actions = self._actions
+    def _put(self, st: _State, rd: Reader, ds: Dataset, tag: BaseTag, elem: Element, vr: str, value: object) -> None:
+        """Store a value the engine wrote, and remember it for the output check."""
+        written = st.written
+        if isinstance(value, (list, tuple, MultiValue)):
+            for v in value:
+                written.add(str(v).strip(" \0"))
+        elif value is not None:
+            written.add(str(value).strip(" \0"))
+        rd.set(ds, tag, elem, vr, value)
+
+    def _date_policy(self, st: _State, rd: Reader, ds: Dataset, tag: BaseTag, elem: Element, vr: str,
+                     kept: bool) -> None:
+        """An untabled (or kept) DA/DT: shifted, kept by an option or a K action, else a dummy."""
+        value = rd.value(ds, tag, elem, vr)
+        if self.profile.shift_dates:
+            st.ids.add_weak(vr, value)
+            self._put(st, rd, ds, tag, elem, vr, self._shift(vr, value, st))
+        elif kept or self.profile.full_dates or not value:
+            st.add_kept(rd, ds, tag, elem, vr)
+        else:
+            st.ids.add_weak(vr, value)
+            self._put(st, rd, ds, tag, elem, vr, act.dummy(vr))
+
+    def _code_state(self, ds: Dataset, rd: Reader) -> bool | None:
+        """None: ``ds`` is no coded entry; True: its scheme is registered; False: a local scheme."""
+        elem = ds._dict.get(_T_CSD)
+        if elem is None:
+            return None
+        value = _first(rd.value(ds, _T_CSD, elem, "SH")).strip()
+        return value in act.REGISTERED_SCHEMES
+
+    def _dummy_code(self, ds: Dataset, st: _State) -> None:
+        """Replace a coded entry of a local scheme by the dummy code triplet."""
+        store = ds._dict
+        for t in act.CODE_TAGS:
+            key = BaseTag(t)
+            if key in store:
+                del store[key]
+        for t, vr, value in act.DUMMY_CODE:
+            key = BaseTag(t)
+            store[key] = DataElement(key, vr, value)
+            st.written.add(value)
+
+    def _dummy_items(self, items: object, st: _State, parent: Reader) -> None:
+        """D on a sequence: the same items, every text-bearing value a dummy of its VR, UIDs
+        keyed, coded entries the dummy code triplet; coded strings and numbers stay (structure)."""
+        profile = self.profile
+        for item in items or ():  # type: ignore[attr-defined]
+            rd = Reader.of(item, parent)
+            store = item._dict
+            coded = BaseTag(_T_CSD) in store
+            for tag, elem in list(store.items()):
+                t = int(tag)
+                if t >> 16 & 1:
+                    del store[tag]
+                    continue
+                vr = rd.vr(item, tag, elem)
+                elem = store[tag]
+                if vr == "SQ":
+                    self._dummy_items(item[tag].value, st, rd)
+                elif coded and t in act.CODE_TAGS:
+                    continue
+                elif vr == "UI":
+                    if t in _CLASS_UID_TAGS or profile.retain_uids:
+                        st.add_kept(rd, item, tag, elem, vr)
+                    else:
+                        self._put(st, rd, item, tag, elem, vr,
+                                  self._remap_value(rd.value(item, tag, elem, vr), st, force=True))
+                elif vr in _DATE_VRS:
+                    self._date_policy(st, rd, item, tag, elem, vr, kept=False)
+                elif vr == "TM" and (profile.shift_dates or profile.full_dates):
+                    st.add_kept(rd, item, tag, elem, vr)
+                elif vr in act.SWEPT_VRS:
+                    st.ids.add_weak(vr, rd.value(item, tag, elem, vr))
+                    self._put(st, rd, item, tag, elem, vr, act.dummy(vr))
+                elif vr in act.BINARY_VRS:
+                    item[tag].value = act.dummy(vr)
+                else:
+                    st.add_kept(rd, item, tag, elem, vr)
+            if coded:
+                self._dummy_code(item, st)
+
+    def _walk(self, ds: Dataset, st: _State, path: str, top: bool = False, parent: Reader | None = None,
+              seq: int = -1, mode: str = "top") -> None:
+        """Apply the resolved action of each element; ``mode`` says what untabled values inside
+        the items of a kept sequence become: ``sweep`` (replaced), ``clean`` (cleaned) or
+        ``keep`` (as at the top level, for sequences an option or a rule keeps whole)."""
+        profile = self.profile
+        actions = st.top_actions if top else profile.actions_in(st.ciod, seq)
         patterns = self._patterns
         ids = st.ids
-        profile = self.profile
         rd = Reader.of(ds, parent)
         creators: list[BaseTag] = []
         kept_blocks: set[int] = set()
         overlay_x = patterns[OVERLAY_DATA] == "X"
         private_action = patterns[PRIVATE]
         store = ds._dict
+        swept = mode == "sweep" or mode == "clean"
+        code_ok = self._code_state(ds, rd) if swept else None
+        inner = "sweep" if mode == "top" else mode
         for tag, elem in list(store.items()):
             t = int(tag)
             group = t >> 16
@@ -367,7 +466,8 @@ class Deidentifier:
                             vr = rd.vr(ds, tag, elem)
                             if vr == "SQ":
                                 for i, item in enumerate(ds[tag].value or ()):
-                                    self._walk(item, st, f"{path}{_path_name(t)}[{i}].", parent=rd)
+                                    self._walk(item, st, f"{path}{_path_name(t)}[{i}].", parent=rd, seq=t,
+                                               mode=inner)
                             else:
                                 st.add_kept(rd, ds, tag, store[tag], vr)
                             continue
@@ -403,39 +503,68 @@ class Deidentifier:
                 del store[tag]
                 continue
             if vr == "SQ":
-                seq = ds[tag]
+                sq = ds[tag]
                 if a == "Z":
-                    self._collect_removed(seq.value, st, rd)
-                    seq.value = Sequence()
+                    self._collect_removed(sq.value, st, rd)
+                    sq.value = Sequence()
+                elif a == "D":
+                    self._collect_removed(sq.value, st, rd)
+                    self._dummy_items(sq.value, st, rd)
                 else:
+                    if a == "C":
+                        child = "clean"
+                    elif a == "K" and t in profile.whole_keep:
+                        child = "keep"
+                    else:
+                        child = inner
                     name = _path_name(t)
-                    for i, item in enumerate(seq.value or ()):
-                        self._walk(item, st, f"{path}{name}[{i}].", parent=rd)
+                    for i, item in enumerate(sq.value or ()):
+                        self._walk(item, st, f"{path}{name}[{i}].", parent=rd, seq=t, mode=child)
                 continue
             if a == "" or a == "K":
                 if vr == "UI":
                     value = rd.value(ds, tag, elem, vr)
                     if a == "" and not profile.retain_uids and t not in _CLASS_UID_TAGS:
-                        rd.set(ds, tag, elem, vr, self._remap_value(value, st, force=False))
+                        self._put(st, rd, ds, tag, elem, vr, self._remap_value(value, st, force=False))
                     else:
                         ids.kept_uids.update(str(v) for v in (value if isinstance(value, (list, MultiValue)) else [value]) if v)
-                elif vr in _DATE_VRS and profile.shift_dates:
-                    value = rd.value(ds, tag, elem, vr)
-                    ids.add_weak(vr, value)
-                    rd.set(ds, tag, elem, vr, self._shift(vr, value, st))
+                elif code_ok is not None and t in act.CODE_TAGS:
+                    if code_ok:
+                        st.add_kept(rd, ds, tag, elem, vr)
+                    # else: a local code, replaced by the dummy triplet below
+                elif vr in _DATE_VRS:
+                    self._date_policy(st, rd, ds, tag, elem, vr, kept=a == "K")
+                elif vr == "PN" and a == "":
+                    ids.add_weak(vr, rd.value(ds, tag, elem, vr))
+                    self._put(st, rd, ds, tag, elem, vr, act.PN_DUMMY)
                 elif vr == "AS" and a == "K":
                     value = rd.value(ds, tag, elem, vr)
                     if value:
-                        rd.set(ds, tag, elem, vr, dates.clamp_age(_first(value)))
+                        self._put(st, rd, ds, tag, elem, vr, dates.clamp_age(_first(value)))
                     else:
                         st.add_kept(rd, ds, tag, elem, vr)
+                elif swept and a == "" and vr in act.SWEPT_VRS:
+                    value = rd.value(ds, tag, elem, vr)
+                    if vr == "TM" and (profile.shift_dates or profile.full_dates) or not value:
+                        st.add_kept(rd, ds, tag, elem, vr)
+                    elif mode == "clean" and vr in act.CLEANABLE_VRS:
+                        ids.add_kept(value)
+                        if isinstance(value, (list, MultiValue)):
+                            self._put(st, rd, ds, tag, elem, vr, [ids.clean(str(v)) for v in value])
+                        else:
+                            self._put(st, rd, ds, tag, elem, vr, ids.clean(str(value)))
+                    else:
+                        ids.add_weak(vr, value)
+                        self._put(st, rd, ds, tag, elem, vr, act.dummy(vr))
+                elif swept and a == "" and vr == "UN":
+                    ds[tag].value = b""  # an unknown public attribute: nobody can say what it holds
                 else:
                     st.add_kept(rd, ds, tag, elem, vr)
                 continue
             if t in _PSEUDO_TAGS and a in "ZDCUSH":
                 pseudo = self._pseudonymize(rd.value(ds, tag, elem, vr), vr, t, st, top)
                 if pseudo is not None:
-                    rd.set(ds, tag, elem, vr, pseudo)
+                    self._put(st, rd, ds, tag, elem, vr, pseudo)
                     continue
             value = rd.value(ds, tag, elem, vr)
             new: object = _UNCHANGED
@@ -491,10 +620,12 @@ class Deidentifier:
                 ids.add_weak(vr, value)
                 new = self.profile.replace_values.get(t, "")
             if new is not _UNCHANGED:
-                rd.set(ds, tag, elem, vr, new)
+                self._put(st, rd, ds, tag, elem, vr, new)
         for creator in creators:
             if int(creator) not in kept_blocks:
                 del store[creator]
+        if code_ok is False:
+            self._dummy_code(ds, st)
 
     def _pseudonymize(self, value: object, vr: str, t: int, st: _State, top: bool) -> str | None:
         """PatientID, PatientName, AccessionNumber, StudyID -> keyed pseudonyms. None: not handled."""
@@ -575,6 +706,7 @@ class Deidentifier:
         if hasattr(ds, "preamble"):
             ds.preamble = b"\0" * 128
         scan(ds, st.ids, _OWN_TAGS, _CLASS_UID_TAGS, self._generic, self.profile.shift_dates)
+        check_accounted(ds, st.written, st.derived, self.profile, _OWN_TAGS, _CLASS_UID_TAGS)
 
     def _finish_slow(self, ds: Dataset) -> None:
         ds.PatientIdentityRemoved = "YES"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -20,13 +20,18 @@ from typing import Any
 from pydicom.datadict import tag_for_keyword
 
 from deid_router.config import DEID_OPTIONS, DeidConfig
+from deid_router.deid import iod_types
+from deid_router.deid.raw import public_vr
 
 EDITION = "2026d"
 _TAG_RE = re.compile(r"^\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)$")
 
-# Compound codes of the basic profile resolved to the weakest removal that keeps the IOD valid.
-_BASIC = {"X": "X", "Z": "Z", "D": "D", "U": "U", "K": "K", "C": "C",
-          "X/Z": "Z", "X/D": "D", "X/Z/D": "D", "Z/D": "D", "X/Z/U*": "U"}
+_BASIC = {"X": "X", "Z": "Z", "D": "D", "U": "U", "K": "K", "C": "C"}
+# Compound codes are resolved per IOD from the attribute's type there (iod_types.py):
+# each choice and the type it satisfies (X: Type 3 or absent, Z: Type 2, D and U*: Type 1).
+COMPOUND = frozenset({"X/Z", "X/D", "X/Z/D", "Z/D", "X/Z/U*"})
+_SATISFIES = {"X": 0, "Z": 1, "D": 2, "U*": 2}
+_NEEDS = {None: 0, "3": 0, "2": 1, "1": 2}
 _RULE_CODES = {"keep": "K", "remove": "X", "empty": "Z", "dummy": "D", "replace": "R",
                "uid": "U", "hash": "H", "shift_date": "S", "clean": "C"}
 # Codes that keep (part of) the original information.
@@ -72,19 +77,47 @@ def _row_key(tag: str) -> int | str:
     return int(tag[1:5] + tag[6:10], 16)
 
 
-def resolve_row(row: dict[str, Any], options: tuple[str, ...]) -> str:
-    """Effective action of one table row for the selected options.
+def resolve_compound(code: str, type_: str | None) -> str:
+    """The choice of a compound code for an attribute of ``type_`` ("1", "2", "3"; None: absent).
+
+    The most removing choice that the type allows: X for Type 3 or absent, Z for Type 2, D
+    (or U*, which keeps the sequence with its UIDs remapped) for Type 1; when the code has no
+    such choice, its last (most keeping) one.
+    """
+    choices = code.split("/")
+    need = _NEEDS.get(type_, 0)
+    for choice in choices:
+        if _SATISFIES[choice] >= need:
+            return "U" if choice == "U*" else choice
+    last = choices[-1]
+    return "U" if last == "U*" else last
+
+
+def resolve_row(row: dict[str, Any], options: tuple[str, ...], type_: str | None = None) -> str:
+    """Effective action of one table row for the selected options (and the attribute's IOD type).
 
     The first selected option (in ``DEID_OPTIONS`` order) with a non-empty cell wins over
-    ``basic``; ``retain_long_modified_dates`` C means "shift the date" (S).
+    ``basic``; ``retain_long_modified_dates`` C means "shift the date" (S). A compound basic
+    code is resolved for ``type_`` (None: an unknown IOD, the most removing choice).
     """
+    opt = option_of(row, options)
+    if opt is not None:
+        cell = str(row[opt])
+        if cell == "C" and opt == "retain_long_modified_dates":
+            return "S"
+        return "K" if cell == "K" else "C"
+    basic = str(row["basic"])
+    if basic in COMPOUND:
+        return resolve_compound(basic, type_)
+    return _BASIC[basic]
+
+
+def option_of(row: dict[str, Any], options: tuple[str, ...]) -> str | None:
+    """The selected option whose cell decides this row, if any."""
     for opt in DEID_OPTIONS:
         if opt in options and row[opt]:
-            cell = str(row[opt])
-            if cell == "C" and opt == "retain_long_modified_dates":
-                return "S"
-            return "K" if cell == "K" else "C"
-    return _BASIC[str(row["basic"])]
+            return opt
+    return None
 
 
 @dataclass(frozen=True)
@@ -100,17 +133,49 @@ class Profile:
     shift_dates: bool
     full_dates: bool
     retain_uids: bool
+    # tag -> compound basic code, where neither an option nor a rule decides the tag
+    compound: dict[int, str] = field(default_factory=dict)
+    # sequences kept whole by an option (other than retain_uids) or a rule: their items keep
+    # untabled text, as the top level does
+    whole_keep: frozenset[int] = frozenset()
+    # tags whose values the profile or a rule keeps as they are (K; S keeps times)
+    kept_tags: frozenset[int] = frozenset()
+    _resolved: dict[tuple[str | None, int], dict[int, str]] = field(default_factory=dict, compare=False, repr=False)
+
+    def actions_in(self, ciod: str | None, parent: int = -1) -> dict[int, str]:
+        """The per-tag actions for an instance of IOD ``ciod`` (None: unknown), at the top level
+        (``parent`` -1) or inside the items of the sequence ``parent``; cached."""
+        types = iod_types.types_of(ciod)
+        if parent != -1 and not iod_types.has_parent(ciod, parent):
+            parent = -2  # no compound-coded attribute is defined in this context: all absent
+        key = (ciod, parent)
+        found = self._resolved.get(key)
+        if found is not None:
+            return found
+        out = dict(self.actions)
+        for tag, code in self.compound.items():
+            out[tag] = resolve_compound(code, types.get((parent, tag)))
+        if len(self._resolved) < 4096:
+            self._resolved[key] = out
+        return out
 
     @classmethod
     def build(cls, config: DeidConfig, with_rules: bool = True) -> Profile:
         options = tuple(config.options)
         actions: dict[int, str] = {}
         patterns: dict[str, str] = {}
+        compound: dict[int, str] = {}
+        whole_keep: set[int] = set()
         for row in table_rows():
             key = _row_key(str(row["tag"]))
             code = resolve_row(row, options)
             if isinstance(key, int):
                 actions[key] = code
+                opt = option_of(row, options)
+                if opt is None and str(row["basic"]) in COMPOUND:
+                    compound[key] = str(row["basic"])
+                if code == "K" and opt not in (None, "retain_uids") and public_vr(key) == "SQ":
+                    whole_keep.add(key)
             else:
                 patterns[key] = code
         safe = frozenset(
@@ -125,6 +190,10 @@ class Profile:
                 if tag is None:
                     continue  # config validation reports it
                 actions[tag] = _RULE_CODES[rule.action]
+                compound.pop(tag, None)
+                whole_keep.discard(tag)
+                if rule.action == "keep":
+                    whole_keep.add(tag)
                 rule_tags.add(tag)
                 if rule.action == "replace":
                     replace_values[tag] = rule.value or ""
@@ -138,6 +207,9 @@ class Profile:
             shift_dates="retain_long_modified_dates" in options,
             full_dates="retain_long_full_dates" in options,
             retain_uids="retain_uids" in options,
+            compound=compound,
+            whole_keep=frozenset(whole_keep),
+            kept_tags=frozenset(t for t, a in actions.items() if a in ("K", "S")),
         )
 
 
