@@ -10,8 +10,9 @@ about it is known. A value is accounted for when
   or syntax, or the profile keeps UIDs (``retain_uids``, a K action);
 * DA/DT: the engine wrote it (shifted, dummy) or an option or a K action keeps it;
 * text inside a sequence (LO, SH, ST, LT, UT, UC, UR, AS, TM, AE, public UN): the engine
-  wrote it, it belongs to a coded entry of a registered scheme, or the profile or a rule
-  keeps it (a K action, a sequence kept whole by an option, times under the date options);
+  wrote it, it belongs to a coded entry of a registered scheme (of any scheme inside a
+  sequence an option or a rule keeps), or the profile or a rule keeps it (a K action, times
+  under the date options);
 * private: the Retain Safe Private Option keeps it (Table E.3.10-1) or a rule names it.
 
 Anything else raises DeidError("output_unaccounted") with the attribute path, never the value.
@@ -85,7 +86,7 @@ class _Check:
                 continue
             vr = rd.vr(ds, tag, elem)
             if vr == "SQ":
-                whole = kept or t in self.profile.whole_keep
+                whole = t in self.profile.whole_keep  # its own items, not deeper
                 name = _name(t)
                 for i, item in enumerate(ds[tag].value or ()):
                     self.dataset(item, rd, f"{path}{name}[{i}].", True, whole)
@@ -109,7 +110,7 @@ class _Check:
         if vr == "PN":
             return False
         # text inside a sequence
-        if kept or (registered and t in CODE_TAGS):
+        if t in CODE_TAGS and (registered or (kept and registered is not None)):
             return True
         return vr == "TM" and self.times_kept
 

@@ -425,9 +425,11 @@ class Deidentifier:
 
     def _walk(self, ds: Dataset, st: _State, path: str, top: bool = False, parent: Reader | None = None,
               seq: int = -1, mode: str = "top") -> None:
-        """Apply the resolved action of each element; ``mode`` says what untabled values inside
-        the items of a kept sequence become: ``sweep`` (replaced), ``clean`` (cleaned) or
-        ``keep`` (as at the top level, for sequences an option or a rule keeps whole)."""
+        """Apply the resolved action of each element. ``mode`` says what the untabled values
+        inside the items of a kept sequence become: ``sweep`` (text, names and dates replaced,
+        codes of local schemes replaced by a dummy code), ``clean`` (text cleaned of this
+        instance's identifiers) or ``keep`` (as sweep, but every coded entry stays: the
+        sequence is one an option or a rule keeps, such as InstitutionCodeSequence)."""
         profile = self.profile
         actions = st.top_actions if top else profile.actions_in(st.ciod, seq)
         patterns = self._patterns
@@ -438,9 +440,11 @@ class Deidentifier:
         overlay_x = patterns[OVERLAY_DATA] == "X"
         private_action = patterns[PRIVATE]
         store = ds._dict
-        swept = mode == "sweep" or mode == "clean"
+        swept = mode != "top"
         code_ok = self._code_state(ds, rd) if swept else None
-        inner = "sweep" if mode == "top" else mode
+        if code_ok is False and mode == "keep":
+            code_ok = True  # the option keeps the codes of this sequence, whatever their scheme
+        inner = "clean" if mode == "clean" else "sweep"  # "keep" holds for the kept sequence's own items
         for tag, elem in list(store.items()):
             t = int(tag)
             group = t >> 16

@@ -135,8 +135,8 @@ class Profile:
     retain_uids: bool
     # tag -> compound basic code, where neither an option nor a rule decides the tag
     compound: dict[int, str] = field(default_factory=dict)
-    # sequences kept whole by an option (other than retain_uids) or a rule: their items keep
-    # untabled text, as the top level does
+    # sequences kept by an option (other than retain_uids) or a rule: their items keep their
+    # coded entries whatever the scheme (the institution's code, the station's code...)
     whole_keep: frozenset[int] = frozenset()
     # tags whose values the profile or a rule keeps as they are (K; S keeps times)
     kept_tags: frozenset[int] = frozenset()
