@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 _NESTED_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "UR", "AS", "TM", "AE", "UN"})
 _CHECKED_VRS = _NESTED_VRS | {"PN", "UI", "DA", "DT"}
 _T_CSD = BaseTag(0x00080102)
+_T_CODE_VALUE, _T_LONG_CODE, _T_URN_CODE = BaseTag(0x00080100), BaseTag(0x00080119), BaseTag(0x00080120)
 _T_MEDIA_INSTANCE = BaseTag(0x00020003)
 
 
@@ -69,7 +70,7 @@ class _Check:
         rd = Reader.of(ds, parent)
         store = ds._dict
         registered: bool | None = None
-        if nested and _T_CSD in store:
+        if nested and _T_CSD in store and (_T_CODE_VALUE in store or _T_LONG_CODE in store or _T_URN_CODE in store):
             csd = values_of(rd.value(ds, _T_CSD, store[_T_CSD], "SH"))
             registered = bool(csd) and csd[0].strip() in REGISTERED_SCHEMES
         for tag, elem in list(store.items()):
@@ -112,6 +113,8 @@ class _Check:
         # text inside a sequence
         if t in CODE_TAGS and (registered or (kept and registered is not None)):
             return True
+        if t == 0x00080102 and registered is None:
+            return True  # a designator outside a coded entry (CodingSchemeIdentificationSequence)
         return vr == "TM" and self.times_kept
 
     def private(self, ds: Dataset, rd: Reader, tag: BaseTag, path: str, nested: bool, kept: bool) -> None:

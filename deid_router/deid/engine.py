@@ -53,6 +53,9 @@ _T_METHOD = 0x00120063
 _T_METHOD_CODES = 0x00120064
 _T_LONGITUDINAL = 0x00280303
 _T_CSD = BaseTag(0x00080102)
+_T_CODE_VALUE, _T_LONG_CODE, _T_URN_CODE = BaseTag(0x00080100), BaseTag(0x00080119), BaseTag(0x00080120)
+_T_REF_SERIES = 0x00081115  # the Common Instance Reference Module
+_T_REF_STUDIES = 0x00081200
 _PSEUDO_TAGS = frozenset({_T_PATIENT_NAME, _T_PATIENT_ID, _T_ACCESSION, _T_STUDY_ID})
 _OWN_TAGS = frozenset({_T_IDENTITY_REMOVED, _T_METHOD, _T_METHOD_CODES, _T_LONGITUDINAL,
                        _T_PATIENT_ID, _T_PATIENT_NAME})
@@ -100,10 +103,12 @@ class _State:
     """Per-instance working state of one de-identification."""
 
     __slots__ = ("ids", "offset", "patient_key", "patient_id_out", "patient_name_out", "pending",
-                 "ciod", "top_actions", "written", "derived")
+                 "ciod", "top_actions", "written", "derived", "referencing")
 
-    def __init__(self, ciod: str | None = None, top_actions: dict[int, str] | None = None) -> None:
+    def __init__(self, ciod: str | None = None, top_actions: dict[int, str] | None = None,
+                 referencing: bool = False) -> None:
         self.ciod = ciod
+        self.referencing = referencing
         self.top_actions: dict[int, str] = top_actions if top_actions is not None else {}
         # every value the engine wrote, and every UID the keyed map derived (the output check)
         self.written: set[str] = set()
@@ -228,7 +233,8 @@ class Deidentifier:
             raise DeidError("invalid_dataset", "SOPInstanceUID is missing", "SOPInstanceUID")
         self._check_burned_in(ds, rd)
         ciod = iod_types.ciod_of(_first(_get(ds, rd, _T_SOP_CLASS)).strip().rstrip("\0"))
-        st = _State(ciod, self.profile.actions_in(ciod))
+        referencing = BaseTag(_T_REF_SERIES) in ds._dict or BaseTag(_T_REF_STUDIES) in ds._dict
+        st = _State(ciod, self.profile.actions_in(ciod, -1, referencing), referencing)
         self._prepare(ds, st, rd)
         self._walk(ds, st, "", top=True, parent=rd)
         self._finish(ds, st)
@@ -366,9 +372,10 @@ class Deidentifier:
 
     def _code_state(self, ds: Dataset, rd: Reader) -> bool | None:
         """None: ``ds`` is no coded entry; True: its scheme is registered; False: a local scheme."""
-        elem = ds._dict.get(_T_CSD)
-        if elem is None:
-            return None
+        store = ds._dict
+        elem = store.get(_T_CSD)
+        if elem is None or not (_T_CODE_VALUE in store or _T_LONG_CODE in store or _T_URN_CODE in store):
+            return None  # no code (an item of CodingSchemeIdentificationSequence names a scheme)
         value = _first(rd.value(ds, _T_CSD, elem, "SH")).strip()
         return value in act.REGISTERED_SCHEMES
 
@@ -391,7 +398,7 @@ class Deidentifier:
         for item in items or ():  # type: ignore[attr-defined]
             rd = Reader.of(item, parent)
             store = item._dict
-            coded = BaseTag(_T_CSD) in store
+            coded = self._code_state(item, rd) is not None
             for tag, elem in list(store.items()):
                 t = int(tag)
                 if t >> 16 & 1:
@@ -431,7 +438,7 @@ class Deidentifier:
         instance's identifiers) or ``keep`` (as sweep, but every coded entry stays: the
         sequence is one an option or a rule keeps, such as InstitutionCodeSequence)."""
         profile = self.profile
-        actions = st.top_actions if top else profile.actions_in(st.ciod, seq)
+        actions = st.top_actions if top else profile.actions_in(st.ciod, seq, st.referencing)
         patterns = self._patterns
         ids = st.ids
         rd = Reader.of(ds, parent)
@@ -536,6 +543,8 @@ class Deidentifier:
                     if code_ok:
                         st.add_kept(rd, ds, tag, elem, vr)
                     # else: a local code, replaced by the dummy triplet below
+                elif t == _T_CSD and swept:
+                    st.add_kept(rd, ds, tag, elem, vr)  # the designator a scheme identification names
                 elif vr in _DATE_VRS:
                     self._date_policy(st, rd, ds, tag, elem, vr, kept=a == "K")
                 elif vr == "PN" and a == "":

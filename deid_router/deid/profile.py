@@ -140,21 +140,27 @@ class Profile:
     whole_keep: frozenset[int] = frozenset()
     # tags whose values the profile or a rule keeps as they are (K; S keeps times)
     kept_tags: frozenset[int] = frozenset()
-    _resolved: dict[tuple[str | None, int], dict[int, str]] = field(default_factory=dict, compare=False, repr=False)
+    _resolved: dict[tuple[str | None, int, bool], dict[int, str]] = field(default_factory=dict, compare=False, repr=False)
 
-    def actions_in(self, ciod: str | None, parent: int = -1) -> dict[int, str]:
+    def actions_in(self, ciod: str | None, parent: int = -1, referencing: bool = False) -> dict[int, str]:
         """The per-tag actions for an instance of IOD ``ciod`` (None: unknown), at the top level
-        (``parent`` -1) or inside the items of the sequence ``parent``; cached."""
+        (``parent`` -1) or inside the items of the sequence ``parent``; cached.
+
+        ``referencing``: the instance lists the instances it references (Common Instance
+        Reference Module); its IOD then needs the references themselves, so X/Z/U* keeps
+        them (U*: the sequence stays, its UIDs remapped), whatever the sequence's type.
+        """
         types = iod_types.types_of(ciod)
         if parent != -1 and not iod_types.has_parent(ciod, parent):
             parent = -2  # no compound-coded attribute is defined in this context: all absent
-        key = (ciod, parent)
+        key = (ciod, parent, referencing)
         found = self._resolved.get(key)
         if found is not None:
             return found
         out = dict(self.actions)
         for tag, code in self.compound.items():
-            out[tag] = resolve_compound(code, types.get((parent, tag)))
+            type_ = "1" if referencing and code == "X/Z/U*" else types.get((parent, tag))
+            out[tag] = resolve_compound(code, type_)
         if len(self._resolved) < 4096:
             self._resolved[key] = out
         return out
