@@ -1,6 +1,52 @@
-"""Dummy values per VR and VR length limits: what D, H and R write so the output stays valid."""
+"""The action letters as one enum, dummy values per VR and VR length limits (what D, H and R
+write so the output stays valid), and the coded-entry data the sequence sweep uses."""
 
 from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Action(StrEnum):
+    """What happens to one element: the letters of Table E.1-1, plus the rules' own.
+
+    Shared by the profile (which resolves every tag to one), the engine (whose handler table
+    is keyed by it), the dry-run plan and the weakening warnings of ``check-config``.
+    """
+
+    REMOVE = "X"
+    EMPTY = "Z"
+    DUMMY = "D"
+    KEEP = "K"
+    CLEAN = "C"
+    UID = "U"
+    SHIFT = "S"  # shift a date (Retain Longitudinal Temporal Information Modified Dates)
+    HASH = "H"  # keyed hash (rule)
+    REPLACE = "R"  # a fixed value (rule)
+    UNTABLED = ""  # not in Table E.1-1: kept at the top level, swept inside sequences
+
+    @property
+    def keeps(self) -> bool:
+        """Whether the action keeps (part of) the original information."""
+        return self in (Action.KEEP, Action.CLEAN, Action.SHIFT)
+
+
+# rule action names of the configuration (config.RULE_ACTIONS) -> actions
+RULE_ACTIONS: dict[str, Action] = {
+    "keep": Action.KEEP, "remove": Action.REMOVE, "empty": Action.EMPTY, "dummy": Action.DUMMY,
+    "replace": Action.REPLACE, "uid": Action.UID, "hash": Action.HASH, "shift_date": Action.SHIFT,
+    "clean": Action.CLEAN,
+}
+# names the dry-run plan prints
+PLAN_NAMES: dict[Action, str] = {
+    Action.REMOVE: "remove", Action.EMPTY: "empty", Action.DUMMY: "dummy", Action.KEEP: "keep",
+    Action.CLEAN: "clean", Action.UID: "uid", Action.SHIFT: "shift_date", Action.HASH: "hash",
+    Action.REPLACE: "replace",
+}
+# verbs of the weakening warnings
+VERBS: dict[Action, str] = {
+    Action.REMOVE: "remove", Action.EMPTY: "empty", Action.DUMMY: "replace with a dummy",
+    Action.UID: "replace with a keyed UID", Action.CLEAN: "clean", Action.SHIFT: "date-shift",
+}
 
 TEXT_DUMMY = "ANONYMIZED"
 PN_DUMMY = "ANONYMOUS"

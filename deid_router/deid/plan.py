@@ -14,14 +14,14 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from deid_router.deid.actions import PLAN_NAMES, Action
 from deid_router.deid.crosswalk import NullCrosswalk
 from deid_router.deid.engine import Deidentifier
 from deid_router.deid.profile import CURVE, OVERLAY_COMMENTS, OVERLAY_DATA, PRIVATE
 
 PlanRow = tuple[str, str, str | None, str | None]
 
-_CODE_NAMES = {"X": "remove", "Z": "empty", "D": "dummy", "K": "keep", "C": "clean", "U": "uid",
-               "S": "shift_date", "H": "hash", "R": "replace"}
+_CODE_NAMES = PLAN_NAMES
 _PSEUDONYM_TAGS = frozenset({0x00100010, 0x00100020, 0x00080050, 0x00200010})
 
 
@@ -54,7 +54,7 @@ def _flatten(ds: Dataset, prefix: str, out: dict[str, tuple[int, str, str]]) -> 
             out[path] = (tag, str(elem.VR), _text(elem.value))
 
 
-def _profile_code(d: Deidentifier, tag: int) -> str:
+def _profile_code(d: Deidentifier, tag: int) -> Action:
     code = d.profile.actions.get(tag)
     if code is not None:
         return code
@@ -68,7 +68,7 @@ def _profile_code(d: Deidentifier, tag: int) -> str:
             return d.profile.patterns[OVERLAY_DATA]
         if tag & 0xFFFF == 0x4000:
             return d.profile.patterns[OVERLAY_COMMENTS]
-    return "K"
+    return Action.KEEP
 
 
 def _action(d: Deidentifier, tag: int, vr: str, before: str, after: str | None, top: bool) -> str:

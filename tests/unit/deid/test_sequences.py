@@ -270,3 +270,16 @@ def test_pydicom_corpus_no_false_alarm_and_dciodvfy_no_worse(tmp_path: Path) -> 
         assert _dciodvfy_errors(out) <= _dciodvfy_errors(src), src.name
         checked += 1
     assert checked >= 60
+
+
+def test_one_action_enum_for_config_profile_engine_and_plan() -> None:
+    from deid_router.config import RULE_ACTIONS
+    from deid_router.deid.engine import _VALUE_ACTIONS
+
+    assert set(act.RULE_ACTIONS) == set(RULE_ACTIONS)  # every rule name the config accepts has an action
+    assert set(act.PLAN_NAMES) == set(act.Action) - {act.Action.UNTABLED}
+    profile = make().profile
+    assert all(isinstance(a, act.Action) for a in profile.actions.values())
+    assert all(isinstance(a, act.Action) for a in profile.actions_in(CT).values())
+    # the walk decides X, K, untabled and sequences; every other action has a handler
+    assert set(_VALUE_ACTIONS) == set(act.Action) - {act.Action.REMOVE, act.Action.KEEP, act.Action.UNTABLED}
