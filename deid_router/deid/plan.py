@@ -14,7 +14,7 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from deid_router.deid.actions import PLAN_NAMES, Action
+from deid_router.deid.actions import DUMMY, DUMMY_CODE, PLAN_NAMES, Action
 from deid_router.deid.crosswalk import NullCrosswalk
 from deid_router.deid.engine import Deidentifier
 from deid_router.deid.profile import CURVE, OVERLAY_COMMENTS, OVERLAY_DATA, PRIVATE
@@ -22,6 +22,8 @@ from deid_router.deid.profile import CURVE, OVERLAY_COMMENTS, OVERLAY_DATA, PRIV
 PlanRow = tuple[str, str, str | None, str | None]
 
 _CODE_NAMES = PLAN_NAMES
+# what a swept or dummy value reads as (untabled text inside a sequence, a dummy code)
+_DUMMIES = frozenset(str(v) for v in DUMMY.values() if isinstance(v, str) and v) | {v for _, _, v in DUMMY_CODE}
 _PSEUDONYM_TAGS = frozenset({0x00100010, 0x00100020, 0x00080050, 0x00200010})
 
 
@@ -88,8 +90,8 @@ def _action(d: Deidentifier, tag: int, vr: str, before: str, after: str | None, 
         return "empty"
     code = _profile_code(d, tag)
     name = _CODE_NAMES.get(code, "replace")
-    if name in ("keep", "remove", "empty"):  # the value changed anyway: an age clamp or cleaned text
-        return "clean"
+    if name in ("keep", "remove", "empty"):  # the value changed anyway: swept, an age clamp or cleaned text
+        return "dummy" if after in _DUMMIES else "clean"
     return name
 
 
