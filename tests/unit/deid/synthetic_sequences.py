@@ -1,7 +1,7 @@
 """A synthetic CT whose every Table E.1-1 sequence (and untabled ones of each kind) carries
 identifying items: person names, coded concepts of local schemes naming the institution,
-free text, dates, UIDs referencing another instance, private attributes; in one of two
-character sets (ISO_IR 192 UTF-8 with kanji, ISO_IR 100 Latin-1).
+free text, dates, UIDs referencing another instance, private attributes; in one of three
+character sets (ISO_IR 192 UTF-8 with kanji, ISO_IR 100 Latin-1, ISO 2022 IR 87 JIS).
 
 Every planted text carries a token ``Q<nnn>`` naming the sequence it was planted in, so a
 test can say exactly which sequence's content survived.
@@ -43,6 +43,7 @@ class Charset:
 CHARSETS = {
     "utf8": Charset("ISO_IR 192", "utf-8", "MÜLLERXY^JÜRGENXY", "Klinik Grünwaldxy", "山田^太郎"),
     "latin1": Charset("ISO_IR 100", "latin-1", "ÆRØXY^SØRENXY", "Sygehus Åbenråxy", "Ålandxy^Øysteinxy"),
+    "jis": Charset("\\ISO 2022 IR 87", "iso2022_jp", "ヤマダ^タロウ", "山田病院", "佐藤^花子"),
 }
 
 
@@ -94,7 +95,7 @@ def rich_item(token: str, cs: Charset) -> Dataset:
 def build_rich(charset: str = "utf8") -> Rich:
     cs = CHARSETS[charset]
     ds = build().ds
-    ds.SpecificCharacterSet = cs.name
+    ds.SpecificCharacterSet = cs.name.split("\\") if "\\" in cs.name else cs.name
     ds.OperatorsName = cs.staff
     ds.InstitutionName = cs.institution
     tokens: dict[str, int] = {}
