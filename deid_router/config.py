@@ -518,9 +518,16 @@ def _cidrs(r: _Reader, values: tuple[str, ...], where: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _tls_problems(r: _Reader, where: str, build: Callable[[], object]) -> None:
-    """Load the files into a real context: a bad PEM or a key of another certificate is
-    found by check-config, not by the first modality."""
+def _tls_problems(r: _Reader, where: str, files: dict[str, Path | None], build: Callable[[], object]) -> None:
+    """Every file must be readable; then load them into a real context: a bad PEM or a key
+    of another certificate is found by check-config, not by the first modality."""
+    unreadable = False
+    for key, path in files.items():
+        if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
+            r.problem(f"{where}.{key}", f"{path} is not a readable file")
+            unreadable = True
+    if unreadable:
+        return
     try:
         build()
     except TlsError as exc:
@@ -555,7 +562,8 @@ def _listener_network(r: _Reader, li: dict[str, Any], base: Path, d: ListenerCon
         if cert_raw and key_raw and (ca_raw or not require):
             from deid_router.tls import server_context_for
 
-            _tls_problems(r, where, lambda: server_context_for(built))
+            files = {"cert_file": built.cert_file, "key_file": built.key_file, "ca_file": built.ca_file}
+            _tls_problems(r, where, files, lambda: server_context_for(built))
     plain = r.get(li, "listener", "plain", bool, True)
     if not plain and tls is None:
         r.problem("listener.plain", "false needs a [listener.tls] table, or nothing would listen")
@@ -587,7 +595,7 @@ def _destination_tls(r: _Reader, dest: dict[str, Any], where: str, base: Path) -
     else:
         from deid_router.tls import client_context
 
-        _tls_problems(r, where, lambda: client_context(paths["ca_file"], paths["cert_file"], paths["key_file"]))
+        _tls_problems(r, where, paths, lambda: client_context(paths["ca_file"], paths["cert_file"], paths["key_file"]))
     return dict(tls=tls, server_name=server_name, **paths)
 
 
