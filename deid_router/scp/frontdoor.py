@@ -16,6 +16,7 @@ never a tag value) and counted in :class:`Refusals`.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import selectors
 import socket
@@ -34,6 +35,7 @@ log = get_logger("scp")
 
 TLS_HANDSHAKE_RECORD = 0x16  # first byte of a TLS ClientHello record
 ACCEPT_BURST = 64  # connections accepted per wake-up of one listening socket
+ACCEPT_PAUSE_SECONDS = 0.5
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 TlsContextSource = Callable[[], ssl.SSLContext]
@@ -77,6 +79,7 @@ class FrontDoorSettings:
 class _Listening:
     sock: socket.socket
     tls: TlsContextSource | None
+    paused_until: float = 0.0  # not watched until then (accept failed for lack of descriptors)
 
 
 @dataclass(eq=False)
@@ -172,6 +175,7 @@ class FrontDoor:
             now = time.monotonic()
             with self._lock:
                 earliest = min((p.deadline for p in self._pending), default=now + 1.0)
+            earliest = min([earliest] + [e.paused_until for e in self._listening if e.paused_until])
             try:
                 events = self._selector.select(max(0.0, min(earliest - now, 1.0)))
             except OSError:
@@ -180,12 +184,18 @@ class FrontDoor:
                 if self._stopping:
                     return
                 data = key.data
-                if data is None:
-                    self._drain_wake()
-                elif isinstance(data, _Listening):
-                    self._accept(data)
-                else:
-                    self._advance(data)
+                try:
+                    if data is None:
+                        self._drain_wake()
+                    elif isinstance(data, _Listening):
+                        self._accept(data)
+                    else:
+                        self._advance(data)
+                except Exception as exc:  # one bad connection must never stop the front door
+                    log.error("front_door_error", error=type(exc).__name__)
+                    if isinstance(data, _Pending):
+                        self._close(data)
+            self._resume_listening(time.monotonic())
             self._expire(time.monotonic())
 
     def _drain_wake(self) -> None:
@@ -198,10 +208,15 @@ class FrontDoor:
         for _ in range(ACCEPT_BURST):
             try:
                 sock, address = entry.sock.accept()
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
-            except OSError:
-                return  # EMFILE, ECONNABORTED: try again on the next wake-up
+            except OSError as exc:
+                # Out of file descriptors (EMFILE, ENFILE): the socket stays readable, so stop
+                # watching it for a moment instead of spinning; pending ones expire meanwhile.
+                log.error("listener_accept_failed", error=errno.errorcode.get(exc.errno or 0, "unknown"))
+                self._selector.unregister(entry.sock)
+                entry.paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
+                return
             host = peer_host(address)
             if not host_allowed(host, self.networks):
                 self._refuse_socket(sock, host, "host_not_allowed")
@@ -225,6 +240,12 @@ class FrontDoor:
                 self._pending.add(pending)
                 self._per_host[host] += 1
             self._selector.register(sock, selectors.EVENT_READ, pending)
+
+    def _resume_listening(self, now: float) -> None:
+        for entry in self._listening:
+            if entry.paused_until and entry.paused_until <= now:
+                entry.paused_until = 0.0
+                self._selector.register(entry.sock, selectors.EVENT_READ, entry)
 
     def _refuse_socket(self, sock: socket.socket, host: str, reason: str) -> None:
         log.warning("association_refused", reason=reason, peer=host)
