@@ -195,9 +195,10 @@ def test_sighup_serves_renewed_certificates_without_dropping_an_association(tmp_
     tls_port = free_port()
     router = RouterProcess(
         tmp_path / "router", [{"name": "out", "type": "folder", "path": "var/outbox"}],
-        listener={"tls": _listener_tls(pki, tls_port, cert, key)},
+        listener={"tls": _listener_tls(pki, tls_port, cert, key), "processes": 2},  # the node forwards SIGHUP
     )
     with router:
+        wait_until(lambda: len(_events(router, "listener_started")) == 2, 30, 0.2, "both listener processes")
         assert _served_common_name(tls_port, pki) == "router"
         ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
         ctx.load_cert_chain(str(pki.modality.cert), str(pki.modality.key))
@@ -210,15 +211,16 @@ def test_sighup_serves_renewed_certificates_without_dropping_an_association(tmp_
         shutil.copy(pki.router_renewed.key, key)
         assert router.proc is not None
         router.proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: bool(_events(router, "tls_reloaded")), 10, 0.1, "the reload")
-        assert _served_common_name(tls_port, pki) == "router-renewed"
+        wait_until(lambda: len(_events(router, "tls_reloaded")) == 2, 10, 0.1, "the reload in both processes")
+        # SO_REUSEPORT spreads connections over both listener processes: every one serves the new one
+        assert {_served_common_name(tls_port, pki) for _ in range(8)} == {"router-renewed"}
         assert assoc.send_c_echo().Status == 0x0000  # established before the reload, still served
         assoc.release()
 
         key.write_text("not a key")  # a broken renewal keeps the certificate in use
         router.proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: bool(_events(router, "tls_reload_failed")), 10, 0.1, "the failed reload")
-        assert _served_common_name(tls_port, pki) == "router-renewed"
+        wait_until(lambda: len(_events(router, "tls_reload_failed")) == 2, 10, 0.1, "the failed reloads")
+        assert {_served_common_name(tls_port, pki) for _ in range(8)} == {"router-renewed"}
         assert router.proc.poll() is None
 
 
