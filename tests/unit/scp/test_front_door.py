@@ -282,6 +282,18 @@ def test_mutual_tls_association_and_every_refusal_is_counted(make_node, pki) -> 
     assert _echo(node.port) == 0x0000  # the plain port is unaffected
 
 
+def test_a_stalled_tls_handshake_is_dropped_at_artim(make_node, pki) -> None:  # type: ignore[no-untyped-def]
+    node = make_node(tls=_server_ctx(pki), artim_timeout_seconds=1.0)
+    sock = _connect(node.tls_port)
+    started = time.monotonic()
+    sock.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, then nothing
+    assert _closed_by_peer(sock, 5)
+    assert 0.8 <= time.monotonic() - started <= 3.0
+    sock.close()
+    assert node.acceptor.refusals.snapshot() == {"artim_timeout": 1}
+    assert _echo(node.tls_port, tls=(_client_ctx(pki), "localhost")) == 0x0000
+
+
 def test_new_certificates_serve_new_connections_while_an_association_stays_up(make_node, pki) -> None:  # type: ignore[no-untyped-def]
     node = make_node(tls=_server_ctx(pki))
     ae = AE(ae_title="MODALITY")
