@@ -313,6 +313,8 @@ class FrontDoor:
                 want = header - len(p.buf)
             else:
                 pdu_type, length = wire.PDU_HEADER.unpack_from(p.buf)
+                if pdu_type == TLS_HANDSHAKE_RECORD and p.tls is None:
+                    raise _Refused("tls_client_on_plain_port")  # a modality configured for TLS
                 if pdu_type != wire.A_ASSOCIATE_RQ:
                     raise wire.ProtocolError("expected A-ASSOCIATE-RQ", wire.REASON_UNEXPECTED_PDU)
                 if length > self.settings.max_request_bytes:

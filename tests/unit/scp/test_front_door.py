@@ -280,6 +280,18 @@ def test_mutual_tls_association_and_every_refusal_is_counted(make_node, pki) -> 
         "tls_plain_client": 1,
     }
     assert _echo(node.port) == 0x0000  # the plain port is unaffected
+    assert _tls_refused(node.port, _client_ctx(pki))  # and a TLS client there is told apart
+    time.sleep(0.3)
+    assert node.acceptor.refusals.snapshot()["tls_client_on_plain_port"] == 1
+
+
+def test_allowed_calling_aets_apply_over_tls_with_an_a_associate_rj(make_node, pki) -> None:  # type: ignore[no-untyped-def]
+    node = make_node(tls=_server_ctx(pki), allowed_calling_aets=("CT01",))
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.tls_port, ae_title="DEID_ROUTER", tls_args=(_client_ctx(pki), "localhost"))
+    assert assoc.is_rejected  # the A-ASSOCIATE-RJ arrives through the TLS session
+    assert node.acceptor.refusals.snapshot() == {"calling_aet_not_allowed": 1}
 
 
 def test_a_stalled_tls_handshake_is_dropped_at_artim(make_node, pki) -> None:  # type: ignore[no-untyped-def]
