@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom import pdu as pnd_pdu
@@ -207,6 +209,34 @@ def test_idle_connections_do_not_take_association_slots(make_node) -> None:  # t
     assert _echo(node.port) == 0x0000  # 20 idle peers, 2 slots: the modality still associates
     for sock in idle:
         sock.close()
+
+
+@pytest.fixture(scope="module")
+def fuzz_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Node]:
+    node = _Node(tmp_path_factory.mktemp("fuzz"), artim_timeout_seconds=1.0)
+    node.port = node.acceptor.start("127.0.0.1", 0, reuse_port=False)
+    yield node
+    node.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    head=st.one_of(
+        st.binary(max_size=64),
+        st.builds(lambda n, b: wire.PDU_HEADER.pack(wire.A_ASSOCIATE_RQ, n) + b,
+                  st.integers(0, 0xFFFFFFFF), st.binary(max_size=64)),
+        st.builds(lambda cut: _request_pdu()[:cut], st.integers(0, 200)),
+    ),
+)
+def test_whatever_arrives_before_the_request_the_front_door_keeps_serving(fuzz_node: _Node, head: bytes) -> None:
+    sock = _connect(fuzz_node.port)
+    sock.sendall(head)
+    sock.close()
+    assert _echo(fuzz_node.port) == 0x0000
+    deadline = time.monotonic() + 5
+    while fuzz_node.acceptor.pending() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fuzz_node.acceptor.pending() == 0  # nothing left behind once the peers are gone
 
 
 # -- DICOM TLS -------------------------------------------------------------------------------
