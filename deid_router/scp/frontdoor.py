@@ -179,6 +179,7 @@ class FrontDoor:
             try:
                 events = self._selector.select(max(0.0, min(earliest - now, 1.0)))
             except OSError:
+                time.sleep(0.01)
                 continue
             for key, _mask in events:
                 if self._stopping:
