@@ -10,6 +10,8 @@ Rows, side by side in one run on one generated CT corpus (one storescu associati
   router plain (baseline)   with --baseline DIR: the router from DIR (a folder holding the
                  deid_router package of another commit, e.g. from `git archive REF deid_router`)
 acked/s: N / storescu wall time. delivered/s: N / time until the PACS holds N files.
+CPU ms/instance: user + system CPU of the receiver (storescp, or the router's processes,
+de-identification and forwarding included) per instance; it drifts less with the host's load.
 Certificates are made with openssl in a temporary folder. Prints the table and writes it to
 bench/tls/RESULTS.md. Compare rows of one run: the machine is shared and noisy.
 """
@@ -31,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from tests.support.certs import Pki  # noqa: E402
 from tests.support.corpus import make_series  # noqa: E402
 from tests.support.peers import StoreSCP, free_port, peer_env  # noqa: E402
+from tests.support.procmon import cpu_seconds, process_tree  # noqa: E402
 from tests.support.router import RouterProcess, dicom_destination  # noqa: E402
 
 SCU = ["storescu", "-aet", "BENCH", "+sd", "+r", "-nh", "-pdu", "131072", "-to", "10", "-ta", "60", "-ts", "120"]
@@ -58,7 +61,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--baseline", type=Path, help="folder with another commit's deid_router package")
     args = parser.parse_args()
-    rows: list[tuple[str, float, float]] = []
+    rows: list[tuple[str, float, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-tls-") as tmp_name:
         tmp = Path(tmp_name)
         corpus = tmp / "corpus"
@@ -71,9 +74,12 @@ def main() -> int:
 
         for label, tls in (("plain", False), ("TLS", True)):
             with StoreSCP(tmp / f"direct-{label}", extra=tls_args(pacs_cert) if tls else ()) as pacs:
-                start = time.monotonic()
+                pids = [pacs._proc.pid] if pacs._proc is not None else []
+                cpu, start = cpu_seconds(pids), time.monotonic()
                 acked = _send(pacs.port, "PACS", corpus, tls_args(modality) if tls else [])
-                rows.append((f"dcmtk {label}", args.n / acked, args.n / _wait_files(pacs, args.n, start)))
+                delivered = _wait_files(pacs, args.n, start)
+                ms = (cpu_seconds(pids) - cpu) * 1000 / args.n
+                rows.append((f"dcmtk {label}", args.n / acked, args.n / delivered, ms))
         runs: list[tuple[str, bool, dict[str, str]]] = [("plain", False, {}), ("TLS", True, {})]
         if args.baseline is not None:
             runs.insert(0, ("plain (baseline)", False, {"PYTHONPATH": str(args.baseline.resolve())}))
@@ -90,12 +96,17 @@ def main() -> int:
                 router = RouterProcess(tmp / f"router-{len(rows)}", [dicom_destination("pacs", pacs.port, "PACS", **extra)],
                                        listener=listener, queue={"workers": 0}, env=env)
                 with router:
-                    start = time.monotonic()
+                    assert router.proc is not None
+                    time.sleep(3.0)  # the workers are up
+                    pids = process_tree(router.proc.pid)
+                    cpu, start = cpu_seconds(pids), time.monotonic()
                     acked = _send(tls_port if tls else router.port, "DEID_ROUTER", corpus,
                                   tls_args(modality) if tls else [])
-                    rows.append((f"router {label}", args.n / acked, args.n / _wait_files(pacs, args.n, start)))
-    table = ["| path | acked/s | delivered/s |", "| --- | ---: | ---: |"]
-    table += [f"| {name} | {ack:.0f} | {deliv:.0f} |" for name, ack, deliv in rows]
+                    delivered = _wait_files(pacs, args.n, start)
+                    ms = (cpu_seconds(pids) - cpu) * 1000 / args.n
+                    rows.append((f"router {label}", args.n / acked, args.n / delivered, ms))
+    table = ["| path | acked/s | delivered/s | receiver CPU ms/instance |", "| --- | ---: | ---: | ---: |"]
+    table += [f"| {name} | {ack:.0f} | {deliv:.0f} | {ms:.2f} |" for name, ack, deliv, ms in rows]
     text = "\n".join(table)
     print(text)
     header = (f"# DICOM TLS cost\n\n`{' '.join(['bench/tls/run.py', *sys.argv[1:]])}` on "
