@@ -205,9 +205,9 @@ class Association:
         primitive.diagnostic = rejection.diagnostic
         rj_pdu = pnd_pdu.A_ASSOCIATE_RJ()
         rj_pdu.from_primitive(primitive)
-        self._send(rj_pdu.encode())
         log.warning("association_rejected", reason=rejection.why, calling_aet=self.calling_aet, peer=self.peer)
-        self.acceptor.refusals.count(rejection.why)
+        self.acceptor.refusals.count(rejection.why)  # counted before the peer can see the reject
+        self._send(rj_pdu.encode())
         # The requestor closes the connection on A-ASSOCIATE-RJ; wait a moment for it so the
         # reject is not lost to a reset.
         try:

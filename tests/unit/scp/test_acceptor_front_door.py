@@ -11,7 +11,7 @@ import shutil
 import socket
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -122,6 +122,13 @@ def _echo(port: int, source: str = "127.0.0.1", tls: tuple[ssl.SSLContext, str] 
         assoc.release()
 
 
+def _settle(done: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for the listener's own thread to finish what the client has already seen."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 # -- allowed hosts --------------------------------------------------------------------------
 
 
@@ -187,7 +194,7 @@ def test_pending_connections_are_capped_per_host_and_in_total(make_node) -> None
     extra = _connect(node.port, "127.0.3.1")  # a fourth idle connection from the same host
     assert _closed_by_peer(extra, 3)
     held += [_connect(node.port, "127.0.3.2") for _ in range(3)]  # another host still gets in
-    time.sleep(0.3)
+    _settle(lambda: node.acceptor.pending() == 6)
     assert node.acceptor.pending() == 6
     beyond = _connect(node.port, "127.0.3.3")  # the total cap
     assert _closed_by_peer(beyond, 3)
@@ -195,7 +202,7 @@ def test_pending_connections_are_capped_per_host_and_in_total(make_node) -> None
     assert node.acceptor.refusals.snapshot() == {"pending_host_limit": 1, "pending_limit": 1}
     for sock in held[:2]:
         sock.close()
-    time.sleep(0.3)
+    _settle(lambda: node.acceptor.pending() == 4)
     assert _echo(node.port, "127.0.3.9") == 0x0000  # room again once pending ones leave
     for sock in held[2:] + [extra, beyond]:
         sock.close()
@@ -204,7 +211,7 @@ def test_pending_connections_are_capped_per_host_and_in_total(make_node) -> None
 def test_idle_connections_do_not_take_association_slots(make_node) -> None:  # type: ignore[no-untyped-def]
     node = make_node(max_associations=2)
     idle = [_connect(node.port, f"127.0.4.{i}") for i in range(1, 21)]
-    time.sleep(0.3)
+    _settle(lambda: node.acceptor.pending() == 20)
     assert node.acceptor.pending() == 20 and node.acceptor.established() == 0
     assert _echo(node.port) == 0x0000  # 20 idle peers, 2 slots: the modality still associates
     for sock in idle:
@@ -301,17 +308,18 @@ def test_mutual_tls_association_and_every_refusal_is_counted(make_node, pki) -> 
     assert _closed_by_peer(plain, 3)
     plain.close()
 
-    time.sleep(0.3)
-    assert node.acceptor.refusals.snapshot() == {
+    expected = {
         "tls_no_client_certificate": 1,
         "tls_certificate_expired": 1,
         "tls_untrusted_ca": 1,
         "tls_protocol_version": 1,
         "tls_plain_client": 1,
     }
+    _settle(lambda: node.acceptor.refusals.snapshot() == expected)
+    assert node.acceptor.refusals.snapshot() == expected
     assert _echo(node.port) == 0x0000  # the plain port is unaffected
     assert _tls_refused(node.port, _client_ctx(pki))  # and a TLS client there is told apart
-    time.sleep(0.3)
+    _settle(lambda: "tls_client_on_plain_port" in node.acceptor.refusals.snapshot())
     assert node.acceptor.refusals.snapshot()["tls_client_on_plain_port"] == 1
 
 
