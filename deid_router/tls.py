@@ -61,7 +61,7 @@ _VERIFY_CODES: dict[int, str] = {
     64: "ip_address_mismatch",
 }
 
-# OpenSSL reason strings -> refusal code. Unknown reasons become "tls_error".
+# OpenSSL reason strings -> refusal code. Unknown reasons become "error" (logged "tls_error").
 _SSL_REASONS: dict[str, str] = {
     "UNSUPPORTED_PROTOCOL": "protocol_version",
     "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
@@ -86,16 +86,26 @@ _SSL_REASONS: dict[str, str] = {
 }
 
 
+def refusal_codes() -> list[str]:
+    """Every refusal code :func:`refusal_reason` can give (for the conformance statement)."""
+    return sorted({*_VERIFY_CODES.values(), *_SSL_REASONS.values(), "bad_certificate", "error"})
+
+
 def refusal_reason(exc: ssl.SSLError) -> str:
     """A fixed code for a failed handshake (``certificate_expired``, ``untrusted_ca``, ...)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return _VERIFY_CODES.get(int(exc.verify_code or 0), "bad_certificate")
-    return _SSL_REASONS.get(str(exc.reason or ""), "tls_error")
+    return _SSL_REASONS.get(str(exc.reason or ""), "error")
+
+
+MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+MAXIMUM_VERSION = ssl.TLSVersion.TLSv1_3
+MINIMUM_VERSION_NAME, MAXIMUM_VERSION_NAME = "TLS 1.2", "TLS 1.3"
 
 
 def _harden(ctx: ssl.SSLContext) -> None:
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.minimum_version = MINIMUM_VERSION
+    ctx.maximum_version = MAXIMUM_VERSION
     ctx.set_ciphers(BCP195_TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
 

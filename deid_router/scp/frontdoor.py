@@ -42,16 +42,26 @@ TlsContextSource = Callable[[], ssl.SSLContext]
 Handoff = Callable[[socket.socket, bytes, str], None]
 
 
-class Refusals:
-    """Connections and associations refused, by fixed reason (thread-safe)."""
+RefusalHook = Callable[[str, str, str], None]  # (reason code, calling AE title, peer address)
 
-    def __init__(self) -> None:
+
+class Refusals:
+    """Connections and associations refused, by fixed reason (thread-safe); each one is also
+    passed to ``notify`` (the audit trail's Security Alert), which must not block."""
+
+    def __init__(self, notify: RefusalHook | None = None) -> None:
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._notify = notify
 
-    def count(self, reason: str) -> None:
+    def count(self, reason: str, peer: str = "", calling_aet: str = "") -> None:
         with self._lock:
             self._counts[reason] += 1
+        if self._notify is not None:
+            try:
+                self._notify(reason, calling_aet, peer)
+            except Exception as exc:  # the audit trail never stops the listener
+                log.error("refusal_notify_failed", error=type(exc).__name__)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -250,7 +260,7 @@ class FrontDoor:
 
     def _refuse_socket(self, sock: socket.socket, host: str, reason: str) -> None:
         log.warning("association_refused", reason=reason, peer=host)
-        self.refusals.count(reason)
+        self.refusals.count(reason, host)
         try:
             sock.close()
         except OSError:
@@ -272,7 +282,7 @@ class FrontDoor:
             self._refuse(p, f"tls_{refusal_reason(exc)}")
         except wire.ProtocolError as exc:
             log.warning("association_aborted", reason=str(exc), peer=p.host)
-            self.refusals.count("protocol_error")
+            self.refusals.count("protocol_error", p.host)
             self._send_quietly(p, wire.encode_abort(wire.ABORT_SOURCE_PROVIDER, exc.reason))
             self._close(p)
         except (EOFError, OSError):
@@ -352,12 +362,12 @@ class FrontDoor:
             # PS3.8 AA-2: ARTIM expired before the request: close the transport connection.
             stage = "tls_handshake" if p.stage in ("hello", "handshake") else "request"
             log.warning("association_refused", reason="artim_timeout", stage=stage, received=len(p.buf), peer=p.host)
-            self.refusals.count("artim_timeout")
+            self.refusals.count("artim_timeout", p.host)
             self._close(p)
 
     def _refuse(self, p: _Pending, reason: str) -> None:
         log.warning("association_refused", reason=reason, peer=p.host)
-        self.refusals.count(reason)
+        self.refusals.count(reason, p.host)
         self._close(p)
 
     def _send_quietly(self, p: _Pending, data: bytes) -> None:
