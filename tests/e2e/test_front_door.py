@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 import ssl
 import threading
 import time
@@ -28,6 +30,7 @@ from tests.support.corpus import make_series
 from tests.support.peers import echoscu, free_port, storescu, storescu_acknowledged
 from tests.support.procmon import RssSampler
 from tests.support.router import RouterProcess, wait_until
+from tests.support.syslog_collector import SyslogCollector
 
 pytestmark = pytest.mark.e2e
 
@@ -44,6 +47,14 @@ def _events(router: RouterProcess, event: str) -> list[dict[str, object]]:
         if record.get("event") == event:
             out.append(record)
     return out
+
+
+@contextmanager
+def _stopped_after(collector: SyslogCollector) -> Iterator[SyslogCollector]:
+    try:
+        yield collector
+    finally:
+        collector.stop()
 
 
 def _request_pdu() -> bytes:
@@ -151,6 +162,7 @@ def test_a_host_outside_allowed_hosts_is_refused_before_negotiation(tmp_path: Pa
     pki = Pki(tmp_path / "pki")
     server, client = pki.issue("router"), pki.issue("modality")
     tls_port = free_port()
+    collector = SyslogCollector("tcp")  # each refusal is also a DICOM audit Security Alert
     router = RouterProcess(
         tmp_path / "router", [{"name": "out", "type": "folder", "path": "var/outbox"}],
         listener={
@@ -158,10 +170,11 @@ def test_a_host_outside_allowed_hosts_is_refused_before_negotiation(tmp_path: Pa
             "tls": {"port": tls_port, "cert_file": str(server.cert), "key_file": str(server.key),
                     "ca_file": str(pki.cert)},
         },
+        extra={"audit": {"syslog_url": collector.url, "source_id": "front-door-test"}},
     )
     ctx = ssl.create_default_context(cafile=str(pki.cert))
     ctx.load_cert_chain(str(client.cert), str(client.key))
-    with router:
+    with _stopped_after(collector), router:
         assert not echoscu("127.0.0.1", router.port)  # dcmtk from 127.0.0.1: refused
         raw = _connect(router.port, "127.0.0.1")
         raw.sendall(_request_pdu())
@@ -183,6 +196,9 @@ def test_a_host_outside_allowed_hosts_is_refused_before_negotiation(tmp_path: Pa
             assoc.release()
         wait_until(lambda: len(_events(router, "association_refused")) >= 3, 10, 0.1, "the refusals in the log")
         refusals = _events(router, "association_refused")
+        alerts = collector.wait_for(lambda ms: len(ms) >= len(refusals), 10)
+    reasons = [o.get("ParticipantObjectID") for m in alerts for o in m.xml().findall("ParticipantObjectIdentification")]
+    assert set(reasons) == {"host_not_allowed"}
     assert refusals and all(e["reason"] == "host_not_allowed" and e["peer"] == "127.0.0.1" for e in refusals)
     assert len(refusals) >= 3  # echoscu, the raw request and the TLS client (plus the start-up probe)
     assert not _events(router, "association_rejected")  # never got as far as an A-ASSOCIATE-RJ
