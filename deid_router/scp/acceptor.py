@@ -373,8 +373,14 @@ class Association:
         commitment.submit(request, lambda result: self._report(context_id, result))
 
     def _report(self, context_id: int, result: sc.CommitmentResult) -> bool:
-        """Send the N-EVENT-REPORT on this association; False once it is gone."""
-        if not self.open:
+        """Send the N-EVENT-REPORT on this association; False once it is gone.
+
+        Also False over TLS: this runs on the commitment thread while the association's own
+        thread is blocked reading, and one TLS session must never be read and written from two
+        threads at once (OpenSSL forbids it; CPython can crash). The report then goes on a new
+        association to the configured peer.
+        """
+        if not self.open or self.tls:
             return False
         with self._send_lock:
             self._message_id += 1
