@@ -139,6 +139,7 @@ def _child_stop_event() -> threading.Event:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the node forwards reloads to its listeners only
     return stop
 
 
@@ -195,6 +196,7 @@ def listener_process_main(config_path: str, index: int, log_level: str, parent_p
     ctx = build_context(load_config(config_path))
     listener = build_listener(ctx)
     listener.start()
+    signal.signal(signal.SIGHUP, lambda signum, frame: listener.reload_tls())
     try:
         stop.wait()
     finally:
@@ -281,6 +283,14 @@ class Node:
                     log.error("child_died", kind=child.kind, index=child.index, exitcode=child.proc.exitcode)
                     self._children[i] = self._spawn(child.kind, child.index)
 
+    def reload(self) -> None:
+        """SIGHUP: the listeners read their TLS certificates again (destinations re-read theirs
+        by themselves when the files change); established associations are not touched."""
+        self.listener.reload_tls()
+        for child in self._children:
+            if child.kind == "listener" and child.proc.is_alive() and child.proc.pid is not None:
+                os.kill(child.proc.pid, signal.SIGHUP)
+
     def _signal_children(self, kind: str) -> list[BaseProcess]:
         procs = [c.proc for c in self._children if c.kind == kind]
         for proc in procs:
@@ -324,6 +334,7 @@ def serve(config_path: Path, log_level: str = "INFO") -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     node = Node(config, log_level)
+    signal.signal(signal.SIGHUP, lambda signum, frame: node.reload())
     node.start()
     try:
         node.supervise(stop)

@@ -36,6 +36,18 @@ class ListenerError(DeidRouterError):
     """The DICOM port could not be opened (in use, not permitted, no such address)."""
 
 
+class TlsError(DeidRouterError):
+    """A certificate, key or CA file could not be loaded into a TLS context.
+
+    ``key`` is the config key of the file at fault (``cert_file``, ``key_file``, ``ca_file``).
+    """
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{key}: {reason}")
+
+
 # Trouble with the machine rather than the instance: whoever meets it retries later. The
 # de-identification engine lets these through instead of quarantining the instance.
 InfrastructureError = (QueueError, StorageError, OSError)

@@ -65,10 +65,15 @@ def render_toml(doc: dict[str, Any]) -> str:
         else:
             lines.append(f"[{section}]")
             arrays = {k: v for k, v in body.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+            tables = {k: v for k, v in body.items() if isinstance(v, dict)}
             for k, v in body.items():
-                if k not in arrays:
+                if k not in arrays and k not in tables:
                     lines.append(f"{k} = {_toml_value(v)}")
             lines.append("")
+            for k, table in tables.items():  # [listener.tls]
+                lines.append(f"[{section}.{k}]")
+                lines.extend(f"{kk} = {_toml_value(vv)}" for kk, vv in table.items())
+                lines.append("")
             for k, items in arrays.items():
                 for item in items:
                     lines.append(f"[[{section}.{k}]]")
@@ -104,6 +109,13 @@ class RouterProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         self.write_config()
+
+    @property
+    def ready_port(self) -> int:
+        """The port that answers once the node listens (the TLS one when the plain port is off)."""
+        if self.listener.get("plain", True) is False:
+            return int(self.listener["tls"]["port"])
+        return self.port
 
     @property
     def config_path(self) -> Path:
@@ -149,7 +161,7 @@ class RouterProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"router exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with socket.create_connection(("127.0.0.1", self.ready_port), timeout=0.5):
                     return self
             except OSError:
                 time.sleep(0.1)
