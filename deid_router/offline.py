@@ -4,9 +4,11 @@ Same engine, keys and crosswalk as the node, without the node: nothing of the se
 network, scheduler, destinations) is imported. Files go to worker processes (one per
 ``IN_PROCESS_MAX`` files, up to ``--workers``; none with ``--workers 1``: then in this process) in
 chunks of paths, one task per chunk, not per file; each chunk's crosswalk rows come back with its
-results and are stored here, one transaction per chunk; progress is redrawn per chunk. Each output is written atomically under ``OUT/<study>/<series>/<sop>.dcm`` (output
-UIDs); an input the engine refuses is copied to the sibling ``quarantine/`` folder with a reason
-file that names the reason and the attribute path, never a value.
+results and are stored here, one transaction per chunk; progress is redrawn per chunk. Each
+output is written atomically under ``OUT/<study>/<series>/<sop>.dcm`` (output UIDs, the path
+built by store/layout.py, which refuses anything but a UID: such an input is quarantined); an input
+the engine refuses is copied to the sibling ``quarantine/`` folder with a reason file that
+names the reason and the attribute path, never a value.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from typing import Any
 
 from deid_router.config import Config
 from deid_router.deid.crosswalk import BufferedCrosswalk, CrosswalkRow
-from deid_router.errors import DeidError, DeidRouterError
+from deid_router.errors import DeidError, DeidRouterError, UnsafePathError
+from deid_router.store import layout
 
 IN_PROCESS_MAX = 32  # files per worker process: a worker's start costs about this many files
 CHUNK_MAX = 32  # paths per worker task
@@ -156,11 +158,15 @@ def _process(src: str, out: str, quarantine: str, renames: list[tuple[Path, Path
     if not _is_dicom(path):
         return FileResult(src, "skipped", "not a DICOM Part-10 file")
     out_dir = Path(out)
-    tmp = out_dir / f".{uuid.uuid4().hex}.dcm"
+    tmp = layout.temp_path(out_dir)
     try:
         with open(tmp, "wb") as fh:  # made durable with the rest of its chunk (_commit)
             result = deid.deidentify_file(path, fh)
-        final = out_dir / result.study_instance_uid / result.series_instance_uid / f"{result.sop_instance_uid}.dcm"
+        try:
+            final = layout.instance_path(
+                out_dir, result.study_instance_uid, result.series_instance_uid, result.sop_instance_uid)
+        except UnsafePathError as exc:
+            raise DeidError("invalid_uid_for_path", str(exc)) from exc
         final.parent.mkdir(parents=True, exist_ok=True)
         renames.append((tmp, final))
         return FileResult(src, "ok")
@@ -168,9 +174,9 @@ def _process(src: str, out: str, quarantine: str, renames: list[tuple[Path, Path
         tmp.unlink(missing_ok=True)
         qdir = Path(quarantine)
         qdir.mkdir(parents=True, exist_ok=True)
-        name = uuid.uuid4().hex
-        shutil.copyfile(path, qdir / f"{name}.dcm")
-        (qdir / f"{name}.reason.txt").write_text(
+        copy, reason = layout.quarantine_paths(qdir)
+        shutil.copyfile(path, copy)
+        reason.write_text(
             f"source: {src}\nreason: {exc.reason}\npath: {exc.path}\ndetail: {exc.detail}\n", encoding="utf-8"
         )
         return FileResult(src, "quarantined", exc.reason)
