@@ -138,7 +138,8 @@ def _process_count(workers: int, n_files: int) -> int:
 
     One worker per ``IN_PROCESS_MAX`` files, up to ``--workers`` (default: the CPU cores).
     Even one file goes to a worker when there is a second core: it imports the engine while
-    this process opens the crosswalk database, so start-up costs the larger of the two, not both.
+    this process opens the crosswalk database, so start-up costs the larger of the two, not both
+    (with several workers the engine is built here once and inherited: less CPU in all).
     """
     limit = workers or (os.cpu_count() or 1)
     if limit <= 1 or (os.cpu_count() or 1) <= 1:
@@ -208,9 +209,11 @@ def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry
     total = len(files)
     with ExitStack() as stack:
         results: Iterator[ChunkResult]
+        if processes > 1:
+            _init_worker(config)  # built once: forked workers inherit it instead of each importing it
         if processes:
-            # Workers start (fork, before this process imports the database layer) and build
-            # their engine while the database is opened below; no task is sent before it is.
+            # One worker starts (fork, before this process imports the database layer) and
+            # builds its engine while the database is opened below; no task is sent before that.
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             pool = stack.enter_context(multiprocessing.get_context(method).Pool(processes, _init_worker, (config,)))
         from deid_router.db.crosswalk_rows import crosswalk_store
