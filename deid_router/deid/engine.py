@@ -23,6 +23,7 @@ from pydicom._uid_dict import UID_dictionary
 
 from deid_router.config import DeidConfig
 from deid_router.deid import actions as act
+from deid_router.deid import clean as cleaning
 from deid_router.deid import dates
 from deid_router.deid.crosswalk import Crosswalk, NullCrosswalk, load_patient_mapping
 from deid_router.deid.keys import Keys
@@ -97,7 +98,7 @@ class DeidResult:
 class _State:
     """Per-instance working state of one de-identification."""
 
-    __slots__ = ("ids", "offset", "patient_key", "patient_id_out", "patient_name_out", "pending")
+    __slots__ = ("ids", "offset", "patient_key", "patient_id_out", "patient_name_out", "pending", "cleaning")
 
     def __init__(self) -> None:
         self.ids = Identifiers()
@@ -106,6 +107,7 @@ class _State:
         self.patient_id_out = ""
         self.patient_name_out = ""
         self.pending: list[tuple[str, str, str]] = []
+        self.cleaning = cleaning.Cleaning()
 
     def add_kept(self, rd: Reader, ds: Dataset, tag: BaseTag, elem: Element, vr: str) -> None:
         self.ids.add_kept_element(rd, ds, elem, vr)
@@ -222,6 +224,7 @@ class Deidentifier:
         st = _State()
         self._prepare(ds, st, rd)
         self._walk(ds, st, "", top=True, parent=rd)
+        st.cleaning.apply(st.ids)  # C values, now that every identifier is known
         self._finish(ds, st)
         for kind, original, pseudonym in st.pending:
             self.crosswalk.record(kind, original, pseudonym)
@@ -265,6 +268,7 @@ class Deidentifier:
                     pid_v = _get(item, Reader.of(item, rd), _T_PATIENT_ID)
                     if pid_v:
                         ids.add_value(str(pid_v))
+        cleaning.collect_context(ds, rd, self._actions, ids)  # names and institutions inside sequences
         if self._actions.get(_T_BIRTH_DATE, "K") != "K":
             bd = _get(ds, rd, _T_BIRTH_DATE)
             if bd:
@@ -331,7 +335,9 @@ class Deidentifier:
             return value
         return fn(str(value), st.offset)
 
-    def _walk(self, ds: Dataset, st: _State, path: str, top: bool = False, parent: Reader | None = None) -> None:
+    def _walk(self, ds: Dataset, st: _State, path: str, top: bool = False, parent: Reader | None = None,
+              clean: bool = False) -> None:
+        """``clean``: inside a sequence an option cleans (see ``clean.inside_cleaned``)."""
         actions = self._actions
         patterns = self._patterns
         ids = st.ids
@@ -367,7 +373,7 @@ class Deidentifier:
                             vr = rd.vr(ds, tag, elem)
                             if vr == "SQ":
                                 for i, item in enumerate(ds[tag].value or ()):
-                                    self._walk(item, st, f"{path}{_path_name(t)}[{i}].", parent=rd)
+                                    self._walk(item, st, f"{path}{_path_name(t)}[{i}].", parent=rd, clean=clean)
                             else:
                                 st.add_kept(rd, ds, tag, store[tag], vr)
                             continue
@@ -395,6 +401,8 @@ class Deidentifier:
                     kept_blocks.add((t & 0xFFFF0000) | ((t & 0xFFFF) >> 8))
             vr = rd.vr(ds, tag, elem)
             elem = store[tag]  # rd.vr may have converted it
+            if clean:
+                a = cleaning.inside_cleaned(a, vr, t)
             if a == "X":
                 if vr == "SQ":
                     self._collect_removed(ds[tag].value, st, rd)
@@ -409,8 +417,9 @@ class Deidentifier:
                     seq.value = Sequence()
                 else:
                     name = _path_name(t)
+                    inner = clean or a == "C"
                     for i, item in enumerate(seq.value or ()):
-                        self._walk(item, st, f"{path}{name}[{i}].", parent=rd)
+                        self._walk(item, st, f"{path}{name}[{i}].", parent=rd, clean=inner)
                 continue
             if a == "" or a == "K":
                 if vr == "UI":
@@ -465,11 +474,7 @@ class Deidentifier:
                 elif vr == "UI":
                     new = self._remap_value(value, st, force=False)
                 elif vr in act.TEXT_VRS and value:
-                    ids.add_kept(value)
-                    if isinstance(value, (list, MultiValue)):
-                        new = [ids.clean(str(v)) for v in value]
-                    else:
-                        new = ids.clean(str(value))
+                    st.cleaning.defer(ds, tag, rd, vr)
                 else:
                     ids.add_kept(value)
             elif a == "S":

@@ -2,15 +2,20 @@
 
 Two classes of identifiers are collected from the ORIGINAL dataset:
 
-* strong: the patient's name parts, patient IDs, accession number, birth date (four
-  spellings) -- unless the profile keeps that attribute. Any occurrence in the output is
-  residual PHI.
-* context: institution, physician and operator names. Cleaning removes them (like the
-  strong ones) from free text; in the output they count as weak identifiers.
+* strong: the patient's name parts, patient IDs, accession number, birth date -- unless the
+  profile keeps that attribute. Any occurrence in the output is residual PHI.
+* context: institution, physician and operator names, from the top level and from inside
+  sequences (``clean.collect_context``). Cleaning removes them (like the strong ones) from
+  free text; in the output they count as weak identifiers.
 * weak: every other value (>= 4 characters, not a generic token) of a text attribute that
-  the profile removes or replaces. They are only flagged when the profile did not choose to
-  keep the same text elsewhere (so "CT HEAD" removed in one place and kept in another is
-  not a false positive).
+  the profile removes or replaces, and every removed or shifted date. They are only flagged
+  when the profile did not choose to keep the same text elsewhere (so "CT HEAD" removed in
+  one place and kept in another is not a false positive). Cleaning removes the weak person
+  names, dates and ID-like values.
+
+Every identifier is matched in all its written forms (``deid/identifiers.py``: dates in any
+order and spelling, IDs with separators, names in each character-set representation), in
+decoded text and, for non-ASCII identifiers, in the raw bytes of each character set.
 
 Original UIDs that were remapped must not appear in any UI value of the output.
 """
@@ -26,6 +31,7 @@ from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from deid_router.deid.identifiers import GENERIC, Forms, id_like, name_parts, parse_date, words
 from deid_router.deid.raw import STRING_VRS, Element, Reader
 from deid_router.errors import DeidError
 
@@ -45,31 +51,11 @@ VALUE_KEYWORDS = (
     "RequestedProcedureID", "AdmissionID", "FillerOrderNumberImagingServiceRequest",
     "PlacerOrderNumberImagingServiceRequest", "PatientInsurancePlanCodeSequence",
 )
-GENERIC = frozenset({
-    "YES", "NO", "NONE", "NULL", "UNKNOWN", "ANONYMOUS", "ANONYMIZED", "REMOVED", "MALE", "FEMALE",
-    "OTHER", "TRUE", "FALSE", "ANON", "TEST", "DEID", "PATIENT", "HOSPITAL", "DOCTOR", "MR", "MRS", "DR",
-    "NAME", "ORIGINAL", "DERIVED", "PRIMARY", "SECONDARY", "AXIAL", "LOCALIZER", "IMAGE",
-})
-TEXT_VRS = frozenset({"AE", "LO", "SH", "PN", "ST", "LT", "UT", "UC", "DA"})
+TEXT_VRS = frozenset({"AE", "LO", "SH", "PN", "ST", "LT", "UT", "UC", "DA", "DT"})
 _BYTES_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN"})
 SCAN_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"})
-_SPLIT_NAME = re.compile(r"[\^=,\s]+")
-_BOUND_L = r"(?<![0-9A-Za-z])"
-_BOUND_R = r"(?![0-9A-Za-z])"
-
-
-def name_parts(value: str) -> list[str]:
-    """Components of a PN (family, given, middle...) of at least 3 characters."""
-    return [p for p in _SPLIT_NAME.split(value) if len(p) >= 3 and p.upper() not in GENERIC]
-
-
-def date_forms(da: str) -> list[str]:
-    """A DA value as YYYYMMDD, DD.MM.YYYY, YYYY-MM-DD and MM/DD/YYYY."""
-    da = da.strip()
-    if len(da) != 8 or not da.isdigit():
-        return [da] if len(da) >= 4 else []
-    y, m, d = da[:4], da[4:6], da[6:]
-    return [da, f"{d}.{m}.{y}", f"{y}-{m}-{d}", f"{m}/{d}/{y}"]
+_COLLAPSE = re.compile(r"[ \t]{2,}")
+_DATE_VRS = frozenset({"DA", "DT"})
 
 
 def _could_be_number(value: str) -> bool:
@@ -127,55 +113,66 @@ def _number_texts(elem: RawDataElement) -> list[str] | None:
     return [str(v) for v in struct.unpack(f"<{len(raw) // size}{fmt}", raw)]
 
 
-def _alternation(items: Iterable[str]) -> re.Pattern[str] | None:
-    uniq = sorted({i.strip() for i in items if i.strip()}, key=lambda s: (-len(s), s))
-    if not uniq:
-        return None
-    body = "|".join(u if u.isalnum() else re.escape(u) for u in uniq)  # escape changes no alnum text
-    return re.compile(f"{_BOUND_L}(?:{body}){_BOUND_R}", re.IGNORECASE)
-
-
 class Identifiers:
     """The identifiers of one instance; collected before, used during and after the walk."""
 
-    __slots__ = ("strong", "context", "weak", "kept", "kept_numbers", "orig_uids", "kept_uids", "_clean_re")
+    __slots__ = ("strong", "strong_dates", "context", "weak", "weak_dates", "names", "kept", "kept_numbers",
+                 "orig_uids", "kept_uids", "_clean")
 
     def __init__(self) -> None:
         self.strong: set[str] = set()
+        self.strong_dates: set[str] = set()
         self.context: set[str] = set()
         self.weak: list[str] = []
+        self.weak_dates: set[str] = set()
+        self.names: set[str] = set()  # person names removed anywhere (weak): cleaning removes them
         self.kept: list[str] = []
         # kept raw numeric elements: decoded only if a weak identifier could be a number
         self.kept_numbers: list[tuple[RawDataElement, Dataset]] = []
         self.orig_uids: set[str] = set()
         self.kept_uids: set[str] = set()
-        self._clean_re: re.Pattern[str] | None = None
+        self._clean: Forms | None = None
 
     def add_name(self, value: str, patient: bool = True) -> None:
         """A person name; ``patient``: the patient's own (always flagged) or staff (context)."""
         target = self.strong if patient else self.context
         for p in name_parts(value):
             target.add(p)
-        self._clean_re = None
+        self._clean = None
 
     def add_value(self, value: str, patient: bool = True) -> None:
+        """An ID, an institution name or an address; its distinctive words count as context."""
         v = value.strip()
         if _is_identifying(v):
             (self.strong if patient else self.context).add(v)
-            self._clean_re = None
+            if " " in v and not id_like(v):
+                self.context.update(words(v))
+            self._clean = None
 
     def add_birth_date(self, value: str) -> None:
-        for f in date_forms(value):
-            self.strong.add(f)
-        self._clean_re = None
+        v = value.strip()
+        if parse_date(v) is not None:
+            self.strong_dates.add(v[:8])
+        elif len(v) >= 4:
+            self.strong.add(v)
+        self._clean = None
 
     def add_weak(self, vr: str, value: object) -> None:
         if vr not in TEXT_VRS:
             return
+        self._clean = None
         weak = self.weak
         if vr == "PN":
             for v in values_of(value):
-                weak.extend(name_parts(v))
+                parts = name_parts(v)
+                weak.extend(parts)
+                self.names.update(parts)
+            return
+        if vr in _DATE_VRS:
+            for v in values_of(value):
+                for one in v.split("-") if vr == "DA" else (v,):
+                    if parse_date(one) is not None:
+                        self.weak_dates.add(one.strip()[:8])
             return
         for v in values_of(value):
             v = v.strip()
@@ -204,19 +201,25 @@ class Identifiers:
             return
         self.add_kept(elem.value)
 
+    def clean_forms(self) -> Forms:
+        """What cleaning removes: strong and context identifiers, removed person names, dates
+        and ID-like values, in every written form."""
+        if self._clean is None:
+            literals = self.strong | self.context | self.names | {w for w in self.weak if id_like(w)}
+            self._clean = Forms(literals, self.strong_dates | self.weak_dates)
+        return self._clean
+
     def clean(self, text: str) -> str:
-        """Remove every strong identifier token from free text."""
-        if not self.strong and not self.context:
+        """Remove every identifier of this instance, in any written form, from free text."""
+        forms = self.clean_forms()
+        if not forms:
             return text
-        if self._clean_re is None:
-            self._clean_re = _alternation(self.strong | self.context)
-        assert self._clean_re is not None
-        out = self._clean_re.sub("", text)
+        out = forms.remove(text)
         if out != text:
-            out = re.sub(r"[ \t]{2,}", " ", out).strip()
+            out = _COLLAPSE.sub(" ", out).strip()
         return out
 
-    def scan_pattern(self, generic: Iterable[str] = ()) -> re.Pattern[str] | None:
+    def scan_pattern(self, generic: Iterable[str] = ()) -> Forms | None:
         """Strong identifiers plus the weak ones the profile did not keep elsewhere."""
         kept_blob = "\n".join(self.kept).upper()
         extra = {g.upper() for g in generic}
@@ -231,7 +234,9 @@ class Identifiers:
             numbers_blob = "\n".join(numbers).upper()
             weak = {w for w in weak if w.upper() not in numbers_blob}
         strong = {s for s in self.strong if s.upper() not in extra}
-        return _alternation(strong | weak)
+        dates = self.strong_dates | {d for d in self.weak_dates if d not in kept_blob}
+        forms = Forms(strong | weak, dates)
+        return forms if forms else None
 
 
 def scan(
@@ -255,7 +260,7 @@ def scan(
 
 
 def _scan(
-    ds: Dataset, pattern: re.Pattern[str] | None, bad_uids: set[str], skip: frozenset[int],
+    ds: Dataset, pattern: Forms | None, bad_uids: set[str], skip: frozenset[int],
     class_uids: frozenset[int], vrs: frozenset[str], path: str, parent: Reader | None,
 ) -> None:
     rd = Reader.of(ds, parent)
@@ -282,6 +287,8 @@ def _scan(
         if vr in vrs or private_bytes:
             text = None
             if type(elem) is RawDataElement:
+                if elem.value and pattern.search_bytes(elem.value):
+                    raise DeidError("residual_phi", "an original identifier survived", path + _name(t))
                 if private_bytes:
                     text = elem.value.decode("latin-1") if elem.value else ""
                 else:
