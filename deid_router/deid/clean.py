@@ -52,6 +52,10 @@ _CONTEXT_KEYWORDS = (
     "ReferringPhysicianTelephoneNumbers", "StationName", "RequestingService", "ScheduledStationName",
     "PerformedStationName", "ScheduledProcedureStepLocation", "PerformedLocation",
 )
+# Institution names: each distinctive word of them identifies as the whole name does.
+INSTITUTION_TAGS = frozenset(int(keyword_dict[k]) for k in (
+    "InstitutionName", "InstitutionalDepartmentName", "VerifyingOrganization", "ResponsibleOrganization",
+) if k in keyword_dict)
 # Attributes inside sequences whose values are the patient's or the order's IDs (strong).
 _ID_KEYWORDS = (
     "PatientID", "OtherPatientIDs", "AccessionNumber", "MedicalRecordLocator", "RequestedProcedureID",
@@ -83,23 +87,17 @@ def inside_cleaned(action: str, vr: str, tag: int) -> str:
     return INSIDE_CLEANED.get((action, cls), action)
 
 
-def _sq(elem: object, tag: BaseTag) -> bool:
-    vr = getattr(elem, "VR", None)
-    if vr is None and not tag & 0x10000:
-        vr = public_vr(int(tag))
-    return vr == "SQ"
-
-
 def collect_context(ds: Dataset, rd: Reader, actions: dict[int, str], ids: Identifiers) -> None:
     """Add the names, institutions and IDs held inside the sequences of ``ds`` to ``ids``.
 
     Only sequences are visited (the top-level values are collected by the engine by tag);
     values the profile keeps (K) are not identifiers to remove.
     """
-    for tag, elem in list(ds._dict.items()):
-        if tag & 0x10000 or not _sq(elem, tag):
+    store = ds._dict
+    for tag in [t for t, e in store.items() if e.VR == "SQ" or (e.VR is None and public_vr(t) == "SQ")]:
+        if tag & 0x10000:
             continue
-        if rd.vr(ds, tag, elem) == "SQ":
+        if rd.vr(ds, tag, store[tag]) == "SQ":
             naming = int(tag) in NAMING_CODE_TAGS
             for item in ds[tag].value or ():
                 _collect_item(item, Reader.of(item, rd), actions, ids, naming)
@@ -121,7 +119,7 @@ def _collect_item(item: Dataset, rd: Reader, actions: dict[int, str], ids: Ident
                 ids.add_name(v, patient=False)
         elif t in CONTEXT_TAGS or (naming and t == _T_CODE_MEANING):
             for v in values_of(rd.value(item, tag, item._dict[tag], vr)):
-                ids.add_value(v, patient=False)
+                ids.add_value(v, patient=False, split=t in INSTITUTION_TAGS or naming)
         elif t in ID_TAGS:
             for v in values_of(rd.value(item, tag, item._dict[tag], vr)):
                 ids.add_value(v)

@@ -260,7 +260,7 @@ class Deidentifier:
                 value = _get(ds, rd, t)
                 if value:
                     for v in ([value] if not isinstance(value, (list, MultiValue)) else list(value)):
-                        ids.add_value(str(v), patient)
+                        ids.add_value(str(v), patient, split=t in cleaning.INSTITUTION_TAGS)
         if BaseTag(_T_OTHER_IDS_SEQ) in store:
             other = ds[_T_OTHER_IDS_SEQ]
             if other.VR == "SQ":

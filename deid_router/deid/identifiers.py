@@ -124,28 +124,31 @@ def spellings(literal: str) -> set[str]:
 
 # ---------------------------------------------------------------------------------------- IDs
 def id_like(value: str) -> bool:
-    """A value written like an ID: a digit, letters and digits only once separators go, >= 4."""
-    bare = _ID_SEPARATORS.sub("", value.strip())
-    return len(bare) >= 4 and bare.isascii() and bare.isalnum() and any(c.isdigit() for c in bare)
+    """A value written like an ID: one word (or digits and separators only) with a digit, >= 4
+    letters and digits once separators go. ``Thorax 1.0 B70f`` is a description, not an ID."""
+    v = value.strip()
+    bare = _ID_SEPARATORS.sub("", v)
+    if len(bare) < 4 or not bare.isascii() or not bare.isalnum() or not any(c.isdigit() for c in bare):
+        return False
+    return bare.isdigit() or not any(c.isspace() for c in v)
 
 
-def _fragment(literal: str) -> str:
-    """Regular expression for one literal identifier in every written form but dates."""
-    v = literal.strip()
-    if id_like(v):
-        bare = _ID_SEPARATORS.sub("", v)
-        left = r"(?<!\d)" if bare[0].isdigit() else _ALNUM_L
-        right = r"(?!\d)" if bare[-1].isdigit() else _ALNUM_R
-        return left + _SEP.join(re.escape(c) for c in bare) + right
-    alternatives = []
-    for s in sorted(spellings(v), key=lambda x: (-len(x), x)):
-        body = r"\s+".join(re.escape(w) for w in s.split())
-        if s[:1].isascii() and s[:1].isalnum():
-            body = _ALNUM_L + body
-        if s[-1:].isascii() and s[-1:].isalnum():
-            body = body + _ALNUM_R
-        alternatives.append(body)
-    return "|".join(alternatives)
+def bare_id(value: str) -> str:
+    """An ID without its separators: how the scan compares IDs (``12-34-567`` -> ``1234567``)."""
+    return _ID_SEPARATORS.sub("", value.strip())
+
+
+def _id_fragment(bare: str) -> str:
+    """An ID with optional separators between any two characters, for removal from text."""
+    left = r"(?<!\d)" if bare[0].isdigit() else _ALNUM_L
+    right = r"(?!\d)" if bare[-1].isdigit() else _ALNUM_R
+    return left + _SEP.join(re.escape(c) for c in bare) + right
+
+
+def _text_fragment(literal: str) -> str:
+    """A name, word or value in each of its spellings, any spacing between its words."""
+    return "|".join(r"\s+".join(re.escape(w) for w in s.split())
+                    for s in sorted(spellings(literal), key=lambda x: (-len(x), x)))
 
 
 # ---------------------------------------------------------------------------------------- dates
@@ -279,24 +282,53 @@ def encoded_forms(literal: str) -> list[bytes]:
 
 
 # ---------------------------------------------------------------------------------------- forms
-class Forms:
-    """Every written form of a set of identifiers: ``search`` (the scan), ``remove`` (cleaning)."""
+_FORMS_CACHE: dict[tuple[frozenset[str], frozenset[str]], Forms] = {}
+_FORMS_CACHE_MAX = 256
+def forms(literals: Iterable[str], dates: Iterable[str] = ()) -> Forms:
+    """``Forms`` of these identifiers; the instances of one series share theirs, so they are
+    built once (building costs about 0.1 ms, more than the search it serves)."""
+    key = (frozenset(literals), frozenset(dates))
+    found = _FORMS_CACHE.get(key)
+    if found is None:
+        if len(_FORMS_CACHE) >= _FORMS_CACHE_MAX:
+            _FORMS_CACHE.clear()
+        found = _FORMS_CACHE[key] = Forms(*key)
+    return found
 
-    __slots__ = ("_re", "_dates", "_bytes")
+
+class Forms:
+    """Every written form of a set of identifiers: ``search`` (the scan), ``remove`` (cleaning).
+
+    The scan searches IDs in the text with its separators squeezed out, against the bare IDs:
+    one alternation of literals, which the regular-expression engine skips through about ten
+    times faster than IDs with optional separators between characters (measured on a CT
+    header: 8 us against 90 us). Removal needs the positions, and uses those.
+    """
+
+    __slots__ = ("_re", "_ids", "_id_remove", "_dates", "_bytes", "has_bytes")
 
     def __init__(self, literals: Iterable[str], dates: Iterable[str] = ()) -> None:
         uniq = sorted({s.strip() for s in literals if s.strip()}, key=lambda s: (-len(s), s))
-        self._re = re.compile("|".join(f"(?:{_fragment(s)})" for s in uniq), re.IGNORECASE) if uniq else None
+        ids = sorted({bare_id(s) for s in uniq if id_like(s)}, key=lambda s: (-len(s), s))
+        texts = [s for s in uniq if not id_like(s)]
+        self._re = (re.compile(f"{_ALNUM_L}(?:{'|'.join(_text_fragment(s) for s in texts)}){_ALNUM_R}",
+                               re.IGNORECASE) if texts else None)
+        self._ids = (re.compile(f"(?<!\\d)(?:{'|'.join(ids)})(?!\\d)", re.IGNORECASE) if ids else None)
+        self._id_remove = (re.compile("|".join(f"(?:{_id_fragment(b)})" for b in ids), re.IGNORECASE)
+                           if ids else None)
         self._dates = _Dates(dates)
-        foreign = [b for s in uniq if not s.isascii() for b in encoded_forms(s)]
+        foreign = [b for s in texts if not s.isascii() for b in encoded_forms(s)]
         self._bytes = re.compile(b"|".join(foreign)) if foreign else None
+        self.has_bytes = self._bytes is not None
 
     def __bool__(self) -> bool:
-        return self._re is not None or bool(self._dates.full)
+        return self._re is not None or self._ids is not None or bool(self._dates.full)
 
     def search(self, text: str) -> bool:
         """Whether ``text`` holds one of the identifiers in any written form."""
         if self._re is not None and self._re.search(text):
+            return True
+        if self._ids is not None and self._ids.search(_ID_SEPARATORS.sub("", text)):
             return True
         return bool(self._dates.spans(text, first_only=True))
 
@@ -305,11 +337,12 @@ class Forms:
         return self._bytes is not None and self._bytes.search(data) is not None
 
     def remove(self, text: str) -> str:
-        """``text`` without any of the identifiers (dates first, then names and IDs)."""
+        """``text`` without any of the identifiers (dates first, then IDs, then names)."""
         out = text
-        spans = self._dates.spans(out)
-        for start, end in reversed(spans):
+        for start, end in reversed(self._dates.spans(out)):
             out = out[:start] + out[end:]
+        if self._id_remove is not None:
+            out = self._id_remove.sub("", out)
         if self._re is not None:
             out = self._re.sub("", out)
         return out

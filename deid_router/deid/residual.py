@@ -31,7 +31,7 @@ from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from deid_router.deid.identifiers import GENERIC, Forms, id_like, name_parts, parse_date, words
+from deid_router.deid.identifiers import GENERIC, Forms, forms, id_like, name_parts, parse_date, words
 from deid_router.deid.raw import STRING_VRS, Element, Reader
 from deid_router.errors import DeidError
 
@@ -140,12 +140,13 @@ class Identifiers:
             target.add(p)
         self._clean = None
 
-    def add_value(self, value: str, patient: bool = True) -> None:
-        """An ID, an institution name or an address; its distinctive words count as context."""
+    def add_value(self, value: str, patient: bool = True, split: bool = False) -> None:
+        """An ID, an address or (``split``) an institution's name, whose distinctive words
+        (``Riverside`` of ``Riverside Mercy Hospital``) count as context too."""
         v = value.strip()
         if _is_identifying(v):
             (self.strong if patient else self.context).add(v)
-            if " " in v and not id_like(v):
+            if split and " " in v:
                 self.context.update(words(v))
             self._clean = None
 
@@ -206,15 +207,15 @@ class Identifiers:
         and ID-like values, in every written form."""
         if self._clean is None:
             literals = self.strong | self.context | self.names | {w for w in self.weak if id_like(w)}
-            self._clean = Forms(literals, self.strong_dates | self.weak_dates)
+            self._clean = forms(literals, self.strong_dates | self.weak_dates)
         return self._clean
 
     def clean(self, text: str) -> str:
         """Remove every identifier of this instance, in any written form, from free text."""
-        forms = self.clean_forms()
-        if not forms:
+        found = self.clean_forms()
+        if not found:
             return text
-        out = forms.remove(text)
+        out = found.remove(text)
         if out != text:
             out = _COLLAPSE.sub(" ", out).strip()
         return out
@@ -235,8 +236,8 @@ class Identifiers:
             weak = {w for w in weak if w.upper() not in numbers_blob}
         strong = {s for s in self.strong if s.upper() not in extra}
         dates = self.strong_dates | {d for d in self.weak_dates if d not in kept_blob}
-        forms = Forms(strong | weak, dates)
-        return forms if forms else None
+        found = forms(strong | weak, dates)
+        return found if found else None
 
 
 def scan(
@@ -247,22 +248,31 @@ def scan(
 
     ``skip``: top-level tags written by the engine itself; ``class_uids``: UI tags naming
     classes/syntaxes, which are never remapped and so never compared with original UIDs.
-    Raw elements are searched in their decoded text without converting them.
+    Raw elements are searched in their decoded text without converting them. The texts are
+    searched together, once (one regular-expression pass instead of one per element: a
+    third of the scan's time on a CT); only a hit looks for the attribute that holds it.
     """
     pattern = ids.scan_pattern(generic)
     bad_uids = ids.orig_uids - ids.kept_uids
     # every DA/DT of the output was shifted: an equal original date elsewhere is a coincidence
     vrs = SCAN_VRS - {"DA", "DT"} if shifted_dates else SCAN_VRS
+    texts: list[tuple[str, int, str]] = []
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
-        _scan(meta, pattern, bad_uids, skip, class_uids, vrs, "", None)
-    _scan(ds, pattern, bad_uids, skip, class_uids, vrs, "", None)
+        _scan(meta, pattern, bad_uids, skip, class_uids, vrs, "", None, texts)
+    _scan(ds, pattern, bad_uids, skip, class_uids, vrs, "", None, texts)
+    if pattern is not None and texts and pattern.search("\0".join(t for _p, _t, t in texts)):
+        for path, tag, text in texts:
+            if pattern.search(text):
+                raise DeidError("residual_phi", "an original identifier survived", path + _name(tag))
 
 
 def _scan(
     ds: Dataset, pattern: Forms | None, bad_uids: set[str], skip: frozenset[int],
     class_uids: frozenset[int], vrs: frozenset[str], path: str, parent: Reader | None,
+    texts: list[tuple[str, int, str]],
 ) -> None:
+    """Check the UIDs and raw bytes of ``ds``; collect its texts (path, text) for one search."""
     rd = Reader.of(ds, parent)
     for tag, elem in list(ds._dict.items()):
         vr = rd.vr(ds, tag, elem)
@@ -272,7 +282,7 @@ def _scan(
             continue  # a top-level element the engine wrote from its own constants
         if vr == "SQ":
             for i, item in enumerate(ds[tag].value or ()):
-                _scan(item, pattern, bad_uids, frozenset(), class_uids, vrs, f"{path}{_name(t)}[{i}].", rd)
+                _scan(item, pattern, bad_uids, frozenset(), class_uids, vrs, f"{path}{_name(t)}[{i}].", rd, texts)
             continue
         if t in skip:
             continue
@@ -287,19 +297,18 @@ def _scan(
         if vr in vrs or private_bytes:
             text = None
             if type(elem) is RawDataElement:
-                if elem.value and pattern.search_bytes(elem.value):
+                if pattern.has_bytes and elem.value and pattern.search_bytes(elem.value):
                     raise DeidError("residual_phi", "an original identifier survived", path + _name(t))
                 if private_bytes:
                     text = elem.value.decode("latin-1") if elem.value else ""
                 else:
                     text = rd.text(elem, vr)
             if text is not None:
-                if pattern.search(text):
-                    raise DeidError("residual_phi", "an original identifier survived", path + _name(t))
+                if text:
+                    texts.append((path, t, text))
                 continue
             for v in values_of(rd.value(ds, tag, elem, vr)):
-                if pattern.search(v):
-                    raise DeidError("residual_phi", "an original identifier survived", path + _name(t))
+                texts.append((path, t, v))
 
 
 def _name(tag: int) -> str:
