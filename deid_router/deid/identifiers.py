@@ -337,12 +337,13 @@ class Forms:
         return self._bytes is not None and self._bytes.search(data) is not None
 
     def remove(self, text: str) -> str:
-        """``text`` without any of the identifiers (dates first, then IDs, then names)."""
+        """``text`` without any of the identifiers (IDs first: one may hold a date, then dates,
+        then names and words)."""
         out = text
-        for start, end in reversed(self._dates.spans(out)):
-            out = out[:start] + out[end:]
         if self._id_remove is not None:
             out = self._id_remove.sub("", out)
+        for start, end in reversed(self._dates.spans(out)):
+            out = out[:start] + out[end:]
         if self._re is not None:
             out = self._re.sub("", out)
         return out
