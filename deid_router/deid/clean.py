@@ -23,15 +23,18 @@ in each character set) is decided in ``deid/identifiers.py`` for both cleaning a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydicom.datadict import keyword_dict
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
 from deid_router.deid import actions as act
-from deid_router.deid.raw import Reader, public_vr
+from deid_router.deid.raw import Element, Reader, public_vr
 from deid_router.deid.residual import Identifiers, values_of
 
+Put = Callable[[Reader, Dataset, BaseTag, Element, str, object], None]
 _TEXT = "text"
 _NAME = "name"
 _DATE = "date"
@@ -136,8 +139,12 @@ class Cleaning:
     def defer(self, ds: Dataset, tag: BaseTag, rd: Reader, vr: str) -> None:
         self._pending.append((ds, tag, rd, vr))
 
-    def apply(self, ids: Identifiers) -> None:
-        """Clean every deferred value; the cleaned text is what counts as kept."""
+    def apply(self, ids: Identifiers, put: Put | None = None) -> None:
+        """Clean every deferred value; the cleaned text is what counts as kept.
+
+        ``put(rd, ds, tag, elem, vr, value)`` stores a new value (default: ``Reader.set``); an
+        engine that records what it wrote (for an output check) passes its own.
+        """
         for ds, tag, rd, vr in self._pending:
             elem = ds._dict[tag]
             value = rd.value(ds, tag, elem, vr)
@@ -149,7 +156,10 @@ class Cleaning:
             else:
                 new = _clean_one(ids, str(value), vr)
             ids.add_kept(new)
-            rd.set(ds, tag, elem, vr, new)
+            if put is None:
+                rd.set(ds, tag, elem, vr, new)
+            else:
+                put(rd, ds, tag, elem, vr, new)
         self._pending.clear()
 
 

@@ -282,12 +282,12 @@ def encoded_forms(literal: str) -> list[bytes]:
 
 
 # ---------------------------------------------------------------------------------------- forms
-_FORMS_CACHE: dict[tuple[frozenset[str], frozenset[str]], Forms] = {}
+_FORMS_CACHE: dict[tuple[frozenset[str], frozenset[str], frozenset[str]], Forms] = {}
 _FORMS_CACHE_MAX = 256
-def forms(literals: Iterable[str], dates: Iterable[str] = ()) -> Forms:
+def forms(literals: Iterable[str], dates: Iterable[str] = (), exact: Iterable[str] = ()) -> Forms:
     """``Forms`` of these identifiers; the instances of one series share theirs, so they are
     built once (building costs about 0.1 ms, more than the search it serves)."""
-    key = (frozenset(literals), frozenset(dates))
+    key = (frozenset(literals), frozenset(dates), frozenset(exact))
     found = _FORMS_CACHE.get(key)
     if found is None:
         if len(_FORMS_CACHE) >= _FORMS_CACHE_MAX:
@@ -307,10 +307,13 @@ class Forms:
 
     __slots__ = ("_re", "_ids", "_id_remove", "_dates", "_bytes", "has_bytes")
 
-    def __init__(self, literals: Iterable[str], dates: Iterable[str] = ()) -> None:
+    def __init__(self, literals: Iterable[str], dates: Iterable[str] = (), exact: Iterable[str] = ()) -> None:
+        """``exact``: values matched as written (spacing and spelling aside), not as IDs: the
+        weak values of the scan, where ``Ver 1.23.45`` must not count as a removed ``12345``."""
         uniq = sorted({s.strip() for s in literals if s.strip()}, key=lambda s: (-len(s), s))
         ids = sorted({bare_id(s) for s in uniq if id_like(s)}, key=lambda s: (-len(s), s))
-        texts = [s for s in uniq if not id_like(s)]
+        texts = sorted({s for s in uniq if not id_like(s)} | {s.strip() for s in exact if s.strip()},
+                       key=lambda s: (-len(s), s))
         self._re = (re.compile(f"{_ALNUM_L}(?:{'|'.join(_text_fragment(s) for s in texts)}){_ALNUM_R}",
                                re.IGNORECASE) if texts else None)
         self._ids = (re.compile(f"(?<!\\d)(?:{'|'.join(ids)})(?!\\d)", re.IGNORECASE) if ids else None)

@@ -236,7 +236,8 @@ class Identifiers:
             weak = {w for w in weak if w.upper() not in numbers_blob}
         strong = {s for s in self.strong if s.upper() not in extra}
         dates = self.strong_dates | {d for d in self.weak_dates if d not in kept_blob}
-        found = forms(strong | weak, dates)
+        context = {c for c in self.context if c in weak}
+        found = forms(strong | context, dates, exact=weak - context)
         return found if found else None
 
 
