@@ -151,6 +151,31 @@ def test_free_text_dates_in_five_formats_and_ids_with_separators() -> None:
     assert out.StudyComments.endswith("nodule") and "ACX" not in out.StudyComments
 
 
+def test_a_name_met_after_the_text_that_mentions_it_is_still_removed() -> None:
+    """ContentCreatorName (0070,0084) comes after GraphicAnnotationSequence (0070,0001) in the
+    walk: the annotation is cleaned once every identifier of the instance is known."""
+    ds = cc.presentation_state(2)
+    ds.ContentCreatorName = "Pemberton^Clive"
+    ds.GraphicAnnotationSequence[0].TextObjectSequence[0].UnformattedTextValue = "checked by C. Pemberton"
+    out = _deid(("clean_graphics",), ds)
+    assert out.GraphicAnnotationSequence[0].TextObjectSequence[0].UnformattedTextValue == "checked by C."
+
+
+def test_institutions_and_staff_inside_sequences_are_identifiers_too() -> None:
+    ds = cc.free_text_image(4)
+    del ds.InstitutionName
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "H1", "99LOCAL", "Glenmorrow Infirmary"
+    ds.InstitutionCodeSequence = [code]
+    step = Dataset()
+    step.ScheduledPerformingPhysicianName = "Ashdown^Petra"
+    step.ScheduledStationName = "Glenmorrow CT2"
+    ds.ScheduledProcedureStepSequence = [step]
+    ds.ImageComments = "Read at Glenmorrow by Dr Ashdown: no change"
+    out = _deid(("clean_descriptors",), ds)
+    assert out.ImageComments == "Read at by Dr : no change"
+
+
 # ------------------------------------------------------------------ character sets
 @pytest.mark.parametrize("kind", ["japanese_iso2022", "korean_iso2022", "utf8"])
 def test_names_in_iso2022_and_utf8_are_cleaned(kind: str) -> None:
