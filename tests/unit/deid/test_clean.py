@@ -74,6 +74,25 @@ def test_non_ascii_names_are_found_in_encoded_bytes() -> None:
     assert not forms.search_bytes("経過良好".encode("iso2022_jp"))
 
 
+@pytest.mark.parametrize("planted", [
+    "MRN 12-34-567", "MRN 123 4567", "born March 15, 1947", "born 15.03.1947", "seen 11 May 2024",
+    "Ms Elspeth", "ACX-2024-0511",
+])
+def test_the_residual_scan_checks_the_same_forms_cleaning_removes(planted: str) -> None:
+    """A rule that keeps ImageComments lets the text through the walk: the scan, matching the
+    patient's identifiers and the removed dates with the same forms as cleaning, quarantines
+    it; cleaning the same text delivers it. (Staff and institution names count as kept by
+    choice in an attribute a rule keeps, as before.)"""
+    ds = cc.free_text_image(4)
+    ds.ImageComments = f"note: {planted} ok"
+    with pytest.raises(DeidError) as err:
+        _deid((), ds, rules=(DeidRule("ImageComments", "keep"),))
+    assert err.value.reason == "residual_phi" and err.value.path == "ImageComments"
+    out = _deid(("clean_descriptors",), ds)
+    assert out.ImageComments.startswith("note:") and out.ImageComments.endswith("ok")
+    assert cc.leaks(cc.encode(out), cc.FORMS) == []
+
+
 # ------------------------------------------------------------------ structured reports
 def test_sr_tree_is_cleaned_and_keeps_its_structure(tmp_path: Path) -> None:
     src = cc.structured_report(1)
