@@ -56,6 +56,7 @@ _BYTES_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN"})
 SCAN_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"})
 _COLLAPSE = re.compile(r"[ \t]{2,}")
 _DATE_VRS = frozenset({"DA", "DT"})
+_META_TEXT_VRS = frozenset({"SH", "LO", "AE", "CS"})
 
 
 def _could_be_number(value: str) -> bool:
@@ -253,12 +254,16 @@ def scan(
     searched together, once (one regular-expression pass instead of one per element: a
     third of the scan's time on a CT); only a hit looks for the attribute that holds it.
     """
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        # the file meta the engine keeps (ImplementationVersionName...) is kept text like any other:
+        # a vendor's name in it is no residue of an institution of the same name
+        ids.add_kept([str(e.value) for e in meta if e.VR in _META_TEXT_VRS and e.value])
     pattern = ids.scan_pattern(generic)
     bad_uids = ids.orig_uids - ids.kept_uids
     # every DA/DT of the output was shifted: an equal original date elsewhere is a coincidence
     vrs = SCAN_VRS - {"DA", "DT"} if shifted_dates else SCAN_VRS
     texts: list[tuple[str, int, str]] = []
-    meta = getattr(ds, "file_meta", None)
     if meta is not None:
         _scan(meta, pattern, bad_uids, skip, class_uids, vrs, "", None, texts)
     _scan(ds, pattern, bad_uids, skip, class_uids, vrs, "", None, texts)
