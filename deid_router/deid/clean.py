@@ -23,7 +23,8 @@ in each character set) is decided in ``deid/identifiers.py`` for both cleaning a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from pydicom.datadict import keyword_dict
 from pydicom.dataset import Dataset
@@ -34,6 +35,7 @@ from deid_router.deid import actions as act
 from deid_router.deid.raw import Element, Reader, public_vr
 from deid_router.deid.residual import Identifiers, values_of
 
+A = TypeVar("A", bound=str)
 Put = Callable[[Reader, Dataset, BaseTag, Element, str, object], None]
 _TEXT = "text"
 _NAME = "name"
@@ -82,15 +84,17 @@ CODE_TAGS = frozenset(int(keyword_dict[k]) for k in (
 ) if k in keyword_dict)
 
 
-def inside_cleaned(action: str, vr: str, tag: int) -> str:
-    """The action of an element inside a sequence that an option cleans."""
+def inside_cleaned(action: A, vr: str, tag: int) -> A:
+    """The action of an element inside a sequence that an option cleans (of the caller's
+    type: the action letters are strings, or an enum of them)."""
     cls = _VR_CLASS.get(vr)
     if cls is None or tag in CODE_TAGS:
         return action
-    return INSIDE_CLEANED.get((action, cls), action)
+    found = INSIDE_CLEANED.get((str(action), cls))
+    return action if found is None else type(action)(found)
 
 
-def collect_context(ds: Dataset, rd: Reader, actions: dict[int, str], ids: Identifiers) -> None:
+def collect_context(ds: Dataset, rd: Reader, actions: Mapping[int, str], ids: Identifiers) -> None:
     """Add the names, institutions and IDs held inside the sequences of ``ds`` to ``ids``.
 
     Only sequences are visited (the top-level values are collected by the engine by tag);
@@ -106,7 +110,7 @@ def collect_context(ds: Dataset, rd: Reader, actions: dict[int, str], ids: Ident
                 _collect_item(item, Reader.of(item, rd), actions, ids, naming)
 
 
-def _collect_item(item: Dataset, rd: Reader, actions: dict[int, str], ids: Identifiers, naming: bool) -> None:
+def _collect_item(item: Dataset, rd: Reader, actions: Mapping[int, str], ids: Identifiers, naming: bool) -> None:
     for tag, elem in list(item._dict.items()):
         t = int(tag)
         if t & 0x10000 or actions.get(t, "") == "K":
