@@ -58,6 +58,8 @@ _ALNUM_R = r"(?![0-9A-Za-z])"
 
 # ---------------------------------------------------------------------------------------- names
 def _is_cjk_or_kana(text: str) -> bool:
+    if text.isascii():
+        return False
     return any(unicodedata.east_asian_width(c) in ("W", "F") for c in text)
 
 
@@ -72,6 +74,8 @@ def name_parts(value: str) -> list[str]:
     """Components of a PN in each of its groups (family, given, middle...), plus, for CJK
     groups, family and given written together (``山田太郎``) as names are in running text."""
     parts = [p for p in _SPLIT_NAME.split(value) if _long_enough(p)]
+    if value.isascii():
+        return parts
     for group in value.split("="):
         comps = [c for c in group.split("^")[:2] if c.strip()]
         if len(comps) == 2 and _is_cjk_or_kana(group):

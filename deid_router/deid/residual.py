@@ -258,7 +258,9 @@ def scan(
     if meta is not None:
         # the file meta the engine keeps (ImplementationVersionName...) is kept text like any other:
         # a vendor's name in it is no residue of an institution of the same name
-        ids.add_kept([str(e.value) for e in meta if e.VR in _META_TEXT_VRS and e.value])
+        for e in meta._dict.values():  # read raw, never converted (the writer copies raw bytes)
+            if e.VR in _META_TEXT_VRS and e.value:
+                ids.kept.append(e.value.decode("latin-1") if isinstance(e.value, bytes) else str(e.value))
     pattern = ids.scan_pattern(generic)
     bad_uids = ids.orig_uids - ids.kept_uids
     # every DA/DT of the output was shifted: an equal original date elsewhere is a coincidence
