@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
@@ -42,6 +43,9 @@ from deid_router.observability.audit_messages import Auditor, auditor_from
 from deid_router.scp.listener import Intake, Listener
 from deid_router.scp.commitment import Commitment, CommitmentPeer
 from deid_router.store.holding import Holding
+
+if TYPE_CHECKING:
+    from deid_router.http.server import HttpServer
 
 log = get_logger("app")
 
@@ -198,6 +202,18 @@ def listener_process_main(config_path: str, index: int, log_level: str, parent_p
         ctx.close()
 
 
+def build_http(ctx: Context, listener: Listener) -> HttpServer | None:
+    """The console, API, health and metrics server of ``[http]`` (None when port is 0)."""
+    if not ctx.config.http.port:
+        return None
+    from deid_router.http.app import build_app
+    from deid_router.http.server import HttpServer
+    from deid_router.http.services import build_services
+
+    svc = build_services(ctx.config, ctx.repo, ctx.holding, ctx.keys, lambda: listener.listening, ctx.auditor)
+    return HttpServer(ctx.config.http, build_app(svc))
+
+
 @dataclass
 class _Child:
     kind: str  # "worker" | "listener"
@@ -218,8 +234,10 @@ class Node:
             log.warning("partial_files_removed", count=removed)
         self.listener = build_listener(self.ctx)
         self.housekeeping = Housekeeping(
-            self.ctx.repo, self.ctx.holding, config.storage.keep_raw_hours, RetryPolicy.from_config(config.queue)
+            self.ctx.repo, self.ctx.holding, config.storage.keep_raw_hours, RetryPolicy.from_config(config.queue),
+            destinations=[d.name for d in config.destinations],
         )
+        self.http = build_http(self.ctx, self.listener)
         self._children: list[_Child] = []
         self._mp = multiprocessing.get_context("spawn")
         self._scheduler: BackgroundScheduler | None = None
@@ -246,6 +264,8 @@ class Node:
         self._remove_partial_outputs()
         self.housekeeping.sweep_orphans()
         self.housekeeping.requeue_stale()
+        if self.http is not None:
+            self.http.start()  # first: a taken HTTP port stops the node before it accepts DICOM
         self.listener.start()
         self._scheduler = start_scheduler(self.housekeeping, self.config.queue.lease_seconds)
         listeners = self.config.listener.processes or (os.cpu_count() or 1)
@@ -279,10 +299,14 @@ class Node:
     def stop(self) -> None:
         """Stop accepting, let transfers finish, let workers release their jobs, exit (< 30 s)."""
         log.info("node_stopping")
+        if self.http is not None:
+            self.http.begin_stop()  # closes while the listener drains; joined below
         listeners = self._signal_children("listener")
         self.listener.shutdown(SHUTDOWN_GRACE_SECONDS)
         self._join(listeners, timeout=2.0)
         self._join(self._signal_children("worker"), timeout=6.0)
+        if self.http is not None:
+            self.http.stop()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         self.ctx.close()

@@ -32,7 +32,8 @@ DEID_OPTIONS = (
     "clean_structured_content",
     "clean_graphics",
 )
-BURNED_IN_CHOICES = ("quarantine", "forward")
+BURNED_IN_CHOICES = ("quarantine", "forward", "clean")
+PIXEL_NO_RULE_CHOICES = ("quarantine", "ocr_clear")
 MATCH_KEYS = ("calling_aet", "called_aet", "modality", "sop_class_uid")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 _TAG_RE = re.compile(r"^\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)$")
@@ -91,6 +92,11 @@ class DeidConfig:
     date_shift_min_days: int = -3650
     date_shift_max_days: int = -365
     patient_mapping_csv: Path | None = None
+    # pixel de-identification (burned_in_annotation = "clean", deid/pixels.py): extra rules,
+    # OCR verification, and what OCR may do for an image no rule matches
+    pixel_rules_file: Path | None = None
+    pixel_ocr: bool = False
+    pixel_no_rule: str = "quarantine"  # quarantine | ocr_clear (needs pixel_ocr)
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,16 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """``[http]``: console, API, health and metrics (port 0: no HTTP server)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    cert_file: Path | None = None  # [http.tls]: both or neither
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     listener: ListenerConfig
@@ -149,6 +165,7 @@ class Config:
     destinations: tuple[DestinationConfig, ...]
     routes: tuple[RouteConfig, ...]
     warnings: tuple[str, ...] = ()
+    http: HttpConfig = field(default_factory=HttpConfig)
     storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
     audit: AuditConfig = AuditConfig()
 
@@ -257,7 +274,8 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     r = _Reader(str(file))
     base = file.parent
     warnings: list[str] = []
-    r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes", "storage_commitment", "audit"))
+    r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes", "storage_commitment", "audit",
+                        "http"))
 
     # [listener]
     li = r.table(raw, "listener")
@@ -375,6 +393,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         date_shift_min_days=r.get(de, "deid", "date_shift_min_days", int, dd.date_shift_min_days),
         date_shift_max_days=r.get(de, "deid", "date_shift_max_days", int, dd.date_shift_max_days),
         patient_mapping_csv=mapping,
+        **_pixel_keys(r, de, base),
     )
     if deid.date_shift_min_days > deid.date_shift_max_days:
         r.problem("deid.date_shift_max_days", "must be >= deid.date_shift_min_days")
@@ -481,6 +500,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     if not routes:
         r.problem("routes", "at least one [[routes]] is required, or nothing would be forwarded")
 
+    http = _parse_http(r, raw, base)
     storage_commitment = _storage_commitment(r, r.table(raw, "storage_commitment"))
     audit = _audit(r, r.table(raw, "audit"), base)
 
@@ -497,6 +517,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         warnings=tuple(warnings),
         storage_commitment=storage_commitment,
         audit=audit,
+        http=http,
     )
 
 
@@ -547,6 +568,54 @@ def _storage_commitment(r: _Reader, sc: dict[str, Any]) -> StorageCommitmentConf
         commitment=mode,
         wait_seconds=r.number(sc, where, "wait_seconds", float, d.wait_seconds, 0),
         peers=tuple(peers),
+    )
+
+
+def _pixel_keys(r: _Reader, de: dict[str, Any], base: Path) -> dict[str, Any]:
+    """deid.pixel_rules_file, deid.pixel_ocr and deid.pixel_no_rule, validated."""
+    import shutil
+
+    from deid_router.deid.pixel_rules import read_rules_file
+
+    raw = r.get(de, "deid", "pixel_rules_file", str, "")
+    rules_file = _resolve(base, raw) if raw else None
+    if rules_file is not None:
+        _, problems = read_rules_file(rules_file)
+        for file, key, reason in problems:
+            r.problem("deid.pixel_rules_file" if key == "-" else f"deid.pixel_rules_file {key}", f"{reason} ({file})")
+    ocr = r.get(de, "deid", "pixel_ocr", bool, False)
+    if ocr and shutil.which("tesseract") is None:
+        r.problem("deid.pixel_ocr", "tesseract is not installed (Debian: apt-get install tesseract-ocr)")
+    no_rule = r.get(de, "deid", "pixel_no_rule", str, "quarantine")
+    if no_rule not in PIXEL_NO_RULE_CHOICES:
+        r.problem("deid.pixel_no_rule", f"must be one of {', '.join(PIXEL_NO_RULE_CHOICES)}")
+    elif no_rule == "ocr_clear" and not ocr:
+        r.problem("deid.pixel_no_rule", "'ocr_clear' needs deid.pixel_ocr = true")
+    return {"pixel_rules_file": rules_file, "pixel_ocr": ocr, "pixel_no_rule": no_rule}
+
+
+def _parse_http(r: _Reader, raw: dict[str, Any], base: Path) -> HttpConfig:
+    """``[http]`` host, port and the optional ``[http.tls]`` cert_file / key_file."""
+    ht = r.table(raw, "http")
+    r.unknown(ht, "http", ("host", "port", "tls"))
+    d = HttpConfig()
+    port = r.number(ht, "http", "port", int, d.port, 0)
+    if port > 65535:
+        r.problem("http.port", "must be <= 65535")
+    tls = r.table(ht, "tls") if "tls" in ht else {}
+    r.unknown(tls, "http.tls", ("cert_file", "key_file"))
+    files: dict[str, Path | None] = {}
+    for key in ("cert_file", "key_file"):
+        value = r.get(tls, "http.tls", key, str, "")
+        files[key] = _resolve(base, value) if value else None
+        path = files[key]
+        if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
+            r.problem(f"http.tls.{key}", f"{path} is not a readable file")
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        r.problem("http.tls", "cert_file and key_file go together")
+    return HttpConfig(
+        host=r.get(ht, "http", "host", str, d.host), port=port,
+        cert_file=files["cert_file"], key_file=files["key_file"],
     )
 
 

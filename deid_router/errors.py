@@ -24,6 +24,10 @@ class StorageError(DeidRouterError):
     """The holding area could not durably store or read a file (disk full, I/O error)."""
 
 
+class UnsafePathError(DeidRouterError):
+    """A path would be built from a value that is not a UID, or would leave its root (store/layout.py)."""
+
+
 class QueueError(DeidRouterError):
     """The job database could not be reached or refused a write."""
 
@@ -67,3 +71,7 @@ class TransientForwardError(ForwardError):
 
 class PermanentForwardError(ForwardError):
     """Retrying will not help (refused SOP class, permanent rejection)."""
+
+
+class HttpServerError(DeidRouterError):
+    """The HTTP port (``[http]``) could not be opened, or the server did not start."""

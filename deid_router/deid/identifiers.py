@@ -196,6 +196,15 @@ def parse_date(value: str) -> Date | None:
     return (y, m, d)
 
 
+def date_spellings(da: str) -> list[str]:
+    """A DA value in its common literal spellings, for matchers that take plain strings (OCR)."""
+    p = parse_date(da)
+    if p is None:
+        return [da.strip()] if len(da.strip()) >= 4 else []
+    y, m, d = f"{p[0]:04d}", f"{p[1]:02d}", f"{p[2]:02d}"
+    return [y + m + d, f"{d}.{m}.{y}", f"{y}-{m}-{d}", f"{m}/{d}/{y}", f"{d}/{m}/{y}"]
+
+
 def _candidates(m: re.Match[str]) -> list[tuple[int, int, int, bool]]:
     """(year, month, day, two-digit year) readings of one date-like match."""
     g = m.groupdict()

@@ -31,7 +31,9 @@ from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from deid_router.deid.identifiers import GENERIC, Forms, forms, id_like, name_parts, parse_date, words
+from deid_router.deid.identifiers import (
+    GENERIC, Forms, date_spellings, forms, id_like, name_parts, parse_date, words,
+)
 from deid_router.deid.raw import STRING_VRS, Element, Reader
 from deid_router.errors import DeidError
 
@@ -199,9 +201,14 @@ class Identifiers:
             elif vr != "SQ":
                 self.kept_numbers.append((elem, ds))
                 return
-            self.add_kept(convert_raw_data_element(elem, ds=ds).value)
+            self.add_kept(convert_raw_data_element(elem, encoding=ds._character_set, ds=ds).value)
             return
         self.add_kept(elem.value)
+
+    def literal_terms(self) -> set[str]:
+        """Strong and context identifiers as plain strings, the birth date in its common
+        spellings: for matchers that cannot use ``Forms`` (OCR of burned-in text)."""
+        return self.strong | self.context | {f for d in self.strong_dates for f in date_spellings(d)}
 
     def clean_forms(self) -> Forms:
         """What cleaning removes: strong and context identifiers, removed person names, dates

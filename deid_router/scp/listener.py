@@ -251,6 +251,11 @@ class Listener:
     def port(self) -> int:
         return self.config.port if self._port is None else self._port
 
+    @property
+    def listening(self) -> bool:
+        """True between ``start`` and ``shutdown`` (what ``/readyz`` reports)."""
+        return self._port is not None
+
     def active_associations(self) -> int:
         """Established incoming associations: the transfers a clean stop waits for.
 
