@@ -35,6 +35,7 @@ from deid_router.forward.folder import FolderDestination
 from deid_router.jobs.policy import RetryPolicy
 from deid_router.jobs.worker import Worker
 from deid_router.observability.logging import configure_logging, get_logger
+from deid_router.observability.systemd import notify as notify_systemd
 from deid_router.routing import Router
 from deid_router.scheduler import Housekeeping, start_scheduler
 from deid_router.scp.listener import Intake, Listener
@@ -80,10 +81,18 @@ class Context:
 def build_context(config: Config, *, run_migrations: bool = False) -> Context:
     holding = Holding(config.storage.root, node_name(config))
     config.storage.root.mkdir(parents=True, exist_ok=True)
-    keys = Keys.load_or_create(config.deid.secret_file)
     engine = make_engine(config.queue.url, busy_timeout_ms=int(config.queue.busy_timeout_seconds * 1000))
-    if run_migrations:
-        migrate(engine)
+    if run_migrations:  # serve (and offline deidentify): the secret is checked against the database
+        from deid_router.db.guard import database_label, keys_for_serve
+
+        try:
+            migrate(engine)
+            keys = keys_for_serve(JobRepository(engine), config.deid.secret_file, database_label(config.queue.url))
+        except BaseException:
+            engine.dispose()
+            raise
+    else:
+        keys = Keys.load_or_create(config.deid.secret_file)
     return Context(config, keys, engine, JobRepository(engine), holding)
 
 
@@ -232,6 +241,7 @@ class Node:
         self._children = [self._spawn("listener", i) for i in range(1, listeners)]
         self._children += [self._spawn("worker", i) for i in range(worker_count(self.config))]
         log.info("node_started", workers=worker_count(self.config), listeners=listeners, port=self.listener.port)
+        notify_systemd("READY=1")  # Type=notify: the listener accepts, the database is migrated
 
     def supervise(self, stop: threading.Event) -> None:
         """Block until ``stop``; restart any child process that died meanwhile."""
@@ -259,6 +269,7 @@ class Node:
     def stop(self) -> None:
         """Stop accepting, let transfers finish, let workers release their jobs, exit (< 30 s)."""
         log.info("node_stopping")
+        notify_systemd("STOPPING=1")
         listeners = self._signal_children("listener")
         self.listener.shutdown(SHUTDOWN_GRACE_SECONDS)
         self._join(listeners, timeout=2.0)
