@@ -494,7 +494,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
         for job_id in plan.missing_ids:
             print(f"no job {job_id} (see: deid-router jobs list)", file=sys.stderr)
         for j in plan.not_retryable:
-            why = "its raw file is gone (purged): nothing to re-queue" if not j.raw_held else "not failed (nothing to do)"
+            waiting = j.state in ("failed", "retrying")
+            why = "its raw file is gone (purged): nothing to re-queue" if waiting else "not failed (nothing to do)"
             print(f"job {j.id}: {j.state}, {why}")
         _protected_note(len(plan.protected), "jobs")
         v1 = (len(sel.ids) == 1) or (args.failed and not sel.filtered)
@@ -557,6 +558,10 @@ def cmd_resend(args: argparse.Namespace) -> int:
         what = "study" if args.study else "series"
         if plan.unreadable:
             print(f"warning: {plan.unreadable} held raw files could not be read", file=sys.stderr)
+        if not plan.instance_ids and plan.already_queued:
+            print(f"{plan.already_queued} instances of that {what} are already queued for {args.destination}: "
+                  "nothing to resend")
+            return EXIT_OK
         if not plan.instance_ids:
             print(f"no held instance of that {what} was delivered to {args.destination}: nothing to resend",
                   file=sys.stderr)
@@ -571,8 +576,8 @@ def cmd_resend(args: argparse.Namespace) -> int:
         if refused is not None:
             return refused
         job_ids = apply_resend(ctx, plan, _actor())
-        print(f"{len(job_ids)} instances queued for {args.destination} "
-              f"({len(plan.instance_ids) - len(job_ids)} already queued)")
+        print(f"{len(job_ids)} instances queued for {args.destination}"
+              + (f" ({plan.already_queued} already queued)" if plan.already_queued else ""))
         return EXIT_OK
     finally:
         ctx.close()

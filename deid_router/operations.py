@@ -213,6 +213,7 @@ def apply_purge(ctx: OperatorContext, plan: PurgePlan, actor: str) -> PurgeOutco
 class ResendPlan:
     destination: str
     instance_ids: list[str]  # held, delivered to the destination, matching the study/series
+    already_queued: int  # matching instances with a job to the destination still pending
     unreadable: int  # held raw files that could not be read
     raw_deleted_elsewhere: int  # instances delivered to the destination whose raw file is gone
 
@@ -258,8 +259,14 @@ def plan_resend(
         if uid and (uid == wanted or keys.uid(uid) == wanted):
             matched.append(instance_id)
     delivered = {j.instance_id for j in ctx.repo.list_jobs(states=[JobState.DONE.value], destination=destination)}
+    pending = {
+        j.instance_id for j in ctx.repo.list_jobs(
+            states=[JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRYING.value], destination=destination
+        )
+    }
+    ready = [i for i in matched if i in delivered and i not in pending]
     return ResendPlan(
-        destination, [i for i in matched if i in delivered], unreadable,
+        destination, ready, len([i for i in matched if i in pending]), unreadable,
         ctx.repo.delivered_count_without_raw(destination),
     )
 
