@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from deid_router.db.engine import MIGRATIONS_DIR, make_engine
 from deid_router.db.repository import JobRepository
 from deid_router.deid.keys import Keys
-from deid_router.errors import ConfigError, MissingDatabaseError, QueueError
+from deid_router.errors import ConfigError, MissingDatabaseError, QueueError, SecretMismatchError
 
 __all__ = ["database_label", "keys_for_reading", "keys_for_serve", "open_existing", "probe_database"]
 
@@ -142,9 +142,22 @@ def keys_for_serve(repo: JobRepository, secret_file: Path, label: str) -> Keys:
         keys = Keys.load_or_create(secret_file)
     else:
         keys = Keys.load(secret_file)
+    if recorded is None:
+        _check_against_crosswalk(repo, keys, secret_file, label)  # a database from before fingerprints
     if repo.record_secret_fingerprint(keys.fingerprint()) != keys.fingerprint():
         raise _mismatch(secret_file, label)
     return keys
+
+
+def _check_against_crosswalk(repo: JobRepository, keys: Keys, secret_file: Path, label: str) -> None:
+    """Without a recorded fingerprint, one crosswalk entry tells whether the secret is the one
+    the data was written with (so a wrong secret is not recorded as the right one)."""
+    for _kind, _pseudonym, blob in repo.crosswalk_all():
+        try:
+            keys.decrypt(blob)
+        except SecretMismatchError:
+            raise _mismatch(secret_file, label) from None
+        return
 
 
 def keys_for_reading(repo: JobRepository, secret_file: Path, label: str) -> Keys:

@@ -19,7 +19,6 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from deid_router.cli import main
 from deid_router.config import load_config
 from deid_router.db.models import utc_now
 from deid_router.db.repository import EnqueueResult, NewInstance, new_instance_id
-from deid_router.deid.keys import Keys
+from deid_router.errors import ConfigError
 from deid_router.jobs.outcome import Outcome, OutcomeKind
 from deid_router.jobs.policy import RetryPolicy, decide
 from tests.support.corpus import make_series
@@ -242,6 +241,10 @@ def test_crosswalk_lookup_with_the_wrong_secret_is_a_clear_error(
     assert "cannot be decrypted with this secret" in res.stderr
     assert "InvalidTag" not in res.stderr and "Traceback" not in res.stderr
     assert "PAT-1" not in res.stdout + res.stderr
+    # and serve does not record the wrong secret as this database's: the crosswalk tells
+    with pytest.raises(ConfigError, match="is not the secret"):
+        build_context(node.config, run_migrations=True)
+    assert node.repo.secret_fingerprint() is None
 
 
 # --------------------------------------------------------------------------- 4. retry and release
