@@ -103,7 +103,7 @@ def open_existing(url: str, busy_timeout_ms: int = 30000) -> Engine:
         current = _current_revisions(engine)
     except DBAPIError as exc:
         engine.dispose()
-        raise QueueError("cannot read the queue database") from exc
+        raise QueueError(f"cannot reach the queue database {label}") from exc
     if current is None:
         engine.dispose()
         raise MissingDatabaseError(f"{label} holds no deid-router queue database: {_FIX}")

@@ -163,6 +163,28 @@ def test_a_missing_database_is_one_clear_line_from_the_real_command(tmp_path: Pa
     assert not (tmp_path / "typo" / "var").exists()
 
 
+@pytest.mark.postgres
+def test_an_empty_or_absent_postgresql_database_is_reported_and_left_alone(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy import create_engine, inspect
+
+    config = _write_config(tmp_path / "pg")
+    monkeypatch.setenv("DEID_ROUTER_QUEUE_URL", pg_url)
+    code, _, err = run(capsys, "status", "--config", str(config))
+    assert code == 2 and "holds no deid-router queue database" in err and pg_url.rsplit("/", 1)[1] in err, err
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            assert inspect(conn).get_table_names() == []  # not migrated behind the operator's back
+    finally:
+        engine.dispose()
+    monkeypatch.setenv("DEID_ROUTER_QUEUE_URL", pg_url + "_absent")
+    code, _, err = run(capsys, "quarantine", "list", "--config", str(config))
+    assert code == 1 and "cannot reach the queue database" in err and "_absent" in err, err
+    assert not (tmp_path / "pg" / "var").exists()
+
+
 def test_read_only_commands_change_nothing_on_an_existing_node(
     node: Node, series: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
