@@ -979,7 +979,7 @@ class JobRepository:
             key: CommitState(
                 sop_class_uid=cls,
                 delivered=bool(states) and all(s == JobState.DONE.value for s in states),
-                failed=any(s == JobState.FAILED.value for s in states),
+                failed=any(s in (JobState.FAILED.value, JobState.PURGED.value) for s in states),
             )
             for key, (cls, states) in found.items()
         }
