@@ -9,6 +9,7 @@ scales to several nodes sharing one PostgreSQL database.
 from __future__ import annotations
 
 import ctypes
+import functools
 import multiprocessing
 import os
 import signal
@@ -38,6 +39,7 @@ from deid_router.observability.logging import configure_logging, get_logger
 from deid_router.observability.systemd import notify as notify_systemd
 from deid_router.routing import Router
 from deid_router.scheduler import Housekeeping, start_scheduler
+from deid_router.observability.audit_messages import Auditor, auditor_from
 from deid_router.scp.listener import Intake, Listener
 from deid_router.scp.commitment import Commitment, CommitmentPeer
 from deid_router.store.holding import Holding
@@ -75,8 +77,24 @@ class Context:
             for d in self.config.destinations
         }
 
+    @functools.cached_property
+    def auditor(self) -> Auditor:
+        """DICOM audit messages to ``[audit] syslog_url`` (does nothing when it is empty)."""
+        return build_auditor(self.config)
+
     def close(self) -> None:
+        if "auditor" in self.__dict__:
+            self.auditor.close()
         self.engine.dispose()
+
+
+def build_auditor(config: Config) -> Auditor:
+    """The node's DICOM audit message sender (the node's parts and the CLI commands share it)."""
+    au = config.audit
+    return auditor_from(
+        au.syslog_url, au.source_id or node_name(config), config.listener.ae_title,
+        str(au.ca_file) if au.ca_file else None,
+    )
 
 
 def build_context(config: Config, *, run_migrations: bool = False) -> Context:
@@ -144,7 +162,7 @@ def build_listener(ctx: Context) -> Listener:
         ctx.repo, ctx.keys, config.listener.ae_title, mode=sc.commitment, wait_seconds=sc.wait_seconds,
         peers=[CommitmentPeer(p.ae_title, p.host, p.port) for p in sc.peers],
     ) if sc.enabled else None
-    return Listener(config.listener, intake, commitment)
+    return Listener(config.listener, intake, commitment, on_refused=ctx.auditor.association_refused)
 
 
 def worker_process_main(config_path: str, index: int, log_level: str, parent_pid: int) -> None:
@@ -169,6 +187,7 @@ def worker_process_main(config_path: str, index: int, log_level: str, parent_pid
         batch_size=config.queue.batch_size,
         poll_seconds=config.queue.poll_seconds,
         work_prefix=f"w{index}",
+        auditor=ctx.auditor,
     )
     log.info("worker_started", owner=owner)
     try:

@@ -32,7 +32,8 @@ DEID_OPTIONS = (
     "clean_structured_content",
     "clean_graphics",
 )
-BURNED_IN_CHOICES = ("quarantine", "forward")
+BURNED_IN_CHOICES = ("quarantine", "forward", "clean")
+PIXEL_NO_RULE_CHOICES = ("quarantine", "ocr_clear")
 MATCH_KEYS = ("calling_aet", "called_aet", "modality", "sop_class_uid")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 _TAG_RE = re.compile(r"^\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)$")
@@ -91,6 +92,11 @@ class DeidConfig:
     date_shift_min_days: int = -3650
     date_shift_max_days: int = -365
     patient_mapping_csv: Path | None = None
+    # pixel de-identification (burned_in_annotation = "clean", deid/pixels.py): extra rules,
+    # OCR verification, and what OCR may do for an image no rule matches
+    pixel_rules_file: Path | None = None
+    pixel_ocr: bool = False
+    pixel_no_rule: str = "quarantine"  # quarantine | ocr_clear (needs pixel_ocr)
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,13 @@ class DestinationConfig:
     dimse_timeout_seconds: float = 60.0
     network_timeout_seconds: float = 60.0
     max_pdu_size: int = 0
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    syslog_url: str = ""  # udp://host:port, tcp://host:port or tls://host:port; empty: no audit messages
+    ca_file: Path | None = None  # tls: the collector's CA
+    source_id: str = ""  # AuditSourceID; empty: the node's name (host and listener port)
 
 
 @dataclass(frozen=True)
@@ -143,6 +156,7 @@ class Config:
     routes: tuple[RouteConfig, ...]
     warnings: tuple[str, ...] = ()
     storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
+    audit: AuditConfig = AuditConfig()
 
     def destination(self, name: str) -> DestinationConfig:
         for d in self.destinations:
@@ -249,7 +263,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     r = _Reader(str(file))
     base = file.parent
     warnings: list[str] = []
-    r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes", "storage_commitment"))
+    r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes", "storage_commitment", "audit"))
 
     # [listener]
     li = r.table(raw, "listener")
@@ -367,6 +381,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         date_shift_min_days=r.get(de, "deid", "date_shift_min_days", int, dd.date_shift_min_days),
         date_shift_max_days=r.get(de, "deid", "date_shift_max_days", int, dd.date_shift_max_days),
         patient_mapping_csv=mapping,
+        **_pixel_keys(r, de, base),
     )
     if deid.date_shift_min_days > deid.date_shift_max_days:
         r.problem("deid.date_shift_max_days", "must be >= deid.date_shift_min_days")
@@ -474,6 +489,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         r.problem("routes", "at least one [[routes]] is required, or nothing would be forwarded")
 
     storage_commitment = _storage_commitment(r, r.table(raw, "storage_commitment"))
+    audit = _audit(r, r.table(raw, "audit"), base)
 
     if r.problems:
         raise ConfigError(r.problems)
@@ -487,7 +503,21 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         routes=tuple(routes),
         warnings=tuple(warnings),
         storage_commitment=storage_commitment,
+        audit=audit,
     )
+
+
+def _audit(r: _Reader, au: dict[str, Any], base: Path) -> AuditConfig:
+    """[audit]: DICOM audit messages (PS3.15 A.5) to a syslog collector (RFC 5424)."""
+    r.unknown(au, "audit", tuple(AuditConfig.__dataclass_fields__))
+    url = r.get(au, "audit", "syslog_url", str, "")
+    if url and not re.match(r"^(udp|tcp|tls)://[^/:]+:\d{1,5}$", url):
+        r.problem("audit.syslog_url", "must be udp://host:port, tcp://host:port or tls://host:port (or empty: off)")
+    ca_raw = r.get(au, "audit", "ca_file", str, "")
+    ca_file = _resolve(base, ca_raw) if ca_raw else None
+    if ca_file is not None and not (ca_file.is_file() and os.access(ca_file, os.R_OK)):
+        r.problem("audit.ca_file", f"{ca_file} is not a readable file")
+    return AuditConfig(syslog_url=url, ca_file=ca_file, source_id=r.get(au, "audit", "source_id", str, ""))
 
 
 def _storage_commitment(r: _Reader, sc: dict[str, Any]) -> StorageCommitmentConfig:
@@ -525,6 +555,29 @@ def _storage_commitment(r: _Reader, sc: dict[str, Any]) -> StorageCommitmentConf
         wait_seconds=r.number(sc, where, "wait_seconds", float, d.wait_seconds, 0),
         peers=tuple(peers),
     )
+
+
+def _pixel_keys(r: _Reader, de: dict[str, Any], base: Path) -> dict[str, Any]:
+    """deid.pixel_rules_file, deid.pixel_ocr and deid.pixel_no_rule, validated."""
+    import shutil
+
+    from deid_router.deid.pixel_rules import read_rules_file
+
+    raw = r.get(de, "deid", "pixel_rules_file", str, "")
+    rules_file = _resolve(base, raw) if raw else None
+    if rules_file is not None:
+        _, problems = read_rules_file(rules_file)
+        for file, key, reason in problems:
+            r.problem("deid.pixel_rules_file" if key == "-" else f"deid.pixel_rules_file {key}", f"{reason} ({file})")
+    ocr = r.get(de, "deid", "pixel_ocr", bool, False)
+    if ocr and shutil.which("tesseract") is None:
+        r.problem("deid.pixel_ocr", "tesseract is not installed (Debian: apt-get install tesseract-ocr)")
+    no_rule = r.get(de, "deid", "pixel_no_rule", str, "quarantine")
+    if no_rule not in PIXEL_NO_RULE_CHOICES:
+        r.problem("deid.pixel_no_rule", f"must be one of {', '.join(PIXEL_NO_RULE_CHOICES)}")
+    elif no_rule == "ocr_clear" and not ocr:
+        r.problem("deid.pixel_no_rule", "'ocr_clear' needs deid.pixel_ocr = true")
+    return {"pixel_rules_file": rules_file, "pixel_ocr": ocr, "pixel_no_rule": no_rule}
 
 
 def _known_keyword(name: str) -> bool:

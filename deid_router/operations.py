@@ -54,12 +54,24 @@ class CommandContext:
     repo: JobRepository
     holding: Holding
     engine: Any = field(repr=False)
+    _auditor: Any = field(default=None, repr=False)
+
+    @property
+    def auditor(self) -> Any:
+        """DICOM audit messages (``[audit]``), made when first used."""
+        if self._auditor is None:
+            from deid_router.app import build_auditor
+
+            self._auditor = build_auditor(self.config)
+        return self._auditor
 
     def keys(self) -> Keys:
         """The secret, checked against the database's fingerprint; never created."""
         return keys_for_reading(self.repo, self.config.deid.secret_file, database_label(self.config.queue.url))
 
     def close(self) -> None:
+        if self._auditor is not None:
+            self._auditor.close()
         self.engine.dispose()
 
 
