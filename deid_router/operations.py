@@ -3,7 +3,7 @@
 One module for the CLI and the HTTP API: each action is a *plan* (what it would do, nothing
 changed: shown to the operator before they confirm) and an *apply* (does it, audited, returns
 what happened). The selection rules live in :mod:`deid_router.jobs.selection`, the writes in
-:mod:`deid_router.db.repository`. Nothing here prints or returns a tag value: ids, states,
+:mod:`deid_router.db.repository` (the status report is ``db.operations.Reports.status``). Nothing here prints or returns a tag value: ids, states,
 codes, counts and hashed UIDs only.
 """
 
@@ -28,7 +28,7 @@ from deid_router.store.holding import Holding
 __all__ = [
     "CommandContext", "OperatorContext", "list_quarantine", "PurgePlan", "PurgeOutcome", "ReleasePlan", "ReleaseOutcome",
     "ResendPlan", "RetryPlan", "RetryOutcome", "apply_purge", "apply_release", "apply_resend", "apply_retry",
-    "open_command_context", "plan_purge", "plan_release", "plan_resend", "plan_retry", "status_report",
+    "open_command_context", "plan_purge", "plan_release", "plan_resend", "plan_retry",
 ]
 
 
@@ -289,40 +289,6 @@ def apply_resend(ctx: OperatorContext, plan: ResendPlan, actor: str) -> list[int
     job_ids = ctx.repo.resend(plan.instance_ids, plan.destination) if plan.instance_ids else []
     ctx.repo.audit("resend", actor, f"destination={plan.destination} jobs={len(job_ids)}")
     return job_ids
-
-
-# --------------------------------------------------------------------------- status
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def status_report(ctx: OperatorContext, now: datetime | None = None) -> dict[str, Any]:
-    """The ``status --json`` object: the v1 keys, plus ``destination_details`` per destination
-    (oldest pending job and its age, next retry, last error's reason and status code)."""
-    now = now or utc_now()
-    names = [d.name for d in ctx.config.destinations]
-    report: dict[str, Any] = dict(ctx.repo.status_counts())
-    details: dict[str, Any] = {}
-    found = ctx.repo.destination_details()
-    for name in sorted(set(names) | set(found)):
-        d = found.get(name)
-        details[name] = {
-            "oldest_job_at": _iso(d.oldest_job_at) if d else None,
-            "oldest_job_age_seconds": round((now - d.oldest_job_at).total_seconds(), 1) if d and d.oldest_job_at else None,
-            "next_retry_at": _iso(d.next_retry_at) if d else None,
-            "last_error": (
-                {"reason": d.last_error_reason, "status": _status(d.last_error_status), "at": _iso(d.last_error_at)}
-                if d and d.last_error_at is not None else None
-            ),
-        }
-    report["destination_details"] = details
-    return report
-
-
-def _status(code: int | None) -> str | None:
-    return None if code is None else f"0x{code:04X}"
 
 
 def _ids(ids: Sequence[int]) -> str:

@@ -200,7 +200,7 @@ class Identifiers:
             elif vr != "SQ":
                 self.kept_numbers.append((elem, ds))
                 return
-            self.add_kept(convert_raw_data_element(elem, ds=ds).value)
+            self.add_kept(convert_raw_data_element(elem, encoding=ds._character_set, ds=ds).value)
             return
         self.add_kept(elem.value)
 

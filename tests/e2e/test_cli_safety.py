@@ -141,7 +141,7 @@ def states(node: Node, job_ids: list[int]) -> list[str]:
 @pytest.mark.parametrize("argv", [
     ["status"], ["status", "--json"], ["quarantine", "list"], ["quarantine", "show", "1"],
     ["retry", "--failed"], ["retry", "3"], ["crosswalk", "export"], ["crosswalk", "lookup", "DEID-X"],
-    ["jobs", "list"], ["quarantine", "purge", "--yes"],
+    ["jobs", "list"], ["quarantine", "purge", "--yes"], ["user", "list"], ["user", "remove", "bob"],
 ])
 def test_commands_on_a_config_whose_database_does_not_exist_create_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]

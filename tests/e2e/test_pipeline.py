@@ -209,6 +209,7 @@ def test_status_json_shape(tmp_path: Path) -> None:
     with router:  # the database exists once the node has started: status never creates one (issue 13)
         status = router.status()
     assert set(status) >= {"jobs", "destinations", "quarantined"}  # v2 may add keys, never remove one
+    assert status["paused"] == []
     for state in ("queued", "running", "retrying", "done", "failed"):
         assert status["jobs"][state] == 0
     assert status["quarantined"] == 0

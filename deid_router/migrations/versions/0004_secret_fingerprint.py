@@ -1,7 +1,7 @@
 """The secret's fingerprint: a node started with another secret refuses (issue 13).
 
 Revision ID: 0004_secret_fingerprint
-Revises: 0001
+Revises: 0003_users
 Create Date: 2026-12-01
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0004_secret_fingerprint"
-down_revision: str | None = "0001"
+down_revision: str | None = "0003_users"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
