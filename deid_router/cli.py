@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -311,8 +312,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {name:<10} " + "  ".join(f"{k}={v}" for k, v in states.items()))
     for name, d in sorted(details.items()):
         notes = []
-        if d["oldest_job_age_seconds"] is not None:
-            notes.append(f"oldest pending job {_age(d['oldest_job_age_seconds'])} old")
+        if d["oldest_job_at"] is not None:
+            age = (datetime.now(timezone.utc) - datetime.fromisoformat(d["oldest_job_at"])).total_seconds()
+            notes.append(f"oldest pending job {_age(max(age, 0.0))} old")
         if d["next_retry_at"]:
             notes.append(f"next retry {d['next_retry_at']}")
         if d["last_error"]:

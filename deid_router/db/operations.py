@@ -211,7 +211,7 @@ class Reports(_Store):
         counts: StatusCounts = self.repo.status_counts()
         doc: dict[str, Any] = dict(counts)
         doc["paused"] = states.paused()
-        doc["destination_details"] = destination_details_doc(self.repo, self._clock())
+        doc["destination_details"] = destination_details_doc(self.repo)
         return doc
 
     def metrics(self) -> QueueMetrics:
@@ -370,16 +370,14 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def destination_details_doc(repo: JobRepository, now: datetime) -> dict[str, Any]:
-    """Per destination with jobs: oldest pending job (and its age in seconds), next retry, and
-    the last error's reason and status code. Codes and times only, never a tag value."""
+def destination_details_doc(repo: JobRepository) -> dict[str, Any]:
+    """Per destination with jobs: oldest pending job, next retry, and the last error's reason
+    and status code. Codes and times only, never a tag value; no age (the same document at
+    any moment of one state: the CLI and ``/api/v1/status`` agree)."""
     out: dict[str, Any] = {}
     for name, d in repo.destination_details().items():
         out[name] = {
             "oldest_job_at": _iso(d.oldest_job_at),
-            "oldest_job_age_seconds": (
-                round((now - d.oldest_job_at).total_seconds(), 1) if d.oldest_job_at is not None else None
-            ),
             "next_retry_at": _iso(d.next_retry_at),
             "last_error": (
                 {"reason": d.last_error_reason,
