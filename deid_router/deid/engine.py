@@ -8,6 +8,7 @@ result: the caller quarantines the instance.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -23,6 +24,7 @@ from pydicom._uid_dict import UID_dictionary
 
 from deid_router.config import DeidConfig
 from deid_router.deid import actions as act
+from deid_router.deid import clean as cleaning
 from deid_router.deid.actions import Action
 from deid_router.deid import dates, iod_types
 from deid_router.deid.accounting import check_accounted
@@ -90,6 +92,7 @@ _SC_US_PREFIXES = ("1.2.840.10008.5.1.4.1.1.7.", "1.2.840.10008.5.1.4.1.1.6.")
 _SC_US_EXACT = frozenset({"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.3.1"})
 _DATE_VRS = frozenset({"DA", "DT"})
 _UNCHANGED = object()
+_DEFERRED = object()  # a C value, cleaned after the walk (clean.Cleaning)
 # Remapped UIDs kept for reuse; HMAC is cheap, so the cache only has to stay small.
 _UID_CACHE_MAX = 50_000
 
@@ -108,7 +111,7 @@ class _State:
     """Per-instance working state of one de-identification."""
 
     __slots__ = ("ids", "offset", "patient_key", "patient_id_out", "patient_name_out", "pending",
-                 "ciod", "top_actions", "written", "derived", "referencing")
+                 "ciod", "top_actions", "written", "derived", "referencing", "cleaning")
 
     def __init__(self, ciod: str | None = None, top_actions: dict[int, Action] | None = None,
                  referencing: bool = False) -> None:
@@ -124,6 +127,7 @@ class _State:
         self.patient_id_out = ""
         self.patient_name_out = ""
         self.pending: list[tuple[str, str, str]] = []
+        self.cleaning = cleaning.Cleaning()
 
     def add_kept(self, rd: Reader, ds: Dataset, tag: BaseTag, elem: Element, vr: str) -> None:
         self.ids.add_kept_element(rd, ds, elem, vr)
@@ -244,9 +248,10 @@ class Deidentifier:
         st = _State(ciod, self.profile.actions_in(ciod, -1, referencing), referencing)
         self._prepare(ds, st, rd)
         self._walk(ds, st, "", top=True, parent=rd)
+        st.cleaning.apply(st.ids, partial(self._put, st))  # C values, now that every identifier is known
         self._finish(ds, st)
         if pixel_rule is not None and pixel_rule is not OCR_CLEAR:
-            self._pixels_cleaned(ds, pixel_rule, st.ids.strong | st.ids.context)
+            self._pixels_cleaned(ds, pixel_rule, st.ids.literal_terms())
         for kind, original, pseudonym in st.pending:
             self.crosswalk.record(kind, original, pseudonym)
         return ds
@@ -313,7 +318,7 @@ class Deidentifier:
             bd = _get(ds, rd, _T_BIRTH_DATE)
             if bd:
                 st.ids.add_birth_date(_first(bd))
-        return st.ids.strong | st.ids.context
+        return st.ids.literal_terms()
 
     def _pixels_cleaned(self, ds: Dataset, rule: PixelRule, strong: set[str]) -> None:
         """Record the Clean Pixel Data Option; a dataset that holds its pixels is cleaned here."""
@@ -353,7 +358,7 @@ class Deidentifier:
                 value = _get(ds, rd, t)
                 if value:
                     for v in ([value] if not isinstance(value, (list, MultiValue)) else list(value)):
-                        ids.add_value(str(v), patient)
+                        ids.add_value(str(v), patient, split=t in cleaning.INSTITUTION_TAGS)
         if BaseTag(_T_OTHER_IDS_SEQ) in store:
             other = ds[_T_OTHER_IDS_SEQ]
             if other.VR == "SQ":
@@ -361,6 +366,7 @@ class Deidentifier:
                     pid_v = _get(item, Reader.of(item, rd), _T_PATIENT_ID)
                     if pid_v:
                         ids.add_value(str(pid_v))
+        cleaning.collect_context(ds, rd, self._actions, ids)  # names and institutions inside sequences
         if self._actions.get(_T_BIRTH_DATE, Action.KEEP) != Action.KEEP:
             bd = _get(ds, rd, _T_BIRTH_DATE)
             if bd:
@@ -587,6 +593,8 @@ class Deidentifier:
                     kept_blocks.add((t & 0xFFFF0000) | ((t & 0xFFFF) >> 8))
             vr = rd.vr(ds, tag, elem)
             elem = store[tag]  # rd.vr may have converted it
+            if mode == "clean":
+                a = cleaning.inside_cleaned(a, vr, t)
             if a == Action.REMOVE:
                 if vr == "SQ":
                     self._collect_removed(ds[tag].value, st, rd)
@@ -642,11 +650,7 @@ class Deidentifier:
                     if vr == "TM" and (profile.shift_dates or profile.full_dates) or not value:
                         st.add_kept(rd, ds, tag, elem, vr)
                     elif mode == "clean" and vr in act.CLEANABLE_VRS:
-                        ids.add_kept(value)
-                        if isinstance(value, (list, MultiValue)):
-                            self._put(st, rd, ds, tag, elem, vr, [ids.clean(str(v)) for v in value])
-                        else:
-                            self._put(st, rd, ds, tag, elem, vr, ids.clean(str(value)))
+                        st.cleaning.defer(ds, tag, rd, vr)  # cleaned once every identifier is known
                     else:
                         ids.add_weak(vr, value)
                         self._put(st, rd, ds, tag, elem, vr, act.dummy(vr))
@@ -663,7 +667,9 @@ class Deidentifier:
             handler = _VALUE_ACTIONS.get(a)
             if handler is not None:
                 new = handler(self, t, vr, rd.value(ds, tag, elem, vr), st)
-                if new is not _UNCHANGED:
+                if new is _DEFERRED:
+                    st.cleaning.defer(ds, tag, rd, vr)  # cleaned once every identifier is known
+                elif new is not _UNCHANGED:
                     self._put(st, rd, ds, tag, elem, vr, new)
         for creator in creators:
             if int(creator) not in kept_blocks:
@@ -702,10 +708,7 @@ class Deidentifier:
         if vr == "UI":
             return self._remap_value(value, st, force=False)
         if vr in act.TEXT_VRS and value:
-            ids.add_kept(value)
-            if isinstance(value, (list, MultiValue)):
-                return [ids.clean(str(v)) for v in value]
-            return ids.clean(str(value))
+            return _DEFERRED
         ids.add_kept(value)
         return _UNCHANGED
 
