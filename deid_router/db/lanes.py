@@ -75,13 +75,23 @@ class LaneLeases:
             conn.execute(stmt)
         self._made.add((destination, count))
 
-    def acquire(self, destination: str, count: int, owner: str, lease_seconds: float) -> int | None:
-        """Take a free (or expired) lane of ``destination`` for ``owner``: its number, or None."""
+    def acquire(self, destination: str, count: int, owner: str, lease_seconds: float, want: bool = True) -> int | None:
+        """Take a free (or expired) lane of ``destination`` for ``owner``: its number, or None.
+
+        With ``want``, a failed take also marks the held lanes as wanted (once: a mark stays
+        until its holder lets the lane go), so a holder idling between batches lets go.
+        """
         self._ensure(destination, count)
         now = self._clock()
         with self._read("lane_probe") as conn:
-            if conn.execute(select(_L.lane).where(self._free(destination, count, now)).limit(1)).first() is None:
-                return None
+            rows = conn.execute(
+                select(_L.lane, _L.owner, _L.expires_at, _L.wanted_at)
+                .where(_L.destination == destination, _L.lane < count)
+            ).all()
+        if not any(r.owner is None or r.expires_at is None or r.expires_at < now for r in rows):
+            if want and any(r.owner != owner and r.wanted_at is None for r in rows):
+                self.want(destination, count, owner)
+            return None
         with self._tx("lane_acquire") as conn:
             pick = (
                 select(_L.lane).where(self._free(destination, count, now)).order_by(_L.lane).limit(1)
@@ -104,9 +114,6 @@ class LaneLeases:
             _L.destination == destination, _L.lane < count, _L.owner.is_not(None), _L.owner != owner,
             _L.wanted_at.is_(None),
         )
-        with self._read("lane_want_probe") as conn:
-            if conn.execute(select(_L.lane).where(held).limit(1)).first() is None:
-                return 0
         with self._tx("lane_want") as conn:
             return int(conn.execute(update(LaneLease).where(held).values(wanted_at=self._clock())).rowcount)
 

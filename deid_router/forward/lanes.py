@@ -30,15 +30,13 @@ from deid_router.observability.logging import get_logger
 
 log = get_logger("lanes")
 
-POLL_SECONDS = 0.025
-WANT_EVERY_SECONDS = 1.0
+POLL_SECONDS = 0.01  # a waiter's look (one read) and an idle holder's look at its lane
 
 
 class LeaseStore(Protocol):
     """What a lane needs from the queue database (``db.lanes.LaneLeases``)."""
 
     def acquire(self, destination: str, count: int, owner: str, lease_seconds: float) -> int | None: ...
-    def want(self, destination: str, count: int, owner: str) -> int: ...
     def wanted(self, destination: str, lane: int, owner: str) -> bool | None: ...
     def renew(self, destination: str, lane: int, owner: str, lease_seconds: float) -> bool: ...
     def release(self, destination: str, lane: int, owner: str) -> bool: ...
@@ -117,17 +115,15 @@ class LeasedLane:
     def hold(self, stop: threading.Event) -> bool:
         """Take a lane (or keep the one held); wait while every lane is sending."""
         with self._lock:
+            if self._lane is not None and time.monotonic() - self._renewed >= self._lease_seconds / 2.0:
+                self._renew()  # the monitor fell behind (a starved process): never send on a stale lease
             if self._lane is not None:
                 self._busy = True
                 return True
         waited_since = time.monotonic()
-        wanted_at = 0.0
         while not stop.is_set() and not self._closed.is_set():
             try:
                 lane = self._leases.acquire(self.name, self._count, self._owner, self._lease_seconds)
-                if lane is None and time.monotonic() - wanted_at >= WANT_EVERY_SECONDS:
-                    self._leases.want(self.name, self._count, self._owner)
-                    wanted_at = time.monotonic()
             except QueueError:
                 log.error("lane_queue_unavailable", destination=self.name)
                 lane = None
@@ -148,12 +144,18 @@ class LeasedLane:
         return self._dest.send(items)
 
     def idle(self, due: bool) -> None:
-        """Keep the lane while the worker goes on with due work; otherwise let it go now."""
+        """Keep the lane while the worker goes on with due work, unless someone waited for it
+        meanwhile; otherwise let it go now."""
         with self._lock:
             self._busy = False
             self._idle_since = time.monotonic()
             if not due:
                 self._let_go("no_due_work")
+            elif self._lane is not None:
+                try:
+                    self._check_wanted()
+                except QueueError:
+                    log.error("lane_queue_unavailable", destination=self.name)
 
     def close(self) -> None:
         self._closed.set()
@@ -167,7 +169,9 @@ class LeasedLane:
     # -- the monitor: renew while held, let an idle association go when wanted ---------------
 
     def _start_monitor(self) -> None:
-        if self._monitor is None or not self._monitor.is_alive():
+        """Start the monitor on first use; it lives until close() (one that stopped when its lane
+        was let go could miss the next hold, and a lease nobody renews expires under a sender)."""
+        if self._monitor is None:
             self._monitor = threading.Thread(target=self._watch, name=f"lane-{self.name}", daemon=True)
             self._monitor.start()
 
@@ -175,7 +179,7 @@ class LeasedLane:
         while not self._closed.wait(self._poll):
             with self._lock:
                 if self._lane is None:
-                    return  # restarted by the next hold()
+                    continue
                 try:
                     self._tick()
                 except QueueError:
@@ -185,17 +189,33 @@ class LeasedLane:
         assert self._lane is not None
         now = time.monotonic()
         if now - self._renewed >= self._lease_seconds / 3.0:
-            if not self._leases.renew(self.name, self._lane, self._owner, self._lease_seconds):
-                log.error("lane_lease_lost", destination=self.name, lane=self._lane)
-                self._dest.close()  # waits for a send in progress; the lease is someone else's now
-                self._lane = None
+            self._renew()
+            if self._lane is None:
                 return
-            self._renewed = now
         if self._busy:
             return
         if now - self._idle_since >= self._idle_seconds:
             self._let_go("idle")
             return
+        self._check_wanted()
+
+    def _renew(self) -> None:
+        assert self._lane is not None
+        started = time.monotonic()
+        try:
+            kept = self._leases.renew(self.name, self._lane, self._owner, self._lease_seconds)
+        except QueueError:
+            log.error("lane_queue_unavailable", destination=self.name)
+            return  # tried again at the next tick; the lease is still ours until it expires
+        if kept:
+            self._renewed = started
+            return
+        log.error("lane_lease_lost", destination=self.name, lane=self._lane)
+        self._dest.close()  # waits for a send in progress; the lease is someone else's now
+        self._lane = None
+
+    def _check_wanted(self) -> None:
+        assert self._lane is not None
         wanted = self._leases.wanted(self.name, self._lane, self._owner)
         if wanted is None:
             log.error("lane_lease_lost", destination=self.name, lane=self._lane)

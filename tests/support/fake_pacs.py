@@ -51,6 +51,9 @@ class FakePacs:
         self.port = 0
         self.received: list[tuple[str, str, float]] = []
         self.associations = 0
+        self.connections = 0  # TCP connections accepted (an association or an attempt)
+        self.open_connections = 0
+        self.peak_connections = 0  # most connections open at once
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server: Any = None
@@ -65,9 +68,17 @@ class FakePacs:
     # -- handlers -----------------------------------------------------------------------
 
     def _on_conn_open(self, event: evt.Event) -> None:
+        with self._lock:
+            self.connections += 1
+            self.open_connections += 1
+            self.peak_connections = max(self.peak_connections, self.open_connections)
         sock = event.assoc.dul.socket
         if sock is not None and sock.socket is not None:
             sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_conn_close(self, _: evt.Event) -> None:
+        with self._lock:
+            self.open_connections -= 1
 
     def _on_requested(self, event: evt.Event) -> None:
         if self.reject is None:
@@ -108,6 +119,7 @@ class FakePacs:
         """Bind a free loopback port and serve in background threads."""
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_C_STORE, self._on_store),
