@@ -31,6 +31,7 @@ from deid_router.observability.logging import get_logger
 log = get_logger("lanes")
 
 POLL_SECONDS = 0.01  # a waiter's look (one read) and an idle holder's look at its lane
+QUEUE_RETRY_SECONDS = 1.0  # while the queue database is unreachable
 
 
 class LeaseStore(Protocol):
@@ -109,6 +110,7 @@ class LeasedLane:
         self._closed = threading.Event()
         self._monitor: threading.Thread | None = None
         self.held_lanes: list[int] = []  # every lane taken, in order (tests, logs)
+        self._db_ok = True  # log the first error of an outage only
 
     # -- the worker's side ------------------------------------------------------------------
 
@@ -125,8 +127,10 @@ class LeasedLane:
             try:
                 lane = self._leases.acquire(self.name, self._count, self._owner, self._lease_seconds)
             except QueueError:
-                log.error("lane_queue_unavailable", destination=self.name)
-                lane = None
+                self._db_trouble()
+                stop.wait(QUEUE_RETRY_SECONDS)
+                continue
+            self._db_ok = True
             if lane is not None:
                 with self._lock:
                     self._lane, self._busy = lane, True
@@ -155,7 +159,7 @@ class LeasedLane:
                 try:
                     self._check_wanted()
                 except QueueError:
-                    log.error("lane_queue_unavailable", destination=self.name)
+                    self._db_trouble()
 
     def close(self) -> None:
         self._closed.set()
@@ -176,14 +180,23 @@ class LeasedLane:
             self._monitor.start()
 
     def _watch(self) -> None:
-        while not self._closed.wait(self._poll):
+        wait = self._poll
+        while not self._closed.wait(wait):
+            wait = self._poll
             with self._lock:
                 if self._lane is None:
                     continue
                 try:
                     self._tick()
+                    self._db_ok = True
                 except QueueError:
-                    log.error("lane_queue_unavailable", destination=self.name)
+                    self._db_trouble()
+                    wait = QUEUE_RETRY_SECONDS
+
+    def _db_trouble(self) -> None:
+        if self._db_ok:
+            log.error("lane_queue_unavailable", destination=self.name)
+        self._db_ok = False
 
     def _tick(self) -> None:
         assert self._lane is not None
@@ -205,8 +218,10 @@ class LeasedLane:
         try:
             kept = self._leases.renew(self.name, self._lane, self._owner, self._lease_seconds)
         except QueueError:
-            log.error("lane_queue_unavailable", destination=self.name)
-            return  # tried again at the next tick; the lease is still ours until it expires
+            self._db_trouble()
+            if started - self._renewed < self._lease_seconds * 0.8:
+                return  # tried again at the next tick; the lease is still ours until it expires
+            kept = False  # it may have expired in the database: another may take it any moment
         if kept:
             self._renewed = started
             return
