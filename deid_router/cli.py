@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--workers", type=int, default=0, help="processes (default: CPU cores)")
     p.add_argument("--dry-run", action="store_true", help="print what would be done per attribute")
+    p.add_argument("--preview", type=Path, metavar="DIR",
+                   help="with --dry-run: before/after PNGs of pixel cleaning, regions drawn")
 
     p = sub.add_parser("check-config", help="validate the configuration")
     _config_arg(p)
@@ -236,6 +238,7 @@ def cmd_crosswalk(args: argparse.Namespace) -> int:
     try:
         if args.action == "lookup":
             rows = lookup_pseudonym(ctx.repo, ctx.keys, args.pseudonym, actor=args.actor)
+            ctx.auditor.crosswalk_lookup(args.actor, found=bool(rows))
             if not rows:
                 print("no such pseudonym", file=sys.stderr)
                 return EXIT_ERROR
@@ -258,7 +261,11 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     from deid_router.offline import run_offline
 
     config = _load(args)
-    return run_offline(config, [Path(i) for i in args.inputs], args.out, args.workers, args.dry_run)
+    if args.preview is not None and not args.dry_run:
+        print("deid-router: --preview needs --dry-run", file=sys.stderr)
+        return EXIT_USAGE
+    return run_offline(config, [Path(i) for i in args.inputs], args.out, args.workers, args.dry_run,
+                       preview=args.preview)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -32,7 +32,8 @@ DEID_OPTIONS = (
     "clean_structured_content",
     "clean_graphics",
 )
-BURNED_IN_CHOICES = ("quarantine", "forward")
+BURNED_IN_CHOICES = ("quarantine", "forward", "clean")
+PIXEL_NO_RULE_CHOICES = ("quarantine", "ocr_clear")
 MATCH_KEYS = ("calling_aet", "called_aet", "modality", "sop_class_uid")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 _TAG_RE = re.compile(r"^\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)$")
@@ -91,6 +92,11 @@ class DeidConfig:
     date_shift_min_days: int = -3650
     date_shift_max_days: int = -365
     patient_mapping_csv: Path | None = None
+    # pixel de-identification (burned_in_annotation = "clean", deid/pixels.py): extra rules,
+    # OCR verification, and what OCR may do for an image no rule matches
+    pixel_rules_file: Path | None = None
+    pixel_ocr: bool = False
+    pixel_no_rule: str = "quarantine"  # quarantine | ocr_clear (needs pixel_ocr)
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,28 @@ class DestinationConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    syslog_url: str = ""  # udp://host:port, tcp://host:port or tls://host:port; empty: no audit messages
+    ca_file: Path | None = None  # tls: the collector's CA
+    source_id: str = ""  # AuditSourceID; empty: the node's name (host and listener port)
+
+
+@dataclass(frozen=True)
+class CommitmentPeerConfig:
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class StorageCommitmentConfig:
+    enabled: bool = True  # accept Storage Commitment Push Model requests
+    commitment: str = "held"  # "held": durably held; "delivered": every routed destination has it
+    wait_seconds: float = 600.0  # "delivered": how long to wait before reporting a failure
+    peers: tuple[CommitmentPeerConfig, ...] = ()  # where to report when the association is gone
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     name: str
     destinations: tuple[str, ...]
@@ -127,6 +155,8 @@ class Config:
     destinations: tuple[DestinationConfig, ...]
     routes: tuple[RouteConfig, ...]
     warnings: tuple[str, ...] = ()
+    storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
+    audit: AuditConfig = AuditConfig()
 
     def destination(self, name: str) -> DestinationConfig:
         for d in self.destinations:
@@ -233,7 +263,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     r = _Reader(str(file))
     base = file.parent
     warnings: list[str] = []
-    r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes"))
+    r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes", "storage_commitment", "audit"))
 
     # [listener]
     li = r.table(raw, "listener")
@@ -351,6 +381,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         date_shift_min_days=r.get(de, "deid", "date_shift_min_days", int, dd.date_shift_min_days),
         date_shift_max_days=r.get(de, "deid", "date_shift_max_days", int, dd.date_shift_max_days),
         patient_mapping_csv=mapping,
+        **_pixel_keys(r, de, base),
     )
     if deid.date_shift_min_days > deid.date_shift_max_days:
         r.problem("deid.date_shift_max_days", "must be >= deid.date_shift_min_days")
@@ -457,6 +488,9 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     if not routes:
         r.problem("routes", "at least one [[routes]] is required, or nothing would be forwarded")
 
+    storage_commitment = _storage_commitment(r, r.table(raw, "storage_commitment"))
+    audit = _audit(r, r.table(raw, "audit"), base)
+
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -468,7 +502,82 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         destinations=tuple(destinations),
         routes=tuple(routes),
         warnings=tuple(warnings),
+        storage_commitment=storage_commitment,
+        audit=audit,
     )
+
+
+def _audit(r: _Reader, au: dict[str, Any], base: Path) -> AuditConfig:
+    """[audit]: DICOM audit messages (PS3.15 A.5) to a syslog collector (RFC 5424)."""
+    r.unknown(au, "audit", tuple(AuditConfig.__dataclass_fields__))
+    url = r.get(au, "audit", "syslog_url", str, "")
+    if url and not re.match(r"^(udp|tcp|tls)://[^/:]+:\d{1,5}$", url):
+        r.problem("audit.syslog_url", "must be udp://host:port, tcp://host:port or tls://host:port (or empty: off)")
+    ca_raw = r.get(au, "audit", "ca_file", str, "")
+    ca_file = _resolve(base, ca_raw) if ca_raw else None
+    if ca_file is not None and not (ca_file.is_file() and os.access(ca_file, os.R_OK)):
+        r.problem("audit.ca_file", f"{ca_file} is not a readable file")
+    return AuditConfig(syslog_url=url, ca_file=ca_file, source_id=r.get(au, "audit", "source_id", str, ""))
+
+
+def _storage_commitment(r: _Reader, sc: dict[str, Any]) -> StorageCommitmentConfig:
+    """[storage_commitment]: the Storage Commitment Push Model SCP (PS3.4 J)."""
+    where = "storage_commitment"
+    r.unknown(sc, where, tuple(StorageCommitmentConfig.__dataclass_fields__))
+    d = StorageCommitmentConfig()
+    mode = r.get(sc, where, "commitment", str, d.commitment)
+    if mode not in ("held", "delivered"):
+        r.problem(f"{where}.commitment", "must be 'held' (durably held) or 'delivered' (every destination has it)")
+    peers: list[CommitmentPeerConfig] = []
+    raw_peers = sc.get("peers", [])
+    if not isinstance(raw_peers, list):
+        r.problem(f"{where}.peers", "must be an array of tables ([[storage_commitment.peers]])")
+        raw_peers = []
+    for i, peer in enumerate(raw_peers):
+        pw = f"{where}.peers[{i}]"
+        if not isinstance(peer, dict):
+            r.problem(pw, "must be a table")
+            continue
+        r.unknown(peer, pw, ("ae_title", "host", "port"))
+        for key in ("ae_title", "host", "port"):
+            if key not in peer:
+                r.problem(f"{pw}.{key}", "is required")
+        ae = r.get(peer, pw, "ae_title", str, "")
+        if ae:
+            r.ae_title(ae, f"{pw}.ae_title")
+        port = r.number(peer, pw, "port", int, 0, 1)
+        if port > 65535:
+            r.problem(f"{pw}.port", "must be <= 65535")
+        peers.append(CommitmentPeerConfig(ae_title=ae, host=r.get(peer, pw, "host", str, ""), port=port))
+    return StorageCommitmentConfig(
+        enabled=r.get(sc, where, "enabled", bool, d.enabled),
+        commitment=mode,
+        wait_seconds=r.number(sc, where, "wait_seconds", float, d.wait_seconds, 0),
+        peers=tuple(peers),
+    )
+
+
+def _pixel_keys(r: _Reader, de: dict[str, Any], base: Path) -> dict[str, Any]:
+    """deid.pixel_rules_file, deid.pixel_ocr and deid.pixel_no_rule, validated."""
+    import shutil
+
+    from deid_router.deid.pixel_rules import read_rules_file
+
+    raw = r.get(de, "deid", "pixel_rules_file", str, "")
+    rules_file = _resolve(base, raw) if raw else None
+    if rules_file is not None:
+        _, problems = read_rules_file(rules_file)
+        for file, key, reason in problems:
+            r.problem("deid.pixel_rules_file" if key == "-" else f"deid.pixel_rules_file {key}", f"{reason} ({file})")
+    ocr = r.get(de, "deid", "pixel_ocr", bool, False)
+    if ocr and shutil.which("tesseract") is None:
+        r.problem("deid.pixel_ocr", "tesseract is not installed (Debian: apt-get install tesseract-ocr)")
+    no_rule = r.get(de, "deid", "pixel_no_rule", str, "quarantine")
+    if no_rule not in PIXEL_NO_RULE_CHOICES:
+        r.problem("deid.pixel_no_rule", f"must be one of {', '.join(PIXEL_NO_RULE_CHOICES)}")
+    elif no_rule == "ocr_clear" and not ocr:
+        r.problem("deid.pixel_no_rule", "'ocr_clear' needs deid.pixel_ocr = true")
+    return {"pixel_rules_file": rules_file, "pixel_ocr": ocr, "pixel_no_rule": no_rule}
 
 
 def _known_keyword(name: str) -> bool:
