@@ -1,7 +1,7 @@
 """Lane leases: at most max_associations associations per destination, cluster-wide.
 
 Revision ID: 0002_lane_leases
-Revises: 0001
+Revises: 0003_users
 Create Date: 2026-12-01
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0002_lane_leases"
-down_revision: str | None = "0001"
+down_revision: str | None = "0003_users"  # chained after main's 0003_users (which revises 0001)
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
