@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0002_lane_leases"
-down_revision: str | None = "0003_users"  # chained after main's 0003_users (which revises 0001)
+down_revision: str | None = "0004_secret_fingerprint"  # one linear chain: 0001, 0003, 0004, 0002
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
