@@ -28,15 +28,19 @@ from sqlalchemy import Engine
 from deid_router.config import Config, load_config
 from deid_router.db.crosswalk import DbCrosswalk
 from deid_router.db.engine import make_engine, migrate
+from deid_router.db.lanes import LaneLeases
 from deid_router.db.repository import JobRepository
 from deid_router.deid.crosswalk import Crosswalk
 from deid_router.deid.engine import Deidentifier
 from deid_router.deid.keys import Keys
+from deid_router.errors import QueueError
 from deid_router.forward.base import Destination, build_destination
 from deid_router.forward.folder import FolderDestination
+from deid_router.forward.lanes import FreeLane, Lane, LeasedLane
 from deid_router.jobs.policy import RetryPolicy
 from deid_router.jobs.worker import Worker
 from deid_router.observability.logging import configure_logging, get_logger
+from deid_router.observability.systemd import notify as notify_systemd
 from deid_router.routing import Router
 from deid_router.scheduler import Housekeeping, start_scheduler
 from deid_router.observability.audit_messages import Auditor, auditor_from
@@ -80,14 +84,31 @@ class Context:
             for d in self.config.destinations
         }
 
+    def worker_lanes(self, owner: str) -> dict[str, list[Lane]]:
+        """Per destination, ``max_associations`` senders for one worker process. DICOM senders
+        hold a lane lease while they send, so the destination sees at most
+        ``max_associations`` associations from all workers of all nodes together."""
+        calling = self.config.listener.ae_title
+        leases = LaneLeases(self.engine)
+        lanes: dict[str, list[Lane]] = {}
+        k = 0
+        for d in self.config.destinations:
+            lanes[d.name] = []
+            for _ in range(d.max_associations):
+                dest = build_destination(d, calling)
+                if d.type == "dicom":
+                    lane: Lane = LeasedLane(dest, leases, d.max_associations, f"{owner}/{k}",
+                                            self.config.queue.lease_seconds)
+                else:
+                    lane = FreeLane(dest)
+                lanes[d.name].append(lane)
+                k += 1
+        return lanes
+
     @functools.cached_property
     def auditor(self) -> Auditor:
         """DICOM audit messages to ``[audit] syslog_url`` (does nothing when it is empty)."""
-        au = self.config.audit
-        return auditor_from(
-            au.syslog_url, au.source_id or node_name(self.config), self.config.listener.ae_title,
-            str(au.ca_file) if au.ca_file else None,
-        )
+        return build_auditor(self.config)
 
     def close(self) -> None:
         if "auditor" in self.__dict__:
@@ -95,13 +116,30 @@ class Context:
         self.engine.dispose()
 
 
+def build_auditor(config: Config) -> Auditor:
+    """The node's DICOM audit message sender (the node's parts and the CLI commands share it)."""
+    au = config.audit
+    return auditor_from(
+        au.syslog_url, au.source_id or node_name(config), config.listener.ae_title,
+        str(au.ca_file) if au.ca_file else None,
+    )
+
+
 def build_context(config: Config, *, run_migrations: bool = False) -> Context:
     holding = Holding(config.storage.root, node_name(config))
     config.storage.root.mkdir(parents=True, exist_ok=True)
-    keys = Keys.load_or_create(config.deid.secret_file)
     engine = make_engine(config.queue.url, busy_timeout_ms=int(config.queue.busy_timeout_seconds * 1000))
-    if run_migrations:
-        migrate(engine)
+    if run_migrations:  # serve (and offline deidentify): the secret is checked against the database
+        from deid_router.db.guard import database_label, keys_for_serve
+
+        try:
+            migrate(engine)
+            keys = keys_for_serve(JobRepository(engine), config.deid.secret_file, database_label(config.queue.url))
+        except BaseException:
+            engine.dispose()
+            raise
+    else:
+        keys = Keys.load_or_create(config.deid.secret_file)
     return Context(config, keys, engine, JobRepository(engine), holding)
 
 
@@ -172,7 +210,7 @@ def worker_process_main(config_path: str, index: int, log_level: str, parent_pid
         repo=ctx.repo,
         holding=ctx.holding,
         deidentifier=ctx.deidentifier(),
-        destinations=ctx.destination_lanes(),
+        destinations=ctx.worker_lanes(owner),
         policy=RetryPolicy.from_config(config.queue),
         lease_seconds=config.queue.lease_seconds,
         batch_size=config.queue.batch_size,
@@ -274,6 +312,7 @@ class Node:
         self._children = [self._spawn("listener", i) for i in range(1, listeners)]
         self._children += [self._spawn("worker", i) for i in range(worker_count(self.config))]
         log.info("node_started", workers=worker_count(self.config), listeners=listeners, port=self.listener.port)
+        notify_systemd("READY=1")  # Type=notify: the listener accepts, the database is migrated
 
     def supervise(self, stop: threading.Event) -> None:
         """Block until ``stop``; restart any child process that died meanwhile."""
@@ -281,7 +320,17 @@ class Node:
             for i, child in enumerate(self._children):
                 if not child.proc.is_alive():
                     log.error("child_died", kind=child.kind, index=child.index, exitcode=child.proc.exitcode)
+                    if child.kind == "worker":
+                        self._free_lanes_of(child)
                     self._children[i] = self._spawn(child.kind, child.index)
+
+    def _free_lanes_of(self, child: _Child) -> None:
+        """A dead worker's lanes come free now rather than when their leases expire (its
+        owner names start with host and pid, see ``worker_process_main``)."""
+        try:
+            LaneLeases(self.ctx.engine).release_owned_by(f"{socket.gethostname()}:{child.proc.pid}:")
+        except QueueError:
+            log.error("lane_release_failed", index=child.index)
 
     def reload(self) -> None:
         """SIGHUP: the listeners read their TLS certificates again (destinations re-read theirs
@@ -309,6 +358,7 @@ class Node:
     def stop(self) -> None:
         """Stop accepting, let transfers finish, let workers release their jobs, exit (< 30 s)."""
         log.info("node_stopping")
+        notify_systemd("STOPPING=1")
         if self.http is not None:
             self.http.begin_stop()  # closes while the listener drains; joined below
         listeners = self._signal_children("listener")

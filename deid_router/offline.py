@@ -2,7 +2,7 @@
 
 Same engine, keys and crosswalk as the node, without the node: nothing of the server (DICOM
 network, scheduler, destinations) is imported. Files go to worker processes (one per
-``IN_PROCESS_MAX`` files, up to ``--workers``; none with ``--workers 1``: then in this process) in
+``IN_PROCESS_MAX`` files, up to ``--workers``; a batch one worker would do runs in this process) in
 chunks of paths, one task per chunk, not per file; each chunk's crosswalk rows come back with its
 results and are stored here, one transaction per chunk; progress is redrawn per chunk. Each
 output is written atomically under ``OUT/<study>/<series>/<sop>.dcm`` (output UIDs, the path
@@ -24,14 +24,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from deid_router.config import Config
 from deid_router.deid.crosswalk import BufferedCrosswalk, CrosswalkRow
 from deid_router.errors import DeidError, DeidRouterError, UnsafePathError
 from deid_router.store import layout
 
-IN_PROCESS_MAX = 32  # files per worker process: a worker's start costs about this many files
+IN_PROCESS_MAX = 32  # files per worker process; up to this many, no worker is started
 CHUNK_MAX = 32  # paths per worker task
 CHUNKS_PER_WORKER = 4  # at least, so that workers finish together
 
@@ -136,15 +136,12 @@ def _chunks(files: list[Path], processes: int) -> list[list[str]]:
 def _process_count(workers: int, n_files: int) -> int:
     """Worker processes for ``n_files`` (0: in this process).
 
-    One worker per ``IN_PROCESS_MAX`` files, up to ``--workers`` (default: the CPU cores).
-    Even one file goes to a worker when there is a second core: it imports the engine while
-    this process opens the crosswalk database, so start-up costs the larger of the two, not both
-    (with several workers the engine is built here once and inherited: less CPU in all).
+    One worker per ``IN_PROCESS_MAX`` files, up to ``--workers`` (default: the CPU cores); a
+    batch one worker would do is done in this process (starting a worker costs more).
     """
     limit = workers or (os.cpu_count() or 1)
-    if limit <= 1 or (os.cpu_count() or 1) <= 1:
-        return 0
-    return min(limit, math.ceil(n_files / IN_PROCESS_MAX))
+    processes = min(limit, math.ceil(n_files / IN_PROCESS_MAX))
+    return processes if processes > 1 else 0
 
 
 def _process(src: str, out: str, quarantine: str, renames: list[tuple[Path, Path]]) -> FileResult:
@@ -174,16 +171,24 @@ def _process(src: str, out: str, quarantine: str, renames: list[tuple[Path, Path
     except DeidError as exc:
         tmp.unlink(missing_ok=True)
         qdir = Path(quarantine)
-        qdir.mkdir(parents=True, exist_ok=True)
+        qdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         copy, reason = layout.quarantine_paths(qdir)
-        shutil.copyfile(path, copy)
-        reason.write_text(
-            f"source: {src}\nreason: {exc.reason}\npath: {exc.path}\ndetail: {exc.detail}\n", encoding="utf-8"
-        )
+        # The copy is identified, the reason file names the source file: both private (0600).
+        with open(path, "rb") as fin, _private_file(copy) as fout:
+            shutil.copyfileobj(fin, fout)
+        with _private_file(reason) as fout:
+            fout.write(f"source: {src}\nreason: {exc.reason}\npath: {exc.path}\ndetail: {exc.detail}\n".encode())
         return FileResult(src, "quarantined", exc.reason)
     except (DeidRouterError, OSError) as exc:
         tmp.unlink(missing_ok=True)
         return FileResult(src, "quarantined", type(exc).__name__)
+
+
+def _private_file(path: Path) -> BinaryIO:
+    """A new file only its owner can read (0600 whatever the umask)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return open(fd, "wb")
 
 
 def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry_run: bool,
@@ -196,11 +201,7 @@ def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry
     files = list(iter_inputs(inputs))
     if dry_run:
         return _dry_run(config, files, preview)
-    from deid_router.deid.keys import Keys
-
-    Keys.load_or_create(config.deid.secret_file)  # created here once; workers only read it
     out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
     quarantine = out.parent / "quarantine"
     processes = _process_count(workers, len(files))
     chunks = _chunks(files, processes)
@@ -208,22 +209,22 @@ def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry
     counts = {"ok": 0, "quarantined": 0, "skipped": 0}
     total = len(files)
     with ExitStack() as stack:
-        results: Iterator[ChunkResult]
-        if processes > 1:
-            _init_worker(config)  # built once: forked workers inherit it instead of each importing it
-        if processes:
-            # One worker starts (fork, before this process imports the database layer) and
-            # builds its engine while the database is opened below; no task is sent before that.
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            pool = stack.enter_context(multiprocessing.get_context(method).Pool(processes, _init_worker, (config,)))
         from deid_router.db.crosswalk_rows import crosswalk_store
+        from deid_router.db.guard import database_label, keys_for_serve
+        from deid_router.db.repository import JobRepository
 
         store = crosswalk_store(config)  # the crosswalk table must exist before anything is written
         stack.callback(store.close)
+        # as for serve: the secret is checked against (or recorded in) the database before use
+        keys_for_serve(JobRepository(store.engine), config.deid.secret_file, database_label(config.queue.url))
+        _init_worker(config)  # built once here: forked workers inherit it
+        out.mkdir(parents=True, exist_ok=True)
+        results: Iterator[ChunkResult]
         if processes:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            pool = stack.enter_context(multiprocessing.get_context(method).Pool(processes, _init_worker, (config,)))
             results = pool.imap_unordered(work, chunks)
         else:
-            _init_worker(config)
             results = map(work, chunks)
         done = 0
         seen: set[tuple[str, str]] = set()
@@ -257,28 +258,34 @@ def _progress(done: int, total: int, counts: dict[str, int]) -> None:
 def _dry_run(config: Config, files: list[Path], preview: Path | None = None) -> int:
     from pydicom import dcmread
 
-    from deid_router.app import build_context
     from deid_router.deid.crosswalk import NullCrosswalk
     from deid_router.deid.engine import Deidentifier
+    from deid_router.deid.keys import Keys
     from deid_router.deid.plan import dry_run
 
-    ctx = build_context(config)
-    try:
-        deid = Deidentifier(config.deid, ctx.keys, NullCrosswalk())
-        for f in files:
-            if not _is_dicom(f):
-                continue
-            print(f"== {f}")
-            try:
-                for line in dry_run(deid, dcmread(f, stop_before_pixels=True)):
-                    print("  " + "\t".join("" if v is None else str(v) for v in line))
-            except DeidError as exc:
-                print(f"  quarantined\t{exc.reason}\t{exc.path}")
-            if preview is not None:
-                from deid_router.deid.preview import write_preview
+    # A dry run changes nothing: no database, secret or folder is created. Without a secret
+    # yet, the UIDs and pseudonyms shown are those of a throw-away key.
+    if config.deid.secret_file.exists():
+        keys = Keys.load(config.deid.secret_file)
+    else:
+        import secrets
 
-                name = f"{files.index(f):04d}-{f.stem}"
-                print(f"  pixels\t{write_preview(deid, f, preview, name)}\t{preview / name}.*.png")
-    finally:
-        ctx.close()
+        print("warning: deid.secret_file does not exist yet: new UIDs and pseudonyms shown are examples",
+              file=sys.stderr)
+        keys = Keys(secrets.token_bytes(32))
+    deid = Deidentifier(config.deid, keys, NullCrosswalk())
+    for f in files:
+        if not _is_dicom(f):
+            continue
+        print(f"== {f}")
+        try:
+            for line in dry_run(deid, dcmread(f, stop_before_pixels=True)):
+                print("  " + "\t".join("" if v is None else str(v) for v in line))
+        except DeidError as exc:
+            print(f"  quarantined\t{exc.reason}\t{exc.path}")
+        if preview is not None:
+            from deid_router.deid.preview import write_preview
+
+            name = f"{files.index(f):04d}-{f.stem}"
+            print(f"  pixels\t{write_preview(deid, f, preview, name)}\t{preview / name}.*.png")
     return 0

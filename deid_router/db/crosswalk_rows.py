@@ -43,19 +43,19 @@ class CrosswalkStore:
     """The crosswalk table alone, for the offline tool: one transaction per batch of rows."""
 
     def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+        self.engine = engine
 
     def record_many(self, rows: Sequence[Row]) -> None:
         if not rows:
             return
         try:
-            with self._engine.begin() as conn:
+            with self.engine.begin() as conn:
                 insert_rows(conn, rows, datetime.now(timezone.utc))
         except DBAPIError as exc:
             raise QueueError("queue database error during crosswalk_record_many") from exc
 
     def close(self) -> None:
-        self._engine.dispose()
+        self.engine.dispose()
 
 
 def crosswalk_store(config: Config) -> CrosswalkStore:

@@ -159,6 +159,25 @@ class AuditEvent(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
+class LaneLease(Base):
+    """One lane (a slot for one association) of a destination, held by at most one worker.
+
+    There are ``max_associations`` rows per destination (made on first use); a worker sends
+    to the destination only while it holds one, so the number of associations is bounded for
+    the node and for every node sharing the queue. ``expires_at`` lets the lane of a killed
+    worker go after ``queue.lease_seconds``; ``wanted_at`` is set by a worker waiting for a
+    lane, and tells a holder that keeps its association open while idle to let it go.
+    """
+
+    __tablename__ = "lane_leases"
+
+    destination: Mapped[str] = mapped_column(String(128), primary_key=True)
+    lane: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    wanted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
 class User(Base):
     """A console / API user: ``role`` is ``admin`` or ``viewer``; the password as an argon2 hash."""
 
@@ -180,3 +199,17 @@ class DestinationState(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_by: Mapped[str] = mapped_column(String(128))
+
+
+class SecretFingerprint(Base):
+    """The fingerprint of the secret this database was first started with (one row, id 1).
+
+    A keyed hash (``Keys.fingerprint``), never the key: a node or command started with another
+    secret would give everyone new pseudonyms and could not read the crosswalk, so it refuses.
+    """
+
+    __tablename__ = "secret_fingerprint"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())

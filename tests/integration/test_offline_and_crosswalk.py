@@ -196,3 +196,13 @@ def test_hostile_uid_with_retain_uids_writes_nothing_outside_out(tmp_path: Path)
     (reason,) = (tmp_path / "export" / "quarantine").glob("*.reason.txt")
     text = reason.read_text()
     assert "invalid_uid_for_path" in text and "../../x" not in text
+
+
+def test_a_different_secret_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    make_series(tmp_path / "in", 2, rows=16, cols=16)
+    assert _cli("deidentify", str(tmp_path / "in"), "--out", str(tmp_path / "first"), config=config).returncode == 0
+    (tmp_path / "var" / "secret.key").write_text(os.urandom(32).hex() + "\n")  # a mistyped/restored-wrong secret
+    res = _cli("deidentify", str(tmp_path / "in"), "--out", str(tmp_path / "second"), config=config)
+    assert res.returncode == 2 and "fingerprint" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "second").exists()
