@@ -1,6 +1,10 @@
 """Offline batch de-identification (``deid-router deidentify``).
 
-Same engine, keys and crosswalk as the node. Files are spread over worker processes; each
+Same engine, keys and crosswalk as the node, without the node: nothing of the server (DICOM
+network, scheduler, destinations) is imported. Files go to worker processes (one per
+``IN_PROCESS_MAX`` files, up to ``--workers``; a batch one worker would do runs in this process) in
+chunks of paths, one task per chunk, not per file; each chunk's crosswalk rows come back with its
+results and are stored here, one transaction per chunk; progress is redrawn per chunk. Each
 output is written atomically under ``OUT/<study>/<series>/<sop>.dcm`` (output UIDs, the path
 built by store/layout.py, which refuses anything but a UID: such an input is quarantined); an input
 the engine refuses is copied to the sibling ``quarantine/`` folder with a reason file that
@@ -9,19 +13,27 @@ names the reason and the attribute path, never a value.
 
 from __future__ import annotations
 
+import ctypes
+import math
+import multiprocessing
 import os
 import shutil
 import sys
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from deid_router.config import Config
+from deid_router.deid.crosswalk import BufferedCrosswalk, CrosswalkRow
 from deid_router.errors import DeidError, DeidRouterError, UnsafePathError
 from deid_router.store import layout
-from deid_router.store.holding import Holding
+
+IN_PROCESS_MAX = 32  # files per worker process; up to this many, no worker is started
+CHUNK_MAX = 32  # paths per worker task
+CHUNKS_PER_WORKER = 4  # at least, so that workers finish together
 
 _worker_state: dict[str, object] = {}
 
@@ -53,14 +65,87 @@ def _is_dicom(path: Path) -> bool:
 
 
 def _init_worker(config: Config) -> None:
-    from deid_router.app import build_context
+    """The engine, keys and a buffering crosswalk: no database, no server parts."""
+    if "deid" in _worker_state:
+        return
+    from deid_router.deid.engine import Deidentifier
+    from deid_router.deid.keys import Keys
 
-    ctx = build_context(config)
-    _worker_state["ctx"] = ctx
-    _worker_state["deid"] = ctx.deidentifier()
+    keys = Keys.load_or_create(config.deid.secret_file)
+    crosswalk = BufferedCrosswalk(keys, config.deid.patient_mapping_csv)
+    _worker_state["crosswalk"] = crosswalk
+    _worker_state["deid"] = Deidentifier(config.deid, keys, crosswalk)
 
 
-def _process(src: str, out: str, quarantine: str) -> FileResult:
+@dataclass(frozen=True)
+class ChunkResult:
+    results: list[FileResult]
+    crosswalk: list[CrosswalkRow]
+
+
+def _process_chunk(paths: list[str], out: str, quarantine: str) -> ChunkResult:
+    """De-identify a chunk of paths; the crosswalk rows they produced come back with them."""
+    results = []
+    renames: list[tuple[Path, Path]] = []
+    for src in paths:
+        try:
+            results.append(_process(src, out, quarantine, renames))
+        except Exception as exc:  # noqa: BLE001  # one bad input never loses the chunk's rows
+            results.append(FileResult(src, "quarantined", f"unexpected {type(exc).__name__}"))
+    _commit(renames, Path(out))
+    crosswalk = _worker_state["crosswalk"]
+    assert isinstance(crosswalk, BufferedCrosswalk)
+    return ChunkResult(results, crosswalk.take())
+
+
+def _commit(renames: list[tuple[Path, Path]], out: Path) -> None:
+    """Make a chunk durable with two file-system syncs instead of three fsyncs per file: the
+    contents (and quarantine copies) under temporary names first, then the renames to the
+    final names. A crash before the first sync leaves only hidden temporary files."""
+    _syncfs(out)
+    for tmp, final in renames:
+        os.replace(tmp, final)
+    if renames:
+        _syncfs(out)
+
+
+def _syncfs(path: Path) -> None:
+    """syncfs(2) on the file system holding ``path`` (sync(2) where there is none)."""
+    global _libc_syncfs
+    if _libc_syncfs is None:
+        try:
+            _libc_syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+        except (OSError, AttributeError):
+            _libc_syncfs = False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if not _libc_syncfs or _libc_syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+_libc_syncfs: Any = None
+
+
+def _chunks(files: list[Path], processes: int) -> list[list[str]]:
+    size = max(1, min(CHUNK_MAX, math.ceil(len(files) / (max(1, processes) * CHUNKS_PER_WORKER))))
+    return [[str(f) for f in files[i:i + size]] for i in range(0, len(files), size)]
+
+
+def _process_count(workers: int, n_files: int) -> int:
+    """Worker processes for ``n_files`` (0: in this process).
+
+    One worker per ``IN_PROCESS_MAX`` files, up to ``--workers`` (default: the CPU cores); a
+    batch one worker would do is done in this process (starting a worker costs more).
+    """
+    limit = workers or (os.cpu_count() or 1)
+    processes = min(limit, math.ceil(n_files / IN_PROCESS_MAX))
+    return processes if processes > 1 else 0
+
+
+def _process(src: str, out: str, quarantine: str, renames: list[tuple[Path, Path]]) -> FileResult:
+    """De-identify one file under a temporary name; ``renames`` gets (temporary, final)."""
     from deid_router.deid.engine import Deidentifier
 
     deid = _worker_state["deid"]
@@ -71,10 +156,9 @@ def _process(src: str, out: str, quarantine: str) -> FileResult:
     if not _is_dicom(path):
         return FileResult(src, "skipped", "not a DICOM Part-10 file")
     out_dir = Path(out)
-    holding = Holding(out_dir)
     tmp = layout.temp_path(out_dir)
     try:
-        with holding.atomic_writer(tmp) as fh:
+        with open(tmp, "wb") as fh:  # made durable with the rest of its chunk (_commit)
             result = deid.deidentify_file(path, fh)
         try:
             final = layout.instance_path(
@@ -82,7 +166,7 @@ def _process(src: str, out: str, quarantine: str) -> FileResult:
         except UnsafePathError as exc:
             raise DeidError("invalid_uid_for_path", str(exc)) from exc
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)
+        renames.append((tmp, final))
         return FileResult(src, "ok")
     except DeidError as exc:
         tmp.unlink(missing_ok=True)
@@ -117,22 +201,42 @@ def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry
     files = list(iter_inputs(inputs))
     if dry_run:
         return _dry_run(config, files, preview)
-    from deid_router.app import build_context
-
-    build_context(config, run_migrations=True).close()  # the crosswalk table must exist
     out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
     quarantine = out.parent / "quarantine"
-    n_workers = max(1, min(workers or (os.cpu_count() or 1), len(files) or 1))
+    processes = _process_count(workers, len(files))
+    chunks = _chunks(files, processes)
+    work = partial(_process_chunk, out=str(out), quarantine=str(quarantine))
     counts = {"ok": 0, "quarantined": 0, "skipped": 0}
     total = len(files)
-    with ProcessPoolExecutor(max_workers=n_workers, initializer=_init_worker, initargs=(config,)) as pool:
-        futures = [pool.submit(_process, str(f), str(out), str(quarantine)) for f in files]
-        for done, fut in enumerate(as_completed(futures), 1):
-            res = fut.result()
-            counts[res.status] += 1
-            if res.status == "quarantined":
-                print(f"\nquarantined: {res.src} ({res.detail})", file=sys.stderr)
+    with ExitStack() as stack:
+        from deid_router.db.crosswalk_rows import crosswalk_store
+        from deid_router.db.guard import database_label, keys_for_serve
+        from deid_router.db.repository import JobRepository
+
+        store = crosswalk_store(config)  # the crosswalk table must exist before anything is written
+        stack.callback(store.close)
+        # as for serve: the secret is checked against (or recorded in) the database before use
+        keys_for_serve(JobRepository(store.engine), config.deid.secret_file, database_label(config.queue.url))
+        _init_worker(config)  # built once here: forked workers inherit it
+        out.mkdir(parents=True, exist_ok=True)
+        results: Iterator[ChunkResult]
+        if processes:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            pool = stack.enter_context(multiprocessing.get_context(method).Pool(processes, _init_worker, (config,)))
+            results = pool.imap_unordered(work, chunks)
+        else:
+            results = map(work, chunks)
+        done = 0
+        seen: set[tuple[str, str]] = set()
+        for chunk in results:
+            rows = [r for r in chunk.crosswalk if (r[0], r[1]) not in seen]
+            store.record_many(rows)
+            seen.update((r[0], r[1]) for r in rows)
+            for res in chunk.results:
+                counts[res.status] += 1
+                if res.status == "quarantined":
+                    print(f"\nquarantined: {res.src} ({res.detail})", file=sys.stderr)
+            done += len(chunk.results)
             _progress(done, total, counts)
     print(file=sys.stderr)
     print(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TextIO
 
 from deid_router.db.repository import JobRepository
-from deid_router.deid.crosswalk import load_patient_mapping
+from deid_router.deid.crosswalk import crosswalk_token, load_patient_mapping
 from deid_router.deid.keys import Keys
 
 
@@ -27,7 +27,7 @@ class DbCrosswalk:
         self._mapping = load_patient_mapping(mapping_csv) if mapping_csv is not None else None
 
     def record(self, kind: str, original: str, pseudonym: str) -> None:
-        token = self._keys.token(f"crosswalk:{kind}", original)
+        token = crosswalk_token(self._keys, kind, original)
         if (kind, token) in self._seen:
             return
         self._repo.crosswalk_record(kind, token, pseudonym, self._keys.encrypt(original))

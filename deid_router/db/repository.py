@@ -925,6 +925,14 @@ class JobRepository:
             # Explicit RETURNING: rowcount is unreliable once the dialect adds implicit RETURNING.
             return conn.execute(stmt.returning(Crosswalk.id)).first() is not None
 
+    def crosswalk_record_many(self, rows: Sequence[tuple[str, str, str, bytes]]) -> None:
+        """``crosswalk_record`` for many ``(kind, token, pseudonym, original_encrypted)`` rows in
+        one transaction; repeats are no-ops (the insert lives in ``db/crosswalk_rows.py``)."""
+        from deid_router.db.crosswalk_rows import insert_rows
+
+        with self._tx("crosswalk_record_many") as conn:
+            insert_rows(conn, rows, self._clock())
+
     def crosswalk_lookup(self, pseudonym: str) -> list[tuple[str, bytes]]:
         """``(kind, original_encrypted)`` for a pseudonym (callers audit the lookup)."""
         with self._read("crosswalk_lookup") as conn:

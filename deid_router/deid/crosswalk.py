@@ -10,6 +10,7 @@ import csv
 from pathlib import Path
 from typing import Protocol
 
+from deid_router.deid.keys import Keys
 from deid_router.errors import ConfigError
 
 
@@ -67,3 +68,41 @@ class CsvPreassigned:
     def preassigned(self, patient_id: str) -> str | None:
         found = self.mapping.get(patient_id)
         return found if found is not None else self.inner.preassigned(patient_id)
+
+
+def crosswalk_token(keys: Keys, kind: str, original: str) -> str:
+    """The keyed token the crosswalk table is unique on (with ``kind``), never the original."""
+    return keys.token(f"crosswalk:{kind}", original)
+
+
+CrosswalkRow = tuple[str, str, str, bytes]  # kind, token, pseudonym, original encrypted
+
+
+class BufferedCrosswalk:
+    """A ``Crosswalk`` that keeps its rows for the caller to store in batches.
+
+    The offline batch de-identifies in worker processes that never open the database: each
+    hands its rows back with a chunk's results (``take``) and the parent stores them with
+    ``JobRepository.crosswalk_record_many``, one transaction per chunk.
+    """
+
+    def __init__(self, keys: Keys, mapping_csv: Path | None = None) -> None:
+        self._keys = keys
+        self._seen: set[tuple[str, str]] = set()
+        self._rows: list[CrosswalkRow] = []
+        self._mapping = load_patient_mapping(mapping_csv) if mapping_csv is not None else None
+
+    def record(self, kind: str, original: str, pseudonym: str) -> None:
+        token = crosswalk_token(self._keys, kind, original)
+        if (kind, token) in self._seen:
+            return
+        self._rows.append((kind, token, pseudonym, self._keys.encrypt(original)))
+        self._seen.add((kind, token))
+
+    def preassigned(self, patient_id: str) -> str | None:
+        return None if self._mapping is None else self._mapping.get(patient_id)
+
+    def take(self) -> list[CrosswalkRow]:
+        """The rows recorded since the last call (each ``(kind, token)`` once per buffer)."""
+        rows, self._rows = self._rows, []
+        return rows

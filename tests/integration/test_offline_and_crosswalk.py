@@ -113,6 +113,71 @@ def test_crosswalk_lookup_and_export_are_audited(tmp_path: Path) -> None:
         assert original.encode() not in raw
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.dcm"))}
+
+
+def test_worker_chunks_and_in_process_write_the_same_files_and_the_whole_crosswalk(tmp_path: Path) -> None:
+    """40 inputs (more than one worker's share: chunks spread over two processes) against the
+    same inputs de-identified in this process: byte-identical outputs, identical quarantine and
+    exit code, and every pseudonym the engine produced is in each run's crosswalk."""
+    from deid_router.config import load_config
+    from deid_router.db.crosswalk import export_crosswalk
+    from deid_router.deid.engine import Deidentifier
+
+    inputs = make_series(tmp_path / "in", 40, patients=5, rows=16, cols=16)
+    burned = pydicom.dcmread(inputs[7])
+    burned.BurnedInAnnotation = "YES"
+    burned.save_as(inputs[7])
+    runs = {}
+    for name, workers in (("in_process", "1"), ("pool", "2")):
+        home = tmp_path / name
+        home.mkdir()
+        config = _config(home)
+        if name == "pool":  # the same secret: outputs must not depend on how the batch ran
+            (home / "var").mkdir()
+            (home / "var" / "secret.key").write_bytes((tmp_path / "in_process" / "var" / "secret.key").read_bytes())
+        res = _cli("deidentify", str(tmp_path / "in"), "--out", str(home / "out"), "--workers", workers,
+                   config=config)
+        assert res.returncode == 1, res.stderr  # one quarantined
+        assert "40/40" in res.stderr and "39 de-identified" in res.stdout and "1 quarantined" in res.stdout
+        repo = JobRepository(make_engine(f"sqlite:///{home / 'var' / 'queue.sqlite3'}"))
+        keys = Keys.load_or_create(home / "var" / "secret.key")
+        export = io.StringIO()
+        export_crosswalk(repo, keys, export, actor="test")
+        rows = {(r["kind"], r["pseudonym"], r["original"], r["issuer"]) for r in csv.DictReader(io.StringIO(export.getvalue()))}
+        reasons = [p.read_text().split("\n")[1] for p in (tmp_path / name / "quarantine").glob("*.reason.txt")]
+        runs[name] = (_tree(home / "out"), rows, reasons, load_config(config), keys)
+
+    (files_a, rows_a, reasons_a, config, keys), (files_b, rows_b, reasons_b, _, _) = runs["in_process"], runs["pool"]
+    assert len(files_a) == 39 and files_a == files_b
+    assert reasons_a == reasons_b == ["reason: burned_in_annotation"]
+
+    # what the engine itself writes and records, file by file, without the batch machinery
+    recorded: list[tuple[str, str, str]] = []
+
+    class Recording:
+        def record(self, kind: str, original: str, pseudonym: str) -> None:
+            recorded.append((kind, original, pseudonym))
+
+        def preassigned(self, patient_id: str) -> str | None:
+            return None
+
+    deid = Deidentifier(config.deid, keys, Recording())
+    direct = {}
+    for src in inputs[:7] + inputs[8:]:
+        buf = io.BytesIO()
+        r = deid.deidentify_file(src, buf)
+        direct[f"{r.study_instance_uid}/{r.series_instance_uid}/{r.sop_instance_uid}.dcm"] = buf.getvalue()
+    assert direct == files_a
+    expected = {(k, p) for k, _, p in recorded}
+    assert {(k, p) for k, p, _, _ in rows_a} == {(k, p) for k, p, _, _ in rows_b} == expected
+    assert {o for k, _, o, _ in rows_b if k == "patient_id"} == {
+        str(pydicom.dcmread(p, stop_before_pixels=True).PatientID) for p in inputs[:7] + inputs[8:]
+    }
+    assert len(rows_b) == len(expected)  # each pseudonym once, however many chunks saw it
+
+
 def test_hostile_uid_with_retain_uids_writes_nothing_outside_out(tmp_path: Path) -> None:
     config = _config(tmp_path, options=["retain_uids"])
     good, bad = make_series(tmp_path / "in", 2, rows=16, cols=16)
@@ -131,3 +196,13 @@ def test_hostile_uid_with_retain_uids_writes_nothing_outside_out(tmp_path: Path)
     (reason,) = (tmp_path / "export" / "quarantine").glob("*.reason.txt")
     text = reason.read_text()
     assert "invalid_uid_for_path" in text and "../../x" not in text
+
+
+def test_a_different_secret_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    make_series(tmp_path / "in", 2, rows=16, cols=16)
+    assert _cli("deidentify", str(tmp_path / "in"), "--out", str(tmp_path / "first"), config=config).returncode == 0
+    (tmp_path / "var" / "secret.key").write_text(os.urandom(32).hex() + "\n")  # a mistyped/restored-wrong secret
+    res = _cli("deidentify", str(tmp_path / "in"), "--out", str(tmp_path / "second"), config=config)
+    assert res.returncode == 2 and "fingerprint" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "second").exists()
