@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--out", type=Path, help="CSV file to write (default: standard output)")
     for sp in (cl, ce):
         sp.add_argument("--actor", default=os.environ.get("USER", "unknown"), help="who asks (audited)")
+        sp.add_argument("--scope", default="default", help="pseudonym scope of a profile (default: [deid]'s)")
     return parser
 
 
@@ -110,8 +111,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     from deid_router.deid.profile import weakening_rules
 
-    for warning in list(config.warnings) + weakening_rules(config.deid):
+    warnings = list(config.warnings) + weakening_rules(config.deid)
+    for p in config.profiles:
+        for w in weakening_rules(p.deid):
+            warnings.append(w.replace("deid.rules", f"profiles.{p.name}.rules", 1) + f" (profile {p.name!r})")
+    for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    for route in config.routes:
+        p = config.profile(route.profile)
+        which = f"profile {p.name!r}" if p.name else "profile [deid]"
+        print(f"route {route.name!r}: {which}, scope {p.scope!r} -> {', '.join(route.destinations)}")
     print(f"{config.path}: ok ({len(config.destinations)} destinations, {len(config.routes)} routes)")
     return EXIT_OK
 
@@ -232,10 +241,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_crosswalk(args: argparse.Namespace) -> int:
     from deid_router.db.crosswalk import export_crosswalk, lookup_pseudonym
 
+    config = _load(args)
+    if args.scope not in config.scopes():
+        raise ConfigError([(str(config.path), "--scope", f"unknown scope {args.scope!r} (configured: {', '.join(config.scopes())})")])
     ctx = _context(args)
     try:
         if args.action == "lookup":
-            rows = lookup_pseudonym(ctx.repo, ctx.keys, args.pseudonym, actor=args.actor)
+            rows = lookup_pseudonym(ctx.repo, ctx.keys, args.pseudonym, actor=args.actor, scope=args.scope)
             if not rows:
                 print("no such pseudonym", file=sys.stderr)
                 return EXIT_ERROR
@@ -244,7 +256,7 @@ def cmd_crosswalk(args: argparse.Namespace) -> int:
             return EXIT_OK
         out = open(args.out, "w", encoding="utf-8", newline="") if args.out else sys.stdout
         try:
-            n = export_crosswalk(ctx.repo, ctx.keys, out, actor=args.actor)
+            n = export_crosswalk(ctx.repo, ctx.keys, out, actor=args.actor, scope=args.scope)
         finally:
             if args.out:
                 out.close()

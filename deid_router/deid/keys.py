@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from deid_router.config import DEFAULT_SCOPE  # the v1 keys: deployments keep their pseudonyms and UIDs
 from deid_router.errors import ConfigError
 
 _SECRET_BYTES = 32
@@ -79,6 +80,18 @@ class Keys:
         if len(secret) != _SECRET_BYTES:
             raise ConfigError([(str(path), "deid.secret_file", "must hold 64 hexadecimal characters")])
         return cls(secret)
+
+    def for_scope(self, scope: str) -> Keys:
+        """The keys of a pseudonym scope (a profile's): derived from the one secret with HKDF,
+        so two scopes share no UID, pseudonym, date shift or crosswalk key; the default scope
+        is this object itself (v1 outputs, bit for bit)."""
+        if scope == DEFAULT_SCOPE:
+            return self
+        derived = HKDF(
+            algorithm=hashes.SHA256(), length=_SECRET_BYTES, salt=b"deid-router scope",
+            info=b"scope v1:" + scope.encode("utf-8"),
+        ).derive(self._secret)
+        return Keys(derived)
 
     def _mac(self, domain: bytes, value: str) -> bytes:
         return hmac.new(self._secret, domain + b"\0" + value.encode("utf-8"), hashlib.sha256).digest()
