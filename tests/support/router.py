@@ -93,6 +93,7 @@ class RouterProcess:
     storage: dict[str, Any] = field(default_factory=dict)
     routes: list[dict[str, Any]] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    extra_toml: str = ""  # appended to the config as written (e.g. [profiles.NAME] tables)
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -126,7 +127,7 @@ class RouterProcess:
             "destinations": self.destinations,
             "routes": self.routes or [{"name": "all", "destinations": [d["name"] for d in self.destinations]}],
         }
-        self.config_path.write_text(render_toml(doc), encoding="utf-8")
+        self.config_path.write_text(render_toml(doc) + "\n" + self.extra_toml, encoding="utf-8")
 
     def start(self, timeout: float = 30.0) -> RouterProcess:
         env = {**os.environ, **self.env}
