@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--workers", type=int, default=0, help="processes (default: CPU cores)")
     p.add_argument("--dry-run", action="store_true", help="print what would be done per attribute")
+    p.add_argument("--profile", default="", help="a [profiles.NAME] to apply (default: [deid])")
 
     p = sub.add_parser("check-config", help="validate the configuration")
     _config_arg(p)
@@ -270,7 +271,10 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     from deid_router.offline import run_offline
 
     config = _load(args)
-    return run_offline(config, [Path(i) for i in args.inputs], args.out, args.workers, args.dry_run)
+    if args.profile and args.profile not in {p.name for p in config.profiles}:
+        known = ", ".join(p.name for p in config.profiles) or "none"
+        raise ConfigError([(str(config.path), "--profile", f"unknown profile {args.profile!r} (defined: {known})")])
+    return run_offline(config, [Path(i) for i in args.inputs], args.out, args.workers, args.dry_run, args.profile)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

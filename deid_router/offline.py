@@ -50,12 +50,12 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
-def _init_worker(config: Config) -> None:
+def _init_worker(config: Config, profile: str = "") -> None:
     from deid_router.app import build_context
 
     ctx = build_context(config)
     _worker_state["ctx"] = ctx
-    _worker_state["deid"] = ctx.deidentifier()
+    _worker_state["deid"] = ctx.deidentifier(profile)
 
 
 def _process(src: str, out: str, quarantine: str) -> FileResult:
@@ -93,7 +93,10 @@ def _process(src: str, out: str, quarantine: str) -> FileResult:
         return FileResult(src, "quarantined", type(exc).__name__)
 
 
-def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry_run: bool) -> int:
+def run_offline(
+    config: Config, inputs: list[Path], out: Path, workers: int, dry_run: bool, profile: str = ""
+) -> int:
+    """``profile``: a [profiles.NAME] (its options and scope), or "" for [deid]."""
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
         for m in missing:
@@ -101,7 +104,7 @@ def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry
         return 2
     files = list(iter_inputs(inputs))
     if dry_run:
-        return _dry_run(config, files)
+        return _dry_run(config, files, profile)
     from deid_router.app import build_context
 
     build_context(config, run_migrations=True).close()  # the crosswalk table must exist
@@ -111,7 +114,7 @@ def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry
     n_workers = max(1, min(workers or (os.cpu_count() or 1), len(files) or 1))
     counts = {"ok": 0, "quarantined": 0, "skipped": 0}
     total = len(files)
-    with ProcessPoolExecutor(max_workers=n_workers, initializer=_init_worker, initargs=(config,)) as pool:
+    with ProcessPoolExecutor(max_workers=n_workers, initializer=_init_worker, initargs=(config, profile)) as pool:
         futures = [pool.submit(_process, str(f), str(out), str(quarantine)) for f in files]
         for done, fut in enumerate(as_completed(futures), 1):
             res = fut.result()
@@ -136,7 +139,7 @@ def _progress(done: int, total: int, counts: dict[str, int]) -> None:
     sys.stderr.flush()
 
 
-def _dry_run(config: Config, files: list[Path]) -> int:
+def _dry_run(config: Config, files: list[Path], profile: str = "") -> int:
     from pydicom import dcmread
 
     from deid_router.app import build_context
@@ -146,7 +149,8 @@ def _dry_run(config: Config, files: list[Path]) -> int:
 
     ctx = build_context(config)
     try:
-        deid = Deidentifier(config.deid, ctx.keys, NullCrosswalk())
+        p = config.profile(profile)
+        deid = Deidentifier(p.deid, ctx.keys.for_scope(p.scope), NullCrosswalk())
         for f in files:
             if not _is_dicom(f):
                 continue
