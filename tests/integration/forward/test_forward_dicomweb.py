@@ -225,3 +225,45 @@ def test_large_instance_is_streamed_from_its_file(tmp_path: Path, server: Any) -
     assert out[1].kind is OutcomeKind.DELIVERED
     assert srv.requests[0]["length"] > size
     assert peak < 16 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB for a {size / 2**20:.0f} MiB instance"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    import subprocess
+
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _make_pki(d: Path) -> None:
+    """A CA and a server certificate for 127.0.0.1 signed by it; a second, unrelated CA."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+             "-days", "2", "-subj", "/CN=test-ca", cwd=d)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out", "other.crt",
+             "-days", "2", "-subj", "/CN=other-ca", cwd=d)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+             "-subj", "/CN=127.0.0.1", cwd=d)
+    (d / "ext.cnf").write_text("subjectAltName = IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf", cwd=d)
+
+
+def test_https_is_verified_against_ca_file(tmp_path: Path, server: Any) -> None:
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        from tests.conftest import missing
+
+        missing("openssl is not installed")
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    _make_pki(pki)
+    srv = server(_all_stored)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki / "server.crt", pki / "server.key")
+    srv.server.socket = ctx.wrap_socket(srv.server.socket, server_side=True)
+    url = f"https://127.0.0.1:{srv.port}/dicom-web"
+    ok = _dest(url, ca_file=pki / "ca.crt").send(_items(tmp_path, 1))
+    assert ok[1].kind is OutcomeKind.DELIVERED
+    wrong = _dest(url, ca_file=pki / "other.crt").send(_items(tmp_path, 1))
+    assert wrong[1] == Outcome(OutcomeKind.UNAVAILABLE, None, "connect_failed:tls")  # never sent unverified
+    assert len(srv.requests) == 1
