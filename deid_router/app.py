@@ -38,6 +38,7 @@ from deid_router.observability.logging import configure_logging, get_logger
 from deid_router.routing import Router
 from deid_router.scheduler import Housekeeping, start_scheduler
 from deid_router.scp.listener import Intake, Listener
+from deid_router.scp.commitment import Commitment, CommitmentPeer
 from deid_router.store.holding import Holding
 
 log = get_logger("app")
@@ -136,7 +137,12 @@ def build_listener(ctx: Context) -> Listener:
     intake = Intake(
         ctx.holding, ctx.repo, Router(config.routes), ctx.keys, config.storage.min_free_mb * 1024 * 1024
     )
-    return Listener(config.listener, intake)
+    sc = config.storage_commitment
+    commitment = Commitment(
+        ctx.repo, ctx.keys, config.listener.ae_title, mode=sc.commitment, wait_seconds=sc.wait_seconds,
+        peers=[CommitmentPeer(p.ae_title, p.host, p.port) for p in sc.peers],
+    ) if sc.enabled else None
+    return Listener(config.listener, intake, commitment)
 
 
 def worker_process_main(config_path: str, index: int, log_level: str, parent_pid: int) -> None:

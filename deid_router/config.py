@@ -121,6 +121,21 @@ DICOMWEB_KEYS = ("url", "username", "password_file", "token_file", "ca_file", "i
 
 
 @dataclass(frozen=True)
+class CommitmentPeerConfig:
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class StorageCommitmentConfig:
+    enabled: bool = True  # accept Storage Commitment Push Model requests
+    commitment: str = "held"  # "held": durably held; "delivered": every routed destination has it
+    wait_seconds: float = 600.0  # "delivered": how long to wait before reporting a failure
+    peers: tuple[CommitmentPeerConfig, ...] = ()  # where to report when the association is gone
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     name: str
     destinations: tuple[str, ...]
@@ -150,6 +165,7 @@ class Config:
     destinations: tuple[DestinationConfig, ...]
     routes: tuple[RouteConfig, ...]
     warnings: tuple[str, ...] = ()
+    storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
     profiles: tuple[ProfileConfig, ...] = ()
 
     def profile(self, name: str) -> ProfileConfig:
@@ -269,7 +285,8 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     r = _Reader(str(file))
     base = file.parent
     warnings: list[str] = []
-    r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes", "profiles"))
+    r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes", "storage_commitment",
+                     "profiles"))
 
     # [listener]
     li = r.table(raw, "listener")
@@ -438,6 +455,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         r.problem("destinations", "at least one [[destinations]] is required")
     if not routes:
         r.problem("routes", "at least one [[routes]] is required, or nothing would be forwarded")
+    storage_commitment = _storage_commitment(r, r.table(raw, "storage_commitment"))
 
     if r.problems:
         raise ConfigError(r.problems)
@@ -450,7 +468,45 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         destinations=tuple(destinations),
         routes=tuple(routes),
         warnings=tuple(warnings),
+        storage_commitment=storage_commitment,
         profiles=profiles,
+    )
+
+
+def _storage_commitment(r: _Reader, sc: dict[str, Any]) -> StorageCommitmentConfig:
+    """[storage_commitment]: the Storage Commitment Push Model SCP (PS3.4 J)."""
+    where = "storage_commitment"
+    r.unknown(sc, where, tuple(StorageCommitmentConfig.__dataclass_fields__))
+    d = StorageCommitmentConfig()
+    mode = r.get(sc, where, "commitment", str, d.commitment)
+    if mode not in ("held", "delivered"):
+        r.problem(f"{where}.commitment", "must be 'held' (durably held) or 'delivered' (every destination has it)")
+    peers: list[CommitmentPeerConfig] = []
+    raw_peers = sc.get("peers", [])
+    if not isinstance(raw_peers, list):
+        r.problem(f"{where}.peers", "must be an array of tables ([[storage_commitment.peers]])")
+        raw_peers = []
+    for i, peer in enumerate(raw_peers):
+        pw = f"{where}.peers[{i}]"
+        if not isinstance(peer, dict):
+            r.problem(pw, "must be a table")
+            continue
+        r.unknown(peer, pw, ("ae_title", "host", "port"))
+        for key in ("ae_title", "host", "port"):
+            if key not in peer:
+                r.problem(f"{pw}.{key}", "is required")
+        ae = r.get(peer, pw, "ae_title", str, "")
+        if ae:
+            r.ae_title(ae, f"{pw}.ae_title")
+        port = r.number(peer, pw, "port", int, 0, 1)
+        if port > 65535:
+            r.problem(f"{pw}.port", "must be <= 65535")
+        peers.append(CommitmentPeerConfig(ae_title=ae, host=r.get(peer, pw, "host", str, ""), port=port))
+    return StorageCommitmentConfig(
+        enabled=r.get(sc, where, "enabled", bool, d.enabled),
+        commitment=mode,
+        wait_seconds=r.number(sc, where, "wait_seconds", float, d.wait_seconds, 0),
+        peers=tuple(peers),
     )
 
 

@@ -125,6 +125,15 @@ class QuarantineEntry:
     events: tuple[JobEvent, ...] = field(default=())
 
 
+@dataclass(frozen=True)
+class CommitState:
+    """What the queue knows of one SOP instance, for storage commitment."""
+
+    sop_class_uid: str
+    delivered: bool  # every job of it is done
+    failed: bool  # some job of it failed (quarantined)
+
+
 class StatusCounts(TypedDict):
     jobs: dict[str, int]
     destinations: dict[str, dict[str, int]]
@@ -908,3 +917,28 @@ class JobRepository:
             ).all()
         return [(r.at, r.action, r.actor, r.detail) for r in rows]
 
+    def commitment_state(self, sop_keys: Sequence[str]) -> dict[str, CommitState]:
+        """Held instances among ``sop_keys`` (keyed SOP Instance UID tokens): the SOP class,
+        and whether every job of theirs is done or some failed. A row exists only once its raw
+        file was fsync'd and its jobs committed: what 0x0000 promised."""
+        found: dict[str, tuple[str, list[str]]] = {}
+        keys = list(sop_keys)
+        with self._read("commitment_state") as conn:
+            for start in range(0, len(keys), _IN_CHUNK):
+                rows = conn.execute(
+                    select(Instance.sop_key, Instance.sop_class_uid, Job.state)
+                    .join(Job, Job.instance_id == Instance.id, isouter=True)
+                    .where(Instance.sop_key.in_(keys[start : start + _IN_CHUNK]))
+                ).all()
+                for r in rows:
+                    entry = found.setdefault(r.sop_key, (r.sop_class_uid, []))
+                    if r.state is not None:
+                        entry[1].append(r.state)
+        return {
+            key: CommitState(
+                sop_class_uid=cls,
+                delivered=bool(states) and all(s == JobState.DONE.value for s in states),
+                failed=any(s == JobState.FAILED.value for s in states),
+            )
+            for key, (cls, states) in found.items()
+        }

@@ -26,6 +26,7 @@ from pynetdicom.presentation import build_context, negotiate_unrestricted
 from deid_router.observability.logging import get_logger
 from deid_router import wire
 from deid_router.errors import ListenerError
+from deid_router.scp import commitment as sc
 from deid_router.scp import statuses
 from deid_router.scp.receive import StoreRequest, create_file_meta
 from deid_router.store.holding import RawFile
@@ -73,6 +74,8 @@ StoreHandler = Callable[[StoreRequest], int]
 # (a storage SOP class, a private or an unknown UID) is accepted with the first transfer syntax
 # the modality proposes, pynetdicom's unrestricted storage negotiation.
 SUPPORTED_CONTEXTS = [build_context(VERIFICATION, DEFAULT_TRANSFER_SYNTAXES)]
+# With storage commitment on, its SOP class too (pynetdicom knows it: never "storage-like").
+COMMITMENT_CONTEXTS = [build_context(sc.STORAGE_COMMITMENT_PUSH, DEFAULT_TRANSFER_SYNTAXES)]
 
 
 class Association:
@@ -88,6 +91,10 @@ class Association:
         self._stream = wire.PduStream(sock, READ_BUFFER_BYTES)
         self._send_lock = threading.Lock()
         self._contexts: dict[int, str] = {}  # accepted context ID -> transfer syntax
+        self._abstract: dict[int, str] = {}  # accepted context ID -> abstract syntax
+        self._action: tuple[int, bytes, bytearray] | None = None  # N-ACTION-RQ awaiting its data set
+        self._message_id = 0  # of the requests we send (N-EVENT-REPORT)
+        self.open = True
         self._peer_max_pdu = 0
         self._command = bytearray()
         self._storing: tuple[int, wire.Command] | None = None  # context and C-STORE-RQ awaiting data
@@ -112,6 +119,7 @@ class Association:
         except (OSError, EOFError):
             pass  # the peer went away, or shutdown aborted us
         finally:
+            self.open = False
             self._drop_partial()
             self._stream.close()
 
@@ -167,8 +175,9 @@ class Association:
             for item in user_info
             if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None
         }
-        results, roles = negotiate_unrestricted(contexts, SUPPORTED_CONTEXTS, rq_roles)
+        results, roles = negotiate_unrestricted(contexts, self.acceptor.supported_contexts, rq_roles)
         self._contexts = {cast(int, cx.context_id): str(cx.transfer_syntax[0]) for cx in results if cx.result == 0}
+        self._abstract = {cast(int, cx.context_id): str(cx.abstract_syntax) for cx in results if cx.result == 0}
         self._peer_max_pdu = next(
             (int(i.maximum_length_received or 0) for i in user_info if isinstance(i, MaximumLengthNotification)), 0
         )
@@ -242,16 +251,24 @@ class Association:
                 self._read_data_fragment(context_id, size, last=bool(control & wire.PDV_LAST))
 
     def _read_command_fragment(self, context_id: int, size: int, last: bool) -> None:
-        if self._storing is not None:
+        if self._storing is not None or self._action is not None:
             raise wire.ProtocolError("command fragment inside a data set")
         if len(self._command) + size > wire.MAX_COMMAND_BYTES:
             raise wire.ProtocolError("command set too large")
         self._command += self._stream.read_exact(size)
         if not last:
             return
-        command = wire.decode_command(bytes(self._command))
+        raw_command = bytes(self._command)
+        command = wire.decode_command(raw_command)
         self._command.clear()
-        if command.field == wire.C_ECHO_RQ and not command.has_data_set:
+        if command.field & wire.RESPONSE_BIT:
+            pass  # the modality's N-EVENT-REPORT-RSP to our storage commitment report
+        elif command.field == sc.N_ACTION_RQ and command.has_data_set:
+            if self._abstract.get(context_id) != sc.STORAGE_COMMITMENT_PUSH or self.acceptor.commitment is None:
+                raise wire.ProtocolError("N-ACTION outside a storage commitment context")
+            self._action = (context_id, raw_command, bytearray())
+            self.sock.settimeout(self.settings.dimse_timeout_seconds)
+        elif command.field == wire.C_ECHO_RQ and not command.has_data_set:
             self._respond(context_id, command, statuses.SUCCESS)
         elif command.field == wire.C_STORE_RQ and command.has_data_set:
             self._storing = (context_id, command)
@@ -272,6 +289,9 @@ class Association:
             self._respond(context_id, command, status)
 
     def _read_data_fragment(self, context_id: int, size: int, last: bool) -> None:
+        if self._action is not None:
+            self._read_action_fragment(context_id, size, last)
+            return
         if self._storing is None or self._storing[0] != context_id or self._file is None:
             raise wire.ProtocolError("data set fragment without its command")
         receive_file, chunk = self._file, self._chunk
@@ -303,6 +323,47 @@ class Association:
         receive_file.discard()  # kept when the intake committed it
         self._respond(context_id, command, status)
         self.sock.settimeout(self.settings.network_timeout_seconds)
+
+    # -- storage commitment ---------------------------------------------------------------
+
+    def _read_action_fragment(self, context_id: int, size: int, last: bool) -> None:
+        assert self._action is not None
+        action_context, raw_command, data = self._action
+        if context_id != action_context:
+            raise wire.ProtocolError("data set fragment without its command")
+        if len(data) + size > sc.MAX_ACTION_BYTES:
+            raise wire.ProtocolError("storage commitment request too large")
+        data += self._stream.read_exact(size)
+        if not last:
+            return
+        self._action = None
+        self.sock.settimeout(self.settings.network_timeout_seconds)
+        commitment = self.acceptor.commitment
+        assert commitment is not None
+        try:
+            message_id, request = sc.parse_action(raw_command, bytes(data), self._contexts[context_id], self.calling_aet)
+        except sc.ActionRejected as exc:
+            log.warning("commitment_request_refused", reason=str(exc), status=exc.status, calling_aet=self.calling_aet)
+            message_id = wire.decode_command(raw_command).message_id
+            self._send(wire.encode_p_data(context_id, sc.encode_action_response(message_id, exc.status), True, self._peer_max_pdu))
+            return
+        self._send(wire.encode_p_data(context_id, sc.encode_action_response(message_id, sc.SUCCESS), True, self._peer_max_pdu))
+        log.info("commitment_requested", instances=len(request.items), calling_aet=self.calling_aet)
+        commitment.submit(request, lambda result: self._report(context_id, result))
+
+    def _report(self, context_id: int, result: sc.CommitmentResult) -> bool:
+        """Send the N-EVENT-REPORT on this association; False once it is gone."""
+        if not self.open:
+            return False
+        with self._send_lock:
+            self._message_id += 1
+            message_id = self._message_id
+        command, data = sc.encode_event_report(message_id, result, self._contexts[context_id])
+        self._send(
+            wire.encode_p_data(context_id, command, True, self._peer_max_pdu)
+            + wire.encode_p_data(context_id, data, False, self._peer_max_pdu)
+        )
+        return self.open
 
     def _respond(self, context_id: int, command: wire.Command, status: int) -> None:
         self._send(wire.encode_p_data(context_id, wire.encode_response(command, status), True, self._peer_max_pdu))
@@ -339,11 +400,14 @@ class Acceptor:
         new_raw_file: Callable[[bytes], RawFile],
         store: StoreHandler,
         has_space: Callable[[], bool],
+        commitment: sc.Commitment | None = None,
     ) -> None:
         self.settings = settings
         self.new_raw_file = new_raw_file
         self.store_handler = store
         self.has_space = has_space
+        self.commitment = commitment
+        self.supported_contexts = SUPPORTED_CONTEXTS + (COMMITMENT_CONTEXTS if commitment is not None else [])
         self._associations: set[Association] = set()
         self._lock = threading.Lock()
         self._server: _Server | None = None

@@ -28,6 +28,7 @@ from deid_router.observability.logging import get_logger
 from deid_router.routing import Router, RoutingFacts
 from deid_router.scp import statuses
 from deid_router.scp.acceptor import Acceptor, AcceptorSettings
+from deid_router.scp.commitment import Commitment
 from deid_router.scp.integrity import (
     MODALITY,
     SOP_CLASS_UID,
@@ -244,7 +245,7 @@ class Intake:
 class Listener:
     """Owns the acceptor and its server thread."""
 
-    def __init__(self, config: ListenerConfig, intake: Intake) -> None:
+    def __init__(self, config: ListenerConfig, intake: Intake, commitment: Commitment | None = None) -> None:
         self.config = config
         self.intake = intake
         self._port: int | None = None
@@ -260,6 +261,7 @@ class Listener:
             intake.holding.new_raw_file,
             store=intake.accept,
             has_space=intake.has_space,
+            commitment=commitment,
         )
 
     def start(self) -> None:

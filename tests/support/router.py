@@ -92,6 +92,7 @@ class RouterProcess:
     deid: dict[str, Any] = field(default_factory=dict)
     storage: dict[str, Any] = field(default_factory=dict)
     routes: list[dict[str, Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # more top-level tables ([storage_commitment], ...)
     env: dict[str, str] = field(default_factory=dict)
     extra_toml: str = ""  # appended to the config as written (e.g. [profiles.NAME] tables)
     port: int = 0
@@ -126,6 +127,7 @@ class RouterProcess:
             "deid": {"secret_file": "var/secret.key", **self.deid},
             "destinations": self.destinations,
             "routes": self.routes or [{"name": "all", "destinations": [d["name"] for d in self.destinations]}],
+            **self.extra,
         }
         self.config_path.write_text(render_toml(doc) + "\n" + self.extra_toml, encoding="utf-8")
 
