@@ -171,9 +171,17 @@ class DicomwebDestination:
                     outcomes.update({item.job_id: down for item in batch})
                     continue
                 result, status = self._post(batch)
-                outcomes.update(result)
-                if status:
+                if status == 413 and len(batch) > 1:
+                    # the request was too large for the server, not the instances: one per request
                     statuses.append(status)
+                    result = {}
+                    for item in batch:
+                        one, status = self._post([item])
+                        result.update(one)
+                        statuses.append(status)
+                elif status:
+                    statuses.append(status)
+                outcomes.update(result)
                 down = next((o for o in result.values() if o.kind is OutcomeKind.UNAVAILABLE), None)
         counts: dict[str, int] = {}
         for o in outcomes.values():

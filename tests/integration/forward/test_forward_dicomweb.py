@@ -267,3 +267,15 @@ def test_https_is_verified_against_ca_file(tmp_path: Path, server: Any) -> None:
     wrong = _dest(url, ca_file=pki / "other.crt").send(_items(tmp_path, 1))
     assert wrong[1] == Outcome(OutcomeKind.UNAVAILABLE, None, "connect_failed:tls")  # never sent unverified
     assert len(srv.requests) == 1
+
+
+def test_413_for_a_batch_is_retried_one_instance_per_request(tmp_path: Path, server: Any) -> None:
+    def answer(req: dict[str, Any]) -> tuple[int, bytes]:
+        if len(req["parts"]) > 1:
+            return 413, b""
+        return 200, _response(referenced={f"2.25.{i + 1}": None for i in range(3)})
+
+    srv = server(answer)
+    out = _dest(srv.url, instances_per_request=3).send(_items(tmp_path, 3))
+    assert {o.kind for o in out.values()} == {OutcomeKind.DELIVERED}
+    assert [len(r["parts"]) for r in srv.requests] == [3, 1, 1, 1]
