@@ -549,8 +549,10 @@ def _route_attribute(r: _Reader, where: str, key: str) -> bool:
     try:
         attribute_tag(key)
     except ValueError as exc:
-        allowed = ", ".join(MATCH_KEYS)
-        r.problem(where, f"unknown key: {exc} (allowed: {allowed}, a DICOM keyword or (gggg,eeee))")
+        reason = str(exc)
+        if reason.startswith("unknown key"):
+            reason = f"unknown key (allowed: {', '.join(MATCH_KEYS)}, a DICOM keyword or (gggg,eeee))"
+        r.problem(where, reason)
         return False
     return True
 

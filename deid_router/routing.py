@@ -52,7 +52,7 @@ def attribute_tag(key: str) -> int:
     else:
         found = tag_for_keyword(key)
         if found is None:
-            raise ValueError("is neither a v1 key, a DICOM keyword nor (gggg,eeee)")
+            raise ValueError("unknown key: neither a v1 key, a DICOM keyword nor (gggg,eeee)")
         tag = int(found)
     group = tag >> 16
     if group == 0x0002 or group == 0xFFFE or tag & 0xFFFF == 0:
