@@ -100,14 +100,36 @@ def _first(item: dict[str, Any], tag: str) -> Any:
     return values[0]
 
 
+def _from_xml(body: bytes) -> dict[str, Any]:
+    """A PS3.19 Native DICOM Model (application/dicom+xml) response, as the JSON model's shape."""
+    import xml.etree.ElementTree as ET
+
+    def attrs(node: ET.Element) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for a in node.findall("DicomAttribute"):
+            tag = (a.get("tag") or "").upper()
+            if a.get("vr") == "SQ":
+                out[tag] = {"Value": [attrs(item) for item in a.findall("Item")]}
+            else:
+                values: list[Any] = [v.text or "" for v in a.findall("Value")]
+                if a.get("vr") == "US":
+                    values = [int(v) for v in values if v.strip().isdigit()]
+                out[tag] = {"Value": values}
+        return out
+
+    return attrs(ET.fromstring(body))
+
+
 def parse_stow_response(body: bytes) -> tuple[dict[str, int | None], dict[str, int | None]]:
-    """(stored UID -> WarningReason, failed UID -> FailureReason) of a DICOM JSON STOW-RS
-    response; empty maps for a body that is not one (the HTTP status then decides)."""
+    """(stored UID -> WarningReason, failed UID -> FailureReason) of a STOW-RS response in
+    DICOM JSON (or XML, for servers that ignore our Accept); empty maps for a body that is
+    neither (the HTTP status then decides)."""
     stored: dict[str, int | None] = {}
     failed: dict[str, int | None] = {}
     try:
-        doc = json.loads(body) if body.strip() else {}
-    except (ValueError, UnicodeDecodeError):
+        text = body.strip()
+        doc = _from_xml(text) if text.startswith(b"<") else json.loads(text) if text else {}
+    except (ValueError, UnicodeDecodeError, SyntaxError):  # ET.ParseError is a SyntaxError
         return stored, failed
     if isinstance(doc, list):
         doc = doc[0] if doc and isinstance(doc[0], dict) else {}

@@ -279,3 +279,20 @@ def test_413_for_a_batch_is_retried_one_instance_per_request(tmp_path: Path, ser
     out = _dest(srv.url, instances_per_request=3).send(_items(tmp_path, 3))
     assert {o.kind for o in out.values()} == {OutcomeKind.DELIVERED}
     assert [len(r["parts"]) for r in srv.requests] == [3, 1, 1, 1]
+
+
+def test_an_xml_response_is_read_too(tmp_path: Path, server: Any) -> None:
+    xml = b"""<?xml version="1.0" encoding="UTF-8"?>
+<NativeDicomModel>
+ <DicomAttribute tag="00081199" vr="SQ"><Item number="1">
+  <DicomAttribute tag="00081155" vr="UI"><Value number="1">2.25.1</Value></DicomAttribute>
+ </Item></DicomAttribute>
+ <DicomAttribute tag="00081198" vr="SQ"><Item number="1">
+  <DicomAttribute tag="00081155" vr="UI"><Value number="1">2.25.2</Value></DicomAttribute>
+  <DicomAttribute tag="00081197" vr="US"><Value number="1">43264</Value></DicomAttribute>
+ </Item></DicomAttribute>
+</NativeDicomModel>"""
+    srv = server(lambda req: (202, xml))
+    out = _dest(srv.url).send(_items(tmp_path, 2))
+    assert out[1].kind is OutcomeKind.DELIVERED
+    assert out[2] == classify_status(0xA900)  # 43264
