@@ -9,6 +9,7 @@ scales to several nodes sharing one PostgreSQL database.
 from __future__ import annotations
 
 import ctypes
+import functools
 import multiprocessing
 import os
 import signal
@@ -37,6 +38,7 @@ from deid_router.jobs.worker import Worker
 from deid_router.observability.logging import configure_logging, get_logger
 from deid_router.routing import Router
 from deid_router.scheduler import Housekeeping, start_scheduler
+from deid_router.observability.audit_messages import Auditor, auditor_from
 from deid_router.scp.listener import Intake, Listener
 from deid_router.scp.commitment import Commitment, CommitmentPeer
 from deid_router.store.holding import Holding
@@ -81,7 +83,18 @@ class Context:
             for d in self.config.destinations
         }
 
+    @functools.cached_property
+    def auditor(self) -> Auditor:
+        """DICOM audit messages to ``[audit] syslog_url`` (does nothing when it is empty)."""
+        au = self.config.audit
+        return auditor_from(
+            au.syslog_url, au.source_id or node_name(self.config), self.config.listener.ae_title,
+            str(au.ca_file) if au.ca_file else None,
+        )
+
     def close(self) -> None:
+        if "auditor" in self.__dict__:
+            self.auditor.close()
         self.engine.dispose()
 
 
@@ -142,7 +155,7 @@ def build_listener(ctx: Context) -> Listener:
         ctx.repo, ctx.keys, config.listener.ae_title, mode=sc.commitment, wait_seconds=sc.wait_seconds,
         peers=[CommitmentPeer(p.ae_title, p.host, p.port) for p in sc.peers],
     ) if sc.enabled else None
-    return Listener(config.listener, intake, commitment)
+    return Listener(config.listener, intake, commitment, on_refused=ctx.auditor.association_refused)
 
 
 def worker_process_main(config_path: str, index: int, log_level: str, parent_pid: int) -> None:
@@ -168,6 +181,7 @@ def worker_process_main(config_path: str, index: int, log_level: str, parent_pid
         batch_size=config.queue.batch_size,
         poll_seconds=config.queue.poll_seconds,
         work_prefix=f"w{index}",
+        auditor=ctx.auditor,
     )
     log.info("worker_started", owner=owner)
     try:

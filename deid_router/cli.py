@@ -249,6 +249,7 @@ def cmd_crosswalk(args: argparse.Namespace) -> int:
     try:
         if args.action == "lookup":
             rows = lookup_pseudonym(ctx.repo, ctx.keys, args.pseudonym, actor=args.actor, scope=args.scope)
+            ctx.auditor.crosswalk_lookup(args.actor, found=bool(rows))
             if not rows:
                 print("no such pseudonym", file=sys.stderr)
                 return EXIT_ERROR

@@ -121,6 +121,13 @@ DICOMWEB_KEYS = ("url", "username", "password_file", "token_file", "ca_file", "i
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    syslog_url: str = ""  # udp://host:port, tcp://host:port or tls://host:port; empty: no audit messages
+    ca_file: Path | None = None  # tls: the collector's CA
+    source_id: str = ""  # AuditSourceID; empty: the node's name (host and listener port)
+
+
+@dataclass(frozen=True)
 class CommitmentPeerConfig:
     ae_title: str
     host: str
@@ -166,6 +173,7 @@ class Config:
     routes: tuple[RouteConfig, ...]
     warnings: tuple[str, ...] = ()
     storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
+    audit: AuditConfig = AuditConfig()
     profiles: tuple[ProfileConfig, ...] = ()
 
     def profile(self, name: str) -> ProfileConfig:
@@ -285,7 +293,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     r = _Reader(str(file))
     base = file.parent
     warnings: list[str] = []
-    r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes", "storage_commitment",
+    r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes", "storage_commitment", "audit",
                      "profiles"))
 
     # [listener]
@@ -456,6 +464,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     if not routes:
         r.problem("routes", "at least one [[routes]] is required, or nothing would be forwarded")
     storage_commitment = _storage_commitment(r, r.table(raw, "storage_commitment"))
+    audit = _audit(r, r.table(raw, "audit"), base)
 
     if r.problems:
         raise ConfigError(r.problems)
@@ -469,8 +478,22 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         routes=tuple(routes),
         warnings=tuple(warnings),
         storage_commitment=storage_commitment,
+        audit=audit,
         profiles=profiles,
     )
+
+
+def _audit(r: _Reader, au: dict[str, Any], base: Path) -> AuditConfig:
+    """[audit]: DICOM audit messages (PS3.15 A.5) to a syslog collector (RFC 5424)."""
+    r.unknown(au, "audit", tuple(AuditConfig.__dataclass_fields__))
+    url = r.get(au, "audit", "syslog_url", str, "")
+    if url and not re.match(r"^(udp|tcp|tls)://[^/:]+:\d{1,5}$", url):
+        r.problem("audit.syslog_url", "must be udp://host:port, tcp://host:port or tls://host:port (or empty: off)")
+    ca_raw = r.get(au, "audit", "ca_file", str, "")
+    ca_file = _resolve(base, ca_raw) if ca_raw else None
+    if ca_file is not None and not (ca_file.is_file() and os.access(ca_file, os.R_OK)):
+        r.problem("audit.ca_file", f"{ca_file} is not a readable file")
+    return AuditConfig(syslog_url=url, ca_file=ca_file, source_id=r.get(au, "audit", "source_id", str, ""))
 
 
 def _storage_commitment(r: _Reader, sc: dict[str, Any]) -> StorageCommitmentConfig:

@@ -45,7 +45,7 @@ LIVE_STATES: frozenset[JobState] = frozenset(
 TRANSITIONS: Mapping[JobState | None, frozenset[JobState]] = {
     None: frozenset({JobState.QUEUED, JobState.FAILED}),
     JobState.QUEUED: frozenset({JobState.RUNNING}),
-    JobState.RETRYING: frozenset({JobState.RUNNING, JobState.QUEUED, JobState.FAILED}),
+    JobState.RETRYING: frozenset({JobState.RUNNING, JobState.QUEUED}),
     JobState.RUNNING: frozenset({JobState.DONE, JobState.RETRYING, JobState.FAILED, JobState.QUEUED}),
     JobState.FAILED: frozenset({JobState.QUEUED}),
     JobState.DONE: frozenset(),

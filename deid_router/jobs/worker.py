@@ -22,12 +22,15 @@ from deid_router.faults import fault_point
 from deid_router.forward.base import Delivery, Destination
 from deid_router.jobs.outcome import Outcome, OutcomeKind
 from deid_router.jobs.policy import Decision, RetryPolicy, decide
+from deid_router.observability.audit_messages import Auditor
 from deid_router.observability.logging import get_logger
 from deid_router.store.holding import Holding
 
 log = get_logger("worker")
 
 _MAX_QUEUE_BACKOFF = 30.0
+_DELIVERED = (OutcomeKind.DELIVERED, OutcomeKind.DELIVERED_WARNING)
+_NO_OUTCOME = Outcome(OutcomeKind.RETRY, None, "no_outcome")
 _FINISH_ATTEMPTS = 5
 
 
@@ -51,6 +54,7 @@ class Worker:
     batch_size: int
     poll_seconds: float = 0.5
     work_prefix: str = "w"  # names this worker's work files; unique among a node's workers
+    auditor: Auditor | None = None  # DICOM audit messages (Instances Transferred), when configured
     stats: WorkerStats = field(default_factory=WorkerStats)
     _held: set[int] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -125,6 +129,8 @@ class Worker:
         if deliveries:
             outcomes.update(lane.send(deliveries))
             fault_point("after_send_before_done")
+            if self.auditor is not None:
+                self._audit(name, deliveries, outcomes)
         unavailable = any(o.kind is OutcomeKind.UNAVAILABLE for o in outcomes.values())
         failures = self._unavailable.get(name, 0) + 1 if unavailable else 0
         self._unavailable[name] = failures
@@ -145,6 +151,13 @@ class Worker:
         if unavailable:
             log.warning("destination_paused", destination=name, seconds=round(pause, 1), failures=failures)
         return pause
+
+    def _audit(self, name: str, deliveries: list[Delivery], outcomes: dict[int, Outcome]) -> None:
+        sent = [d for d in deliveries if outcomes.get(d.job_id, _NO_OUTCOME).kind in _DELIVERED]
+        if sent and self.auditor is not None:
+            self.auditor.instances_transferred(
+                name, "", [d.study_instance_uid for d in sent], failed=len(sent) < len(deliveries)
+            )
 
     def _finish_with_retries(self, decisions: list[tuple[int, Decision]]) -> list[bool]:
         """Record outcomes, retrying a few times: after a send, a lost write means the lease

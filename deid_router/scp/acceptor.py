@@ -194,6 +194,12 @@ class Association:
         self.established = True
         return True
 
+    def _peer_host(self) -> str:
+        try:
+            return str(self.sock.getpeername()[0])
+        except (OSError, IndexError):
+            return ""
+
     def _reject(self, request: A_ASSOCIATE, rejection: Rejection) -> None:
         primitive = A_ASSOCIATE()
         primitive.result = rejection.result
@@ -203,6 +209,8 @@ class Association:
         rj_pdu.from_primitive(primitive)
         self._send(rj_pdu.encode())
         log.warning("association_rejected", reason=rejection.why, calling_aet=self.calling_aet)
+        if self.acceptor.on_refused is not None:
+            self.acceptor.on_refused(rejection.why, self.calling_aet, self._peer_host())
         # The requestor closes the connection on A-ASSOCIATE-RJ; wait a moment for it so the
         # reject is not lost to a reset.
         try:
@@ -401,12 +409,14 @@ class Acceptor:
         store: StoreHandler,
         has_space: Callable[[], bool],
         commitment: sc.Commitment | None = None,
+        on_refused: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.new_raw_file = new_raw_file
         self.store_handler = store
         self.has_space = has_space
         self.commitment = commitment
+        self.on_refused = on_refused  # (reason code, calling AE title, peer address): the audit trail
         self.supported_contexts = SUPPORTED_CONTEXTS + (COMMITMENT_CONTEXTS if commitment is not None else [])
         self._associations: set[Association] = set()
         self._lock = threading.Lock()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,7 +246,10 @@ class Intake:
 class Listener:
     """Owns the acceptor and its server thread."""
 
-    def __init__(self, config: ListenerConfig, intake: Intake, commitment: Commitment | None = None) -> None:
+    def __init__(
+        self, config: ListenerConfig, intake: Intake, commitment: Commitment | None = None,
+        on_refused: Callable[[str, str, str], None] | None = None,
+    ) -> None:
         self.config = config
         self.intake = intake
         self._port: int | None = None
@@ -262,6 +266,7 @@ class Listener:
             store=intake.accept,
             has_space=intake.has_space,
             commitment=commitment,
+            on_refused=on_refused,
         )
 
     def start(self) -> None:

@@ -37,7 +37,8 @@ def test_reader_matches_dcmread(name: str) -> None:
         size = fp.tell()
         found = read_header(fp, size)
     if found is None:
-        return  # pydicom's reader handles this file
+        # reported, not passed silently: the engine falls back to pydicom for this file
+        pytest.skip(f"the fast reader declines {name}; the engine reads it with pydicom (test_pydicom_files)")
     ds, start = found
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
