@@ -124,3 +124,30 @@ def test_scope_keys_derive_from_the_one_secret() -> None:
     blob = a.for_scope("trial").encrypt("x")
     with pytest.raises(Exception):
         a.decrypt(blob)  # another scope's crosswalk key cannot read it
+
+
+def test_default_scope_engine_is_the_unscoped_engine_on_the_corpus(tmp_path: Path) -> None:
+    """Independent of the fixture (which an intended engine change regenerates): the default
+    scope adds nothing to what the engine does with the plain secret."""
+    from deid_router.config import DeidConfig
+    from deid_router.deid.engine import Deidentifier
+    from tests.support.corpus import pydicom_test_files
+
+    config = load_config(_config(tmp_path, ["retain_long_modified_dates"]))
+    ctx = build_context(config, run_migrations=True)
+    plain = Deidentifier(DeidConfig(secret_file=Path("/nonexistent"), options=("retain_long_modified_dates",)),
+                         Keys(SECRET))
+    try:
+        compared = 0
+        for name, src in pydicom_test_files().items():
+            a, b = io.BytesIO(), io.BytesIO()
+            try:
+                plain.deidentify_file(src, a)
+            except Exception:
+                continue  # refused by the engine (quarantined): nothing to compare
+            ctx.deidentifier("same").deidentify_file(src, b)
+            assert a.getvalue() == b.getvalue(), name
+            compared += 1
+        assert compared >= 5
+    finally:
+        ctx.close()
