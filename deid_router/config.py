@@ -424,7 +424,9 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
             _writable_dir(r, f"{where}.path", p)
             destinations.append(DestinationConfig(path=p, **common))
         else:
-            r.problem(f"{where}.type", "must be 'dicom', 'folder' or 'dicomweb'")
+            from deid_router.forward.registry import type_names
+
+            r.problem(f"{where}.type", "must be one of " + ", ".join(repr(t) for t in type_names()))
 
     # [[routes]]
     routes: list[RouteConfig] = []
