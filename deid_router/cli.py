@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--workers", type=int, default=0, help="processes (default: CPU cores)")
     p.add_argument("--dry-run", action="store_true", help="print what would be done per attribute")
+    p.add_argument("--preview", type=Path, metavar="DIR",
+                   help="with --dry-run: before/after PNGs of pixel cleaning, regions drawn")
     p.add_argument("--profile", default="", help="a [profiles.NAME] to apply (default: [deid])")
 
     p = sub.add_parser("check-config", help="validate the configuration")
@@ -272,10 +274,14 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     from deid_router.offline import run_offline
 
     config = _load(args)
+    if args.preview is not None and not args.dry_run:
+        print("deid-router: --preview needs --dry-run", file=sys.stderr)
+        return EXIT_USAGE
     if args.profile and args.profile not in {p.name for p in config.profiles}:
         known = ", ".join(p.name for p in config.profiles) or "none"
         raise ConfigError([(str(config.path), "--profile", f"unknown profile {args.profile!r} (defined: {known})")])
-    return run_offline(config, [Path(i) for i in args.inputs], args.out, args.workers, args.dry_run, args.profile)
+    return run_offline(config, [Path(i) for i in args.inputs], args.out, args.workers, args.dry_run,
+                       preview=args.preview, profile=args.profile)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -32,7 +32,8 @@ DEID_OPTIONS = (
     "clean_structured_content",
     "clean_graphics",
 )
-BURNED_IN_CHOICES = ("quarantine", "forward")
+BURNED_IN_CHOICES = ("quarantine", "forward", "clean")
+PIXEL_NO_RULE_CHOICES = ("quarantine", "ocr_clear")
 MATCH_KEYS = ("calling_aet", "called_aet", "modality", "sop_class_uid")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 _TAG_RE = re.compile(r"^\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)$")
@@ -91,6 +92,11 @@ class DeidConfig:
     date_shift_min_days: int = -3650
     date_shift_max_days: int = -365
     patient_mapping_csv: Path | None = None
+    # pixel de-identification (burned_in_annotation = "clean", deid/pixels.py): extra rules,
+    # OCR verification, and what OCR may do for an image no rule matches
+    pixel_rules_file: Path | None = None
+    pixel_ocr: bool = False
+    pixel_no_rule: str = "quarantine"  # quarantine | ocr_clear (needs pixel_ocr)
 
 
 @dataclass(frozen=True)
@@ -675,6 +681,7 @@ def _parse_deid(r: _Reader, raw: dict[str, Any], base: Path) -> DeidConfig:
         date_shift_min_days=r.get(de, "deid", "date_shift_min_days", int, dd.date_shift_min_days),
         date_shift_max_days=r.get(de, "deid", "date_shift_max_days", int, dd.date_shift_max_days),
         patient_mapping_csv=mapping,
+        **_pixel_keys(r, de, base),
     )
     if deid.date_shift_min_days > deid.date_shift_max_days:
         r.problem("deid.date_shift_max_days", "must be >= deid.date_shift_min_days")
@@ -683,6 +690,29 @@ def _parse_deid(r: _Reader, raw: dict[str, Any], base: Path) -> DeidConfig:
     if len(deid.pseudonym_prefix) + deid.pseudonym_length > 64:
         r.problem("deid.pseudonym_length", "prefix plus length must fit PatientID (64 characters)")
     return deid
+
+
+def _pixel_keys(r: _Reader, de: dict[str, Any], base: Path) -> dict[str, Any]:
+    """deid.pixel_rules_file, deid.pixel_ocr and deid.pixel_no_rule, validated."""
+    import shutil
+
+    from deid_router.deid.pixel_rules import read_rules_file
+
+    raw = r.get(de, "deid", "pixel_rules_file", str, "")
+    rules_file = _resolve(base, raw) if raw else None
+    if rules_file is not None:
+        _, problems = read_rules_file(rules_file)
+        for file, key, reason in problems:
+            r.problem("deid.pixel_rules_file" if key == "-" else f"deid.pixel_rules_file {key}", f"{reason} ({file})")
+    ocr = r.get(de, "deid", "pixel_ocr", bool, False)
+    if ocr and shutil.which("tesseract") is None:
+        r.problem("deid.pixel_ocr", "tesseract is not installed (Debian: apt-get install tesseract-ocr)")
+    no_rule = r.get(de, "deid", "pixel_no_rule", str, "quarantine")
+    if no_rule not in PIXEL_NO_RULE_CHOICES:
+        r.problem("deid.pixel_no_rule", f"must be one of {', '.join(PIXEL_NO_RULE_CHOICES)}")
+    elif no_rule == "ocr_clear" and not ocr:
+        r.problem("deid.pixel_no_rule", "'ocr_clear' needs deid.pixel_ocr = true")
+    return {"pixel_rules_file": rules_file, "pixel_ocr": ocr, "pixel_no_rule": no_rule}
 
 
 def _known_keyword(name: str) -> bool:

@@ -93,9 +93,8 @@ def _process(src: str, out: str, quarantine: str) -> FileResult:
         return FileResult(src, "quarantined", type(exc).__name__)
 
 
-def run_offline(
-    config: Config, inputs: list[Path], out: Path, workers: int, dry_run: bool, profile: str = ""
-) -> int:
+def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry_run: bool,
+                preview: Path | None = None, profile: str = "") -> int:
     """``profile``: a [profiles.NAME] (its options and scope), or "" for [deid]."""
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
@@ -104,7 +103,7 @@ def run_offline(
         return 2
     files = list(iter_inputs(inputs))
     if dry_run:
-        return _dry_run(config, files, profile)
+        return _dry_run(config, files, preview, profile)
     from deid_router.app import build_context
 
     build_context(config, run_migrations=True).close()  # the crosswalk table must exist
@@ -139,7 +138,7 @@ def _progress(done: int, total: int, counts: dict[str, int]) -> None:
     sys.stderr.flush()
 
 
-def _dry_run(config: Config, files: list[Path], profile: str = "") -> int:
+def _dry_run(config: Config, files: list[Path], preview: Path | None = None, profile: str = "") -> int:
     from pydicom import dcmread
 
     from deid_router.app import build_context
@@ -155,8 +154,16 @@ def _dry_run(config: Config, files: list[Path], profile: str = "") -> int:
             if not _is_dicom(f):
                 continue
             print(f"== {f}")
-            for line in dry_run(deid, dcmread(f, stop_before_pixels=True)):
-                print("  " + "\t".join("" if v is None else str(v) for v in line))
+            try:
+                for line in dry_run(deid, dcmread(f, stop_before_pixels=True)):
+                    print("  " + "\t".join("" if v is None else str(v) for v in line))
+            except DeidError as exc:
+                print(f"  quarantined\t{exc.reason}\t{exc.path}")
+            if preview is not None:
+                from deid_router.deid.preview import write_preview
+
+                name = f"{files.index(f):04d}-{f.stem}"
+                print(f"  pixels\t{write_preview(deid, f, preview, name)}\t{preview / name}.*.png")
     finally:
         ctx.close()
     return 0

@@ -26,6 +26,7 @@ from deid_router.deid import actions as act
 from deid_router.deid import dates
 from deid_router.deid.crosswalk import Crosswalk, NullCrosswalk, load_patient_mapping
 from deid_router.deid.keys import Keys
+from deid_router.deid.pixel_rules import OCR_CLEAR, PixelRule, find_rule, load_rules
 from deid_router.deid.profile import CURVE, EDITION, OVERLAY_COMMENTS, OVERLAY_DATA, PRIVATE, Profile
 from deid_router.deid.raw import Element, Reader
 from deid_router.deid.residual import NAME_KEYWORDS, PATIENT_KEYWORDS, TEXT_VRS as WEAK_VRS, VALUE_KEYWORDS
@@ -76,6 +77,7 @@ OPTION_CODES: dict[str, tuple[str, str]] = {
     "retain_safe_private": ("113111", "Retain Safe Private Option"),
     "retain_institution_identity": ("113112", "Retain Institution Identity Option"),
 }
+PIXEL_CODE = ("113101", "Clean Pixel Data Option")  # CID 7050
 _SC_US_PREFIXES = ("1.2.840.10008.5.1.4.1.1.7.", "1.2.840.10008.5.1.4.1.1.6.")
 _SC_US_EXACT = frozenset({"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.3.1"})
 _DATE_VRS = frozenset({"DA", "DT"})
@@ -166,6 +168,7 @@ class Deidentifier:
             (int(keyword_dict[k]), k in PATIENT_KEYWORDS) for k in VALUE_KEYWORDS
             if k in keyword_dict and self._actions.get(int(keyword_dict[k]), "K") != "K"
         )
+        self.pixel_rules = load_rules(config.pixel_rules_file) if config.burned_in_annotation == "clean" else ()
         if self.profile.full_dates:
             self._longitudinal = "UNMODIFIED"
         elif self.profile.shift_dates:
@@ -219,10 +222,13 @@ class Deidentifier:
         if not _first(_get(ds, rd, _T_SOP_INSTANCE)).strip():
             raise DeidError("invalid_dataset", "SOPInstanceUID is missing", "SOPInstanceUID")
         self._check_burned_in(ds, rd)
+        pixel_rule = self.pixel_decision(ds)
         st = _State()
         self._prepare(ds, st, rd)
         self._walk(ds, st, "", top=True, parent=rd)
         self._finish(ds, st)
+        if pixel_rule is not None and pixel_rule is not OCR_CLEAR:
+            self._pixels_cleaned(ds, pixel_rule, st.ids.strong | st.ids.context)
         for kind, original, pseudonym in st.pending:
             self.crosswalk.record(kind, original, pseudonym)
         return ds
@@ -240,6 +246,78 @@ class Deidentifier:
                     "burned_in_annotation", "BurnedInAnnotation absent on a secondary-capture/ultrasound class",
                     "BurnedInAnnotation",
                 )
+
+    # ------------------------------------------------------------------ pixels
+    def pixel_decision(self, ds: Dataset) -> PixelRule | None:
+        """With ``burned_in_annotation = "clean"``: the pixel rule an image that may carry
+        burned-in text is cleaned by (or OCR_CLEAR); None when its pixels need no cleaning.
+        Raises DeidError('burned_in_no_rule') when no rule matches. Read from the original header."""
+        if self.config.burned_in_annotation != "clean":
+            return None
+        rd = Reader.of(ds)
+        value = _first(_get(ds, rd, _T_BURNED_IN)).strip().upper()
+        sop = _first(_get(ds, rd, _T_SOP_CLASS)).strip()
+        if value != "YES" and (value or not (sop in _SC_US_EXACT or sop.startswith(_SC_US_PREFIXES))):
+            return None
+        rows, columns = _first(_get(ds, rd, 0x00280010)).strip(), _first(_get(ds, rd, 0x00280011)).strip()
+        if not rows.isdigit() or not columns.isdigit():
+            return None  # not an image: there are no pixels to clean
+        software = _get(ds, rd, 0x00181020)
+        attrs = {
+            "manufacturer": _first(_get(ds, rd, 0x00080070)).strip(),
+            "model": _first(_get(ds, rd, 0x00081090)).strip(),
+            "software_version": "\\".join(str(v) for v in software) if isinstance(software, (list, MultiValue))
+            else _first(software).strip(),
+            "modality": _first(_get(ds, rd, 0x00080060)).strip(),
+            "sop_class_uid": sop,
+            "photometric_interpretation": _first(_get(ds, rd, 0x00280004)).strip(),
+        }
+        rule = find_rule(self.pixel_rules, attrs, int(rows), int(columns))
+        if rule is not None:
+            return rule
+        if self.config.pixel_no_rule == "ocr_clear":
+            return OCR_CLEAR
+        raise DeidError("burned_in_no_rule", "no pixel rule matches this device and image", "BurnedInAnnotation")
+
+    def strong_identifiers(self, ds: Dataset) -> set[str]:
+        """The strong identifiers of an original header (what OCR must not read in the pixels)."""
+        st = _State()
+        rd = Reader.of(ds)
+        store = ds._dict
+        for tags, add in ((self._strong_name_tags, st.ids.add_name), (self._strong_value_tags, st.ids.add_value)):
+            for t, patient in tags:
+                key = BaseTag(t)
+                if key in store and rd.vr(ds, key, store[key]) != "SQ":
+                    value = _get(ds, rd, t)
+                    for v in ([value] if not isinstance(value, (list, MultiValue)) else list(value)) if value else ():
+                        add(str(v), patient)
+        if self._actions.get(_T_BIRTH_DATE, "K") != "K":
+            bd = _get(ds, rd, _T_BIRTH_DATE)
+            if bd:
+                st.ids.add_birth_date(_first(bd))
+        return st.ids.strong | st.ids.context
+
+    def _pixels_cleaned(self, ds: Dataset, rule: PixelRule, strong: set[str]) -> None:
+        """Record the Clean Pixel Data Option; a dataset that holds its pixels is cleaned here."""
+        from deid_router.deid import pixels
+
+        if BaseTag(0x7FE00010) in ds._dict:
+            ts = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+            plan = pixels.make_plan(ds, ts, rule, ocr_frames=3 if self.config.pixel_ocr else 0)
+            sampler = pixels.FrameSampler(plan, ds) if self.config.pixel_ocr else None
+            pixels.clean_dataset(plan, ds, sampler)
+            if sampler is not None:
+                sampler.verify(strong)
+        ds.BurnedInAnnotation = "NO"
+        seq = ds.DeidentificationMethodCodeSequence
+        if not any(str(it.get("CodeValue", "")) == PIXEL_CODE[0] for it in seq):
+            seq.append(_method_code_item(*PIXEL_CODE))
+        old = ds.DeidentificationMethod
+        methods = [str(v) for v in (old if isinstance(old, (list, MultiValue)) else [old]) if v]
+        text = f"Clean Pixel Data: rule {rule.name}"[:64]
+        if text not in methods:
+            methods.append(text)
+        ds.DeidentificationMethod = methods if len(methods) > 1 else methods[0]
 
     def _prepare(self, ds: Dataset, st: _State, rd: Reader) -> None:
         """Collect the strong identifiers and derive the patient's pseudonyms and date offset."""

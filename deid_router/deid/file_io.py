@@ -24,7 +24,10 @@ from deid_router.deid.writer import write_header
 from deid_router.errors import DeidError, InfrastructureError
 
 if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
     from deid_router.deid.engine import DeidResult, Deidentifier
+    from deid_router.deid.pixel_rules import PixelRule
 
 _PIXEL_TAGS = frozenset({(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)})
 _LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"UC", b"UR", b"SQ", b"SV", b"UV"})
@@ -119,6 +122,37 @@ def _known_encoding(ts: str) -> bool:
     return bool(ts) and uid.is_transfer_syntax and not uid.is_private and not uid.is_deflated
 
 
+def _deidentify_pixels(
+    deid: Deidentifier, ds: Dataset, rule: PixelRule, fp: BinaryIO, start: int, end: int, dst: BinaryIO,
+    ts: str, little: bool, implicit: bool,
+) -> DeidResult:
+    """An image with burned-in text under ``burned_in_annotation = "clean"``: header, then its
+    pixel element cleaned frame by frame (deid/pixels.py); OCR verifies when configured."""
+    from deid_router.deid import pixels
+    from deid_router.deid.pixel_rules import OCR_CLEAR
+
+    strong = deid.strong_identifiers(ds) if deid.config.pixel_ocr else None
+    if rule is OCR_CLEAR:
+        assert strong is not None  # config validation: ocr_clear needs pixel_ocr
+        pixels.ocr_clear(ds, ts, fp, start, little, implicit, strong)
+        deid.deidentify(ds)
+        ds.preamble = b"\0" * 128
+        write_header(dst, ds, implicit, little)
+        copy_range(fp, dst, start, end)
+        return deid.result_of(ds)
+    plan = pixels.make_plan(ds, ts, rule, ocr_frames=3 if strong is not None else 0)
+    extended = pixels.extended_offsets(ds)
+    deid.deidentify(ds)
+    ds.preamble = b"\0" * 128
+    pixels.apply_header(plan, ds)
+    if plan.native_in:
+        write_header(dst, ds, implicit, little)
+    else:
+        write_header(dst, ds, False, True)  # encapsulated inputs are explicit VR little endian
+    pixels.write_cleaned(plan, ds, fp, start, dst, little, implicit, strong, extended)
+    return deid.result_of(ds)
+
+
 def deidentify_file(deid: Deidentifier, src: Path, dst: BinaryIO) -> DeidResult:
     """Read the header only, de-identify it, write it in the same transfer syntax, copy pixels raw."""
     try:
@@ -147,6 +181,9 @@ def deidentify_file(deid: Deidentifier, src: Path, dst: BinaryIO) -> DeidResult:
             implicit = ts == ImplicitVRLittleEndian
             has_pixels = start < size  # otherwise the header is the whole dataset
             end = pixel_element_end(fp, start, size, little, implicit) if has_pixels else size
+            rule = deid.pixel_decision(ds) if has_pixels else None
+            if rule is not None:
+                return _deidentify_pixels(deid, ds, rule, fp, start, end, dst, ts, little, implicit)
             deid.deidentify(ds)
             ds.preamble = b"\0" * 128
             if _known_encoding(ts):
