@@ -615,7 +615,7 @@ def _parse_profiles(r: _Reader, raw: dict[str, Any], base: Path, deid: DeidConfi
                 continue
             if reason.startswith("unknown key"):
                 reason = f"unknown key (allowed: {allowed})"
-            r.problem(where + key.removeprefix("deid"), reason)
+            r.problem(where + key.removeprefix("deid"), reason.replace("deid.", f"{where}."))
         out.append(ProfileConfig(name, scope, replace(parsed, secret_file=deid.secret_file)))
     return tuple(out)
 
