@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
@@ -42,6 +43,9 @@ from deid_router.observability.audit_messages import Auditor, auditor_from
 from deid_router.scp.listener import Intake, Listener
 from deid_router.scp.commitment import Commitment, CommitmentPeer
 from deid_router.store.holding import Holding
+
+if TYPE_CHECKING:
+    from deid_router.http.server import HttpServer
 
 log = get_logger("app")
 
@@ -142,6 +146,7 @@ def _child_stop_event() -> threading.Event:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the node forwards reloads to its listeners only
     return stop
 
 
@@ -199,11 +204,24 @@ def listener_process_main(config_path: str, index: int, log_level: str, parent_p
     ctx = build_context(load_config(config_path))
     listener = build_listener(ctx)
     listener.start()
+    signal.signal(signal.SIGHUP, lambda signum, frame: listener.reload_tls())
     try:
         stop.wait()
     finally:
         listener.shutdown(SHUTDOWN_GRACE_SECONDS)
         ctx.close()
+
+
+def build_http(ctx: Context, listener: Listener) -> HttpServer | None:
+    """The console, API, health and metrics server of ``[http]`` (None when port is 0)."""
+    if not ctx.config.http.port:
+        return None
+    from deid_router.http.app import build_app
+    from deid_router.http.server import HttpServer
+    from deid_router.http.services import build_services
+
+    svc = build_services(ctx.config, ctx.repo, ctx.holding, ctx.keys, lambda: listener.listening, ctx.auditor)
+    return HttpServer(ctx.config.http, build_app(svc))
 
 
 @dataclass
@@ -226,8 +244,10 @@ class Node:
             log.warning("partial_files_removed", count=removed)
         self.listener = build_listener(self.ctx)
         self.housekeeping = Housekeeping(
-            self.ctx.repo, self.ctx.holding, config.storage.keep_raw_hours, RetryPolicy.from_config(config.queue)
+            self.ctx.repo, self.ctx.holding, config.storage.keep_raw_hours, RetryPolicy.from_config(config.queue),
+            destinations=[d.name for d in config.destinations],
         )
+        self.http = build_http(self.ctx, self.listener)
         self._children: list[_Child] = []
         self._mp = multiprocessing.get_context("spawn")
         self._scheduler: BackgroundScheduler | None = None
@@ -255,6 +275,8 @@ class Node:
         self._remove_partial_outputs()
         self.housekeeping.sweep_orphans()
         self.housekeeping.requeue_stale()
+        if self.http is not None:
+            self.http.start()  # first: a taken HTTP port stops the node before it accepts DICOM
         self.listener.start()
         self._scheduler = start_scheduler(self.housekeeping, self.config.queue.lease_seconds)
         listeners = self.config.listener.processes or (os.cpu_count() or 1)
@@ -269,6 +291,14 @@ class Node:
                 if not child.proc.is_alive():
                     log.error("child_died", kind=child.kind, index=child.index, exitcode=child.proc.exitcode)
                     self._children[i] = self._spawn(child.kind, child.index)
+
+    def reload(self) -> None:
+        """SIGHUP: the listeners read their TLS certificates again (destinations re-read theirs
+        by themselves when the files change); established associations are not touched."""
+        self.listener.reload_tls()
+        for child in self._children:
+            if child.kind == "listener" and child.proc.is_alive() and child.proc.pid is not None:
+                os.kill(child.proc.pid, signal.SIGHUP)
 
     def _signal_children(self, kind: str) -> list[BaseProcess]:
         procs = [c.proc for c in self._children if c.kind == kind]
@@ -288,10 +318,14 @@ class Node:
     def stop(self) -> None:
         """Stop accepting, let transfers finish, let workers release their jobs, exit (< 30 s)."""
         log.info("node_stopping")
+        if self.http is not None:
+            self.http.begin_stop()  # closes while the listener drains; joined below
         listeners = self._signal_children("listener")
         self.listener.shutdown(SHUTDOWN_GRACE_SECONDS)
         self._join(listeners, timeout=2.0)
         self._join(self._signal_children("worker"), timeout=6.0)
+        if self.http is not None:
+            self.http.stop()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         self.ctx.close()
@@ -309,6 +343,7 @@ def serve(config_path: Path, log_level: str = "INFO") -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     node = Node(config, log_level)
+    signal.signal(signal.SIGHUP, lambda signum, frame: node.reload())
     node.start()
     try:
         node.supervise(stop)

@@ -88,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (cl, ce):
         sp.add_argument("--actor", default=os.environ.get("USER", "unknown"), help="who asks (audited)")
         sp.add_argument("--scope", default="default", help="pseudonym scope of a profile (default: [deid]'s)")
+
+    p = sub.add_parser("user", help="console and API users (add, remove, list)")
+    usub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    ua = usub.add_parser("add")
+    ua.add_argument("name")
+    ua.add_argument("--role", required=True, choices=["admin", "viewer"])
+    ua.add_argument("--password-file", type=Path, help="file whose first line is the password (default: prompt)")
+    ur = usub.add_parser("remove")
+    ur.add_argument("name")
+    ul = usub.add_parser("list")
+    _config_arg(p)
+    for sp in (ua, ur, ul):  # also after the action word; SUPPRESS keeps a --config given before it
+        sp.add_argument("--config", default=argparse.SUPPRESS, help="path to the TOML configuration")
     return parser
 
 
@@ -129,9 +142,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from deid_router.db.operations import DestinationStates, Reports
+
     ctx = _context(args)
     try:
-        counts = ctx.repo.status_counts()
+        counts = Reports(ctx.engine, ctx.repo).status(DestinationStates(ctx.engine))  # = GET /api/v1/status
     finally:
         ctx.close()
     if args.json:
@@ -142,6 +157,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, states in sorted(counts["destinations"].items()):
         print(f"  {name:<10} " + "  ".join(f"{k}={v}" for k, v in states.items()))
     print(f"quarantined: {counts['quarantined']}")
+    if counts["paused"]:
+        print(f"paused:      {', '.join(counts['paused'])}")
     return EXIT_OK
 
 
@@ -284,6 +301,72 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
                        preview=args.preview, profile=args.profile)
 
 
+def _read_password(args: argparse.Namespace) -> str | None:
+    if args.password_file is not None:
+        try:
+            return args.password_file.read_text(encoding="utf-8").splitlines()[0] if args.password_file.stat().st_size else ""
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"deid-router: cannot read the password file {args.password_file} ({exc})", file=sys.stderr)
+            return None
+    if not sys.stdin.isatty():
+        print("deid-router: give --password-file F (no terminal to prompt on)", file=sys.stderr)
+        return None
+    import getpass
+
+    first = getpass.getpass(f"password for {args.name}: ")
+    if getpass.getpass("again: ") != first:
+        print("deid-router: the passwords differ", file=sys.stderr)
+        return None
+    return first
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from deid_router.app import build_context
+    from deid_router.db.operations import UserExists, UserStore
+
+    config = _load(args)
+    if args.action == "add":
+        from deid_router.http.passwords import hash_password
+
+        password = _read_password(args)
+        if password is None:
+            return EXIT_USAGE
+        try:
+            hashed = hash_password(password)
+        except ValueError as exc:
+            print(f"deid-router: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        ctx = build_context(config, run_migrations=True)  # works before the first serve
+        try:
+            UserStore(ctx.engine).add(args.name, args.role, hashed)
+            ctx.repo.audit("user_add", os.environ.get("USER", "unknown"), f"user={args.name} role={args.role}")
+        except UserExists:
+            print(f"deid-router: user {args.name!r} exists (deid-router user remove {args.name} first)", file=sys.stderr)
+            return EXIT_ERROR
+        finally:
+            ctx.close()
+        print(f"user {args.name} added ({args.role})")
+        return EXIT_OK
+    ctx = build_context(config, run_migrations=True)
+    try:
+        store = UserStore(ctx.engine)
+        if args.action == "remove":
+            if not store.remove(args.name):
+                print(f"deid-router: no user {args.name!r} (see: deid-router user list)", file=sys.stderr)
+                return EXIT_ERROR
+            ctx.repo.audit("user_remove", os.environ.get("USER", "unknown"), f"user={args.name}")
+            print(f"user {args.name} removed")
+            return EXIT_OK
+        users = store.list()
+        if not users:
+            print("no users (add one: deid-router user add NAME --role admin --password-file F)")
+        for u in users:
+            print(f"{u.name}\t{u.role}\t{u.created_at:%Y-%m-%d %H:%M:%S}")
+        return EXIT_OK
+    finally:
+        ctx.close()
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": cmd_serve,
     "status": cmd_status,
@@ -292,6 +375,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "quarantine": cmd_quarantine,
     "retry": cmd_retry,
     "crosswalk": cmd_crosswalk,
+    "user": cmd_user,
 }
 
 

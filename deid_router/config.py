@@ -7,14 +7,16 @@ paths resolve against the directory of the config file.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from deid_router.errors import ConfigError
+from deid_router.errors import ConfigError, TlsError
 
 ENV_CONFIG = "DEID_ROUTER_CONFIG"
 ENV_QUEUE_URL = "DEID_ROUTER_QUEUE_URL"
@@ -40,6 +42,17 @@ _TAG_RE = re.compile(r"^\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)$")
 
 
 @dataclass(frozen=True)
+class ListenerTlsConfig:
+    """[listener.tls]: DICOM TLS on its own port (PS3.15 B.1, BCP 195)."""
+
+    port: int
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    require_client_cert: bool = True
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     ae_title: str = "DEID_ROUTER"
     host: str = "0.0.0.0"
@@ -50,6 +63,15 @@ class ListenerConfig:
     max_pdu_size: int = 0  # 0: unlimited, fastest for pynetdicom
     network_timeout_seconds: float = 60.0
     dimse_timeout_seconds: float = 60.0
+    # Network front door (contract "Network security"): hosts allowed to connect (CIDRs, empty:
+    # any), the plain port on or off, the TLS listener, and the bounds on connections that have
+    # not completed A-ASSOCIATE yet (ARTIM from the connection, caps in total and per host).
+    allowed_hosts: tuple[str, ...] = ()
+    plain: bool = True
+    tls: ListenerTlsConfig | None = None
+    artim_timeout_seconds: float = 10.0
+    max_pending_connections: int = 256
+    max_pending_per_host: int = 32
 
 
 @dataclass(frozen=True)
@@ -114,13 +136,18 @@ class DestinationConfig:
     dimse_timeout_seconds: float = 60.0
     network_timeout_seconds: float = 60.0
     max_pdu_size: int = 0
+    # DICOM TLS to the PACS (type "dicom"): verified against ca_file and server_name (default host)
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str = ""
     # type = "dicomweb" (issue 15): STOW-RS to url; auth from a file; TLS verified against ca_file
     url: str = ""
     username: str = ""
     password_file: Path | None = None
     token_file: Path | None = None
-    ca_file: Path | None = None
-    instances_per_request: int = 16
+    instances_per_request: int = 16  # (ca_file above: also the STOW-RS server's CA)
 
 
 DICOMWEB_KEYS = ("url", "username", "password_file", "token_file", "ca_file", "instances_per_request")
@@ -169,6 +196,16 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """``[http]``: console, API, health and metrics (port 0: no HTTP server)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    cert_file: Path | None = None  # [http.tls]: both or neither
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     listener: ListenerConfig
@@ -178,6 +215,7 @@ class Config:
     destinations: tuple[DestinationConfig, ...]
     routes: tuple[RouteConfig, ...]
     warnings: tuple[str, ...] = ()
+    http: HttpConfig = field(default_factory=HttpConfig)
     storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
     audit: AuditConfig = AuditConfig()
     profiles: tuple[ProfileConfig, ...] = ()
@@ -300,13 +338,15 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     base = file.parent
     warnings: list[str] = []
     r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes", "storage_commitment", "audit",
-                     "profiles"))
+                     "http", "profiles"))
 
     # [listener]
     li = r.table(raw, "listener")
     r.unknown(li, "listener", tuple(ListenerConfig.__dataclass_fields__))
     d = ListenerConfig()
+    listener_net = _listener_network(r, li, base, d)
     listener = ListenerConfig(
+        **listener_net,
         ae_title=r.get(li, "listener", "ae_title", str, d.ae_title),
         host=r.get(li, "listener", "host", str, d.host),
         port=r.number(li, "listener", "port", int, d.port, 0),
@@ -322,6 +362,8 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         r.ae_title(aet, f"listener.allowed_calling_aets[{i}]")
     if listener.port > 65535:
         r.problem("listener.port", "must be <= 65535")
+    if listener.tls is not None and listener.plain and listener.tls.port == listener.port and listener.port:
+        r.problem("listener.tls.port", "must differ from listener.port")
 
     # [storage]
     st = r.table(raw, "storage")
@@ -395,7 +437,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         )
         if kind != "dicomweb":
             for key in DICOMWEB_KEYS:
-                if key in dest:
+                if key in dest and key != "ca_file":  # ca_file: also DICOM TLS (type "dicom")
                     r.problem(f"{where}.{key}", "is only allowed for type 'dicomweb'")
         if kind == "dicomweb":
             destinations.append(_parse_dicomweb(r, dest, where, base, common))
@@ -417,13 +459,13 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
             destinations.append(
                 DestinationConfig(
                     ae_title=ae, host=r.get(dest, where, "host", str, ""), port=port,
-                    calling_ae_title=calling, **common,
+                    calling_ae_title=calling, **common, **_destination_tls(r, dest, where, base),
                 )
             )
         elif kind == "folder":
             if "path" not in dest:
                 r.problem(f"{where}.path", "is required for type 'folder'")
-            for key in ("ae_title", "host", "port", "calling_ae_title"):
+            for key in ("ae_title", "host", "port", "calling_ae_title", *_DESTINATION_TLS_KEYS):
                 if key in dest:
                     r.problem(f"{where}.{key}", "is only allowed for type 'dicom'")
             p = _resolve(base, r.get(dest, where, "path", str, "."))
@@ -473,6 +515,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         r.problem("routes", "at least one [[routes]] is required, or nothing would be forwarded")
     storage_commitment = _storage_commitment(r, r.table(raw, "storage_commitment"))
     audit = _audit(r, r.table(raw, "audit"), base)
+    http = _parse_http(r, raw, base)
 
     if r.problems:
         raise ConfigError(r.problems)
@@ -482,6 +525,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         storage=storage,
         queue=queue,
         deid=deid,
+        http=http,
         destinations=tuple(destinations),
         routes=tuple(routes),
         warnings=tuple(warnings),
@@ -544,9 +588,9 @@ def _storage_commitment(r: _Reader, sc: dict[str, Any]) -> StorageCommitmentConf
 def _parse_dicomweb(r: _Reader, dest: dict[str, Any], where: str, base: Path, common: dict[str, Any]) -> DestinationConfig:
     """A STOW-RS destination: url, optional basic (username + password_file) or bearer
     (token_file) auth, ca_file for TLS verification."""
-    for key in ("ae_title", "host", "port", "calling_ae_title", "path"):
-        if key in dest:
-            r.problem(f"{where}.{key}", "is not allowed for type 'dicomweb' (it takes url)")
+    for key in ("ae_title", "host", "port", "calling_ae_title", "path", *_DESTINATION_TLS_KEYS):
+        if key in dest and key != "ca_file":
+            r.problem(f"{where}.{key}", "is not allowed for type 'dicomweb' (it takes url, and ca_file for https)")
     url = r.get(dest, where, "url", str, "")
     if not url:
         r.problem(f"{where}.url", "is required for type 'dicomweb' (the DICOMweb root, e.g. http://host:8042/dicom-web)")
@@ -692,6 +736,102 @@ def _parse_deid(r: _Reader, raw: dict[str, Any], base: Path) -> DeidConfig:
     return deid
 
 
+# -- network security ("Network security" in the contract) -----------------------------------
+
+_DESTINATION_TLS_KEYS = ("tls", "ca_file", "cert_file", "key_file", "server_name")
+
+
+def _cidrs(r: _Reader, values: tuple[str, ...], where: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for i, value in enumerate(values):
+        try:
+            out.append(str(ipaddress.ip_network(value.strip(), strict=True)))
+        except ValueError as exc:
+            r.problem(f"{where}[{i}]", f"{value!r} is not a CIDR network ({exc})")
+    return tuple(out)
+
+
+def _tls_problems(r: _Reader, where: str, files: dict[str, Path | None], build: Callable[[], object]) -> None:
+    """Every file must be readable; then load them into a real context: a bad PEM or a key
+    of another certificate is found by check-config, not by the first modality."""
+    unreadable = False
+    for key, path in files.items():
+        if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
+            r.problem(f"{where}.{key}", f"{path} is not a readable file")
+            unreadable = True
+    if unreadable:
+        return
+    try:
+        build()
+    except TlsError as exc:
+        r.problem(f"{where}.{exc.key}", exc.reason)
+
+
+def _listener_network(r: _Reader, li: dict[str, Any], base: Path, d: ListenerConfig) -> dict[str, Any]:
+    """The front-door keys of [listener] and its [listener.tls] table."""
+    tls: ListenerTlsConfig | None = None
+    if "tls" in li:
+        tl = r.table(li, "tls")
+        where = "listener.tls"
+        r.unknown(tl, where, tuple(ListenerTlsConfig.__dataclass_fields__))
+        for key in ("port", "cert_file", "key_file"):
+            if key not in tl:
+                r.problem(f"{where}.{key}", "is required in [listener.tls]")
+        port = r.number(tl, where, "port", int, 0, 0)
+        if port > 65535:
+            r.problem(f"{where}.port", "must be <= 65535")
+        require = r.get(tl, where, "require_client_cert", bool, True)
+        ca_raw = r.get(tl, where, "ca_file", str, "")
+        if require and not ca_raw:
+            r.problem(f"{where}.ca_file", "is required while require_client_cert = true")
+        cert_raw, key_raw = r.get(tl, where, "cert_file", str, ""), r.get(tl, where, "key_file", str, "")
+        tls = built = ListenerTlsConfig(
+            port=port,
+            cert_file=_resolve(base, cert_raw),
+            key_file=_resolve(base, key_raw),
+            ca_file=_resolve(base, ca_raw) if ca_raw else None,
+            require_client_cert=require,
+        )
+        if cert_raw and key_raw and (ca_raw or not require):
+            from deid_router.tls import server_context_for
+
+            files = {"cert_file": built.cert_file, "key_file": built.key_file, "ca_file": built.ca_file}
+            _tls_problems(r, where, files, lambda: server_context_for(built))
+    plain = r.get(li, "listener", "plain", bool, True)
+    if not plain and tls is None:
+        r.problem("listener.plain", "false needs a [listener.tls] table, or nothing would listen")
+    return dict(
+        allowed_hosts=_cidrs(r, r.strings(li, "listener", "allowed_hosts"), "listener.allowed_hosts"),
+        plain=plain,
+        tls=tls,
+        artim_timeout_seconds=r.number(li, "listener", "artim_timeout_seconds", float, d.artim_timeout_seconds, 0.1),
+        max_pending_connections=r.number(li, "listener", "max_pending_connections", int, d.max_pending_connections, 1),
+        max_pending_per_host=r.number(li, "listener", "max_pending_per_host", int, d.max_pending_per_host, 1),
+    )
+
+
+def _destination_tls(r: _Reader, dest: dict[str, Any], where: str, base: Path) -> dict[str, Any]:
+    """The TLS keys of a type "dicom" destination."""
+    tls = r.get(dest, where, "tls", bool, False)
+    paths: dict[str, Path | None] = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        raw = r.get(dest, where, key, str, "")
+        paths[key] = _resolve(base, raw) if raw else None
+    server_name = r.get(dest, where, "server_name", str, "")
+    if not tls:
+        for key in ("ca_file", "cert_file", "key_file", "server_name"):
+            if key in dest:
+                r.problem(f"{where}.{key}", "is only used with tls = true")
+    elif (paths["cert_file"] is None) != (paths["key_file"] is None):
+        missing = "key_file" if paths["key_file"] is None else "cert_file"
+        r.problem(f"{where}.{missing}", "cert_file and key_file go together (our client certificate)")
+    else:
+        from deid_router.tls import client_context
+
+        _tls_problems(r, where, paths, lambda: client_context(paths["ca_file"], paths["cert_file"], paths["key_file"]))
+    return dict(tls=tls, server_name=server_name, **paths)
+
+
 def _pixel_keys(r: _Reader, de: dict[str, Any], base: Path) -> dict[str, Any]:
     """deid.pixel_rules_file, deid.pixel_ocr and deid.pixel_no_rule, validated."""
     import shutil
@@ -713,6 +853,31 @@ def _pixel_keys(r: _Reader, de: dict[str, Any], base: Path) -> dict[str, Any]:
     elif no_rule == "ocr_clear" and not ocr:
         r.problem("deid.pixel_no_rule", "'ocr_clear' needs deid.pixel_ocr = true")
     return {"pixel_rules_file": rules_file, "pixel_ocr": ocr, "pixel_no_rule": no_rule}
+
+
+def _parse_http(r: _Reader, raw: dict[str, Any], base: Path) -> HttpConfig:
+    """``[http]`` host, port and the optional ``[http.tls]`` cert_file / key_file."""
+    ht = r.table(raw, "http")
+    r.unknown(ht, "http", ("host", "port", "tls"))
+    d = HttpConfig()
+    port = r.number(ht, "http", "port", int, d.port, 0)
+    if port > 65535:
+        r.problem("http.port", "must be <= 65535")
+    tls = r.table(ht, "tls") if "tls" in ht else {}
+    r.unknown(tls, "http.tls", ("cert_file", "key_file"))
+    files: dict[str, Path | None] = {}
+    for key in ("cert_file", "key_file"):
+        value = r.get(tls, "http.tls", key, str, "")
+        files[key] = _resolve(base, value) if value else None
+        path = files[key]
+        if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
+            r.problem(f"http.tls.{key}", f"{path} is not a readable file")
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        r.problem("http.tls", "cert_file and key_file go together")
+    return HttpConfig(
+        host=r.get(ht, "http", "host", str, d.host), port=port,
+        cert_file=files["cert_file"], key_file=files["key_file"],
+    )
 
 
 def _known_keyword(name: str) -> bool:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from pydicom.uid import UID
 
-from deid_router import __version__, wire
-from deid_router.config import DEID_OPTIONS, DestinationConfig, ListenerConfig
+from deid_router import __version__, tls, wire
+from deid_router.config import DEID_OPTIONS, DestinationConfig, ListenerConfig, ListenerTlsConfig
 from deid_router.forward import status as forward_status
 from deid_router.scp import acceptor, commitment, statuses
 
@@ -156,8 +156,14 @@ def render() -> str:
         "associations per listener process; more, or a holding disk below `storage.min_free_mb`: rejected "
         "transient, local-limit-exceeded.",
         f"- Maximum PDU received: `listener.max_pdu_size` (default {listener.max_pdu_size}: unlimited).",
-        f"- Timeouts: {acceptor.AcceptorSettings.__dataclass_fields__['acse_timeout_seconds'].default:.0f} s for "
-        f"the A-ASSOCIATE-RQ, `listener.network_timeout_seconds` (default {listener.network_timeout_seconds:.0f} s) "
+        "- Hosts: any, or only those in `listener.allowed_hosts` (CIDRs); others are disconnected at accept, "
+        "before anything is read. Connections without a complete A-ASSOCIATE-RQ yet are capped at "
+        f"`listener.max_pending_connections` (default {listener.max_pending_connections}) and "
+        f"`listener.max_pending_per_host` (default {listener.max_pending_per_host}); beyond: disconnected.",
+        f"- Timeouts: the ARTIM timer, `listener.artim_timeout_seconds` (default {listener.artim_timeout_seconds:.0f} s "
+        "from the connection, not from the last byte), for the TLS handshake and the whole A-ASSOCIATE-RQ "
+        "(expired: the connection is closed), "
+        f"`listener.network_timeout_seconds` (default {listener.network_timeout_seconds:.0f} s) "
         f"between messages, `listener.dimse_timeout_seconds` (default {listener.dimse_timeout_seconds:.0f} s) "
         "within one.",
         "- Asynchronous operations: not supported (one operation at a time per association). "
@@ -239,6 +245,16 @@ def render() -> str:
         "DeidentificationMethodCodeSequence (CID 7050: 113100 and one code per option).",
         "- UIDs, pseudonyms and date shifts are keyed (HMAC-SHA256) by the node's secret: the same input gives "
         "the same output across restarts and nodes.",
+        "- DICOM TLS (PS3.15 B.1 Basic TLS Secure Transport Connection Profile, with the BCP 195 profile): "
+        "a listener on `[listener.tls] port` and, per DICOM destination, `tls = true`. "
+        f"{tls.MINIMUM_VERSION_NAME} and {tls.MAXIMUM_VERSION_NAME} only; for TLS 1.2 the cipher suites "
+        + ", ".join(f"`{c}`" for c in tls.BCP195_TLS12_CIPHERS.split(":"))
+        + "; for TLS 1.3 OpenSSL's (all AEAD). The listener requires a client certificate signed by "
+        f"`ca_file` unless `require_client_cert = false` (default {str(ListenerTlsConfig.__dataclass_fields__['require_client_cert'].default).lower()}); "
+        "towards a PACS the certificate and host name (`server_name`, default the host) are verified. "
+        "A peer that fails is refused and logged with a fixed reason: "
+        + ", ".join(f"`tls_{r}`" for r in tls.refusal_codes())
+        + ".",
         "",
         "## 4 Character sets",
         "",

@@ -24,12 +24,28 @@ class StorageError(DeidRouterError):
     """The holding area could not durably store or read a file (disk full, I/O error)."""
 
 
+class UnsafePathError(DeidRouterError):
+    """A path would be built from a value that is not a UID, or would leave its root (store/layout.py)."""
+
+
 class QueueError(DeidRouterError):
     """The job database could not be reached or refused a write."""
 
 
 class ListenerError(DeidRouterError):
     """The DICOM port could not be opened (in use, not permitted, no such address)."""
+
+
+class TlsError(DeidRouterError):
+    """A certificate, key or CA file could not be loaded into a TLS context.
+
+    ``key`` is the config key of the file at fault (``cert_file``, ``key_file``, ``ca_file``).
+    """
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{key}: {reason}")
 
 
 # Trouble with the machine rather than the instance: whoever meets it retries later. The
@@ -67,3 +83,7 @@ class TransientForwardError(ForwardError):
 
 class PermanentForwardError(ForwardError):
     """Retrying will not help (refused SOP class, permanent rejection)."""
+
+
+class HttpServerError(DeidRouterError):
+    """The HTTP port (``[http]``) could not be opened, or the server did not start."""

@@ -1,7 +1,8 @@
 """Offline batch de-identification (``deid-router deidentify``).
 
 Same engine, keys and crosswalk as the node. Files are spread over worker processes; each
-output is written atomically under ``OUT/<study>/<series>/<sop>.dcm`` (output UIDs); an input
+output is written atomically under ``OUT/<study>/<series>/<sop>.dcm`` (output UIDs, the path
+built by store/layout.py, which refuses anything but a UID: such an input is quarantined); an input
 the engine refuses is copied to the sibling ``quarantine/`` folder with a reason file that
 names the reason and the attribute path, never a value.
 """
@@ -11,14 +12,14 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 from deid_router.config import Config
-from deid_router.errors import DeidError, DeidRouterError
+from deid_router.errors import DeidError, DeidRouterError, UnsafePathError
+from deid_router.store import layout
 from deid_router.store.holding import Holding
 
 _worker_state: dict[str, object] = {}
@@ -70,11 +71,15 @@ def _process(src: str, out: str, quarantine: str) -> FileResult:
         return FileResult(src, "skipped", "not a DICOM Part-10 file")
     out_dir = Path(out)
     holding = Holding(out_dir)
-    tmp = out_dir / f".{uuid.uuid4().hex}.dcm"
+    tmp = layout.temp_path(out_dir)
     try:
         with holding.atomic_writer(tmp) as fh:
             result = deid.deidentify_file(path, fh)
-        final = out_dir / result.study_instance_uid / result.series_instance_uid / f"{result.sop_instance_uid}.dcm"
+        try:
+            final = layout.instance_path(
+                out_dir, result.study_instance_uid, result.series_instance_uid, result.sop_instance_uid)
+        except UnsafePathError as exc:
+            raise DeidError("invalid_uid_for_path", str(exc)) from exc
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
         return FileResult(src, "ok")
@@ -82,9 +87,9 @@ def _process(src: str, out: str, quarantine: str) -> FileResult:
         tmp.unlink(missing_ok=True)
         qdir = Path(quarantine)
         qdir.mkdir(parents=True, exist_ok=True)
-        name = uuid.uuid4().hex
-        shutil.copyfile(path, qdir / f"{name}.dcm")
-        (qdir / f"{name}.reason.txt").write_text(
+        copy, reason = layout.quarantine_paths(qdir)
+        shutil.copyfile(path, copy)
+        reason.write_text(
             f"source: {src}\nreason: {exc.reason}\npath: {exc.path}\ndetail: {exc.detail}\n", encoding="utf-8"
         )
         return FileResult(src, "quarantined", exc.reason)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from deid_router.db.operations import Reports
 from deid_router.db.repository import JobRepository
 from deid_router.errors import QueueError, StorageError
 from deid_router.jobs.policy import RetryPolicy
 from deid_router.observability.logging import get_logger
+from deid_router.observability.metrics import QueueCollector, registry_for, render
 from deid_router.store.holding import Holding
 
 log = get_logger("scheduler")
@@ -18,11 +21,15 @@ log = get_logger("scheduler")
 class Housekeeping:
     """The periodic tasks, callable directly (tests) or from the scheduler."""
 
-    def __init__(self, repo: JobRepository, holding: Holding, keep_raw_hours: float, policy: RetryPolicy) -> None:
+    def __init__(
+        self, repo: JobRepository, holding: Holding, keep_raw_hours: float, policy: RetryPolicy,
+        destinations: Sequence[str] = (),
+    ) -> None:
         self.repo = repo
         self.holding = holding
         self.keep_raw = timedelta(hours=keep_raw_hours)
         self.policy = policy
+        self._registry = registry_for(QueueCollector(Reports(repo.engine, repo), holding.free_bytes, destinations))
 
     def sweep_orphans(self) -> int:
         """Delete this node's raw files that never got committed (killed between fsync and commit).
@@ -69,35 +76,17 @@ class Housekeeping:
         return purged
 
     def report(self) -> None:
-        """Log the queue counts and write them as a Prometheus textfile (node_exporter's
-        textfile collector reads ``<storage.root>/metrics/<node>.prom``)."""
+        """Log the queue counts and write the metrics of ``/metrics`` as a Prometheus textfile
+        (node_exporter's textfile collector reads ``<storage.root>/metrics/<node>.prom``)."""
         try:
             counts = self.repo.status_counts()
         except QueueError:
             log.error("queue_metrics_failed")
             return
         log.info("queue_metrics", jobs=counts["jobs"], quarantined=counts["quarantined"])
-        lines = [
-            "# HELP deid_router_jobs Jobs by state.",
-            "# TYPE deid_router_jobs gauge",
-            *(f'deid_router_jobs{{state="{k}"}} {v}' for k, v in sorted(counts["jobs"].items())),
-            "# HELP deid_router_destination_jobs Jobs by destination and state.",
-            "# TYPE deid_router_destination_jobs gauge",
-            *(
-                f'deid_router_destination_jobs{{destination="{d}",state="{k}"}} {v}'
-                for d, states in sorted(counts["destinations"].items())
-                for k, v in sorted(states.items())
-            ),
-            "# HELP deid_router_quarantined Instances in the quarantine.",
-            "# TYPE deid_router_quarantined gauge",
-            f"deid_router_quarantined {counts['quarantined']}",
-            "# HELP deid_router_holding_free_bytes Free space on the holding filesystem.",
-            "# TYPE deid_router_holding_free_bytes gauge",
-            f"deid_router_holding_free_bytes {self.holding.free_bytes()}",
-        ]
         try:
             with self.holding.atomic_writer(self.holding.metrics_path) as fh:
-                fh.write(("\n".join(lines) + "\n").encode())
+                fh.write(render(self._registry))
         except StorageError:
             log.error("metrics_write_failed")
 

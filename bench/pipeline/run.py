@@ -206,7 +206,8 @@ def run_router(corpus: str, parts: list[Path], n: int, senders: int, tmp: Path, 
     if baseline is not None:
         env["PYTHONPATH"] = str(baseline[1])  # ahead of the editable install of this checkout
     router = RouterProcess(tmp / f"router-{corpus}-{senders}-{listeners}", [dicom_destination("pacs", scp_port, "PACS")],
-                           queue=queue, env=env, listener={"processes": listeners})
+                           queue=queue, env=env, listener={"processes": listeners},
+                           http=None if baseline is not None else {})  # a baseline may predate [http]
     spy = None
     try:
         router.start()

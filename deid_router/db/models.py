@@ -1,5 +1,5 @@
 """SQLAlchemy models of the durable queue: instances, jobs, their history, the quarantine,
-the crosswalk and the audit trail.
+the crosswalk, the audit trail, console users and destination pause state.
 
 No column holds a tag value in clear: SOP Instance UIDs and crosswalk originals arrive
 already hashed (HMAC) or encrypted by the caller. ``sop_class_uid`` is a registered class UID.
@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -158,3 +159,26 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(64))
     actor: Mapped[str] = mapped_column(String(128))
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class User(Base):
+    """A console / API user: ``role`` is ``admin`` or ``viewer``; the password as an argon2 hash."""
+
+    __tablename__ = "users"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DestinationState(Base):
+    """Operator state of a destination: while ``paused``, workers claim none of its jobs."""
+
+    __tablename__ = "destination_state"
+
+    destination: Mapped[str] = mapped_column(String(128), primary_key=True)
+    paused: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_by: Mapped[str] = mapped_column(String(128))

@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 
 from deid_router.db.driver import DriverStatement, driver_transaction
 from deid_router.db.engine import READ_ONLY_OPTION
-from deid_router.db.models import AuditEvent, Crosswalk, Instance, Job, QuarantineRow, utc_now
+from deid_router.db.models import AuditEvent, Crosswalk, DestinationState, Instance, Job, QuarantineRow, utc_now
 from deid_router.db.models import JobEvent as JobEventRow
 from deid_router.errors import QueueError
 from deid_router.jobs.outcome import Outcome, OutcomeKind
@@ -177,9 +177,12 @@ class _EnqueueStatements:
 
 # The claim a worker lane makes many times a second: due jobs of one destination.
 _J = _JOBS.c
+# An operator paused the destination (console / API): none of its jobs is due until resumed.
+_NOT_PAUSED = ~exists().where(DestinationState.destination == _J.destination, DestinationState.paused.is_(True))
 _DUE_FOR_DESTINATION = (
     or_(_J.state == JobState.QUEUED.value, and_(_J.state == JobState.RETRYING.value, _J.run_after <= bindparam("now"))),
     _J.destination == bindparam("destination"),
+    _NOT_PAUSED,
 )
 _CLAIM_PROBE = select(_J.id).where(*_DUE_FOR_DESTINATION).limit(1)
 _CLAIM_PICK = (
@@ -220,6 +223,10 @@ class JobRepository:
         self._clock = clock
         self._pg = engine.dialect.name == "postgresql"
         self._fast = _EnqueueStatements(engine.dialect)
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
 
     # ------------------------------------------------------------------ plumbing
 
@@ -370,9 +377,9 @@ class JobRepository:
     # ------------------------------------------------------------------ claim / lease
 
     def _due(self, now: datetime) -> Any:
-        return or_(
-            Job.state == JobState.QUEUED.value,
-            and_(Job.state == JobState.RETRYING.value, Job.run_after <= now),
+        return and_(
+            or_(Job.state == JobState.QUEUED.value, and_(Job.state == JobState.RETRYING.value, Job.run_after <= now)),
+            _NOT_PAUSED,
         )
 
     def claim(

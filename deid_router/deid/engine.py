@@ -8,9 +8,10 @@ result: the caller quarantines the instance.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import pydicom
 from pydicom.datadict import keyword_dict
@@ -23,7 +24,10 @@ from pydicom._uid_dict import UID_dictionary
 
 from deid_router.config import DeidConfig
 from deid_router.deid import actions as act
-from deid_router.deid import dates
+from deid_router.deid import clean as cleaning
+from deid_router.deid.actions import Action
+from deid_router.deid import dates, iod_types
+from deid_router.deid.accounting import check_accounted
 from deid_router.deid.crosswalk import Crosswalk, NullCrosswalk, load_patient_mapping
 from deid_router.deid.keys import Keys
 from deid_router.deid.pixel_rules import OCR_CLEAR, PixelRule, find_rule, load_rules
@@ -52,7 +56,13 @@ _T_IDENTITY_REMOVED = 0x00120062
 _T_METHOD = 0x00120063
 _T_METHOD_CODES = 0x00120064
 _T_LONGITUDINAL = 0x00280303
+_T_CSD = BaseTag(0x00080102)
+_T_CODE_VALUE, _T_LONG_CODE, _T_URN_CODE = BaseTag(0x00080100), BaseTag(0x00080119), BaseTag(0x00080120)
+_T_REF_SERIES = 0x00081115  # the Common Instance Reference Module
+_T_REF_STUDIES = 0x00081200
 _PSEUDO_TAGS = frozenset({_T_PATIENT_NAME, _T_PATIENT_ID, _T_ACCESSION, _T_STUDY_ID})
+# the actions under which those four get keyed pseudonyms instead
+_PSEUDO_ACTIONS = frozenset({Action.EMPTY, Action.DUMMY, Action.CLEAN, Action.UID, Action.SHIFT, Action.HASH})
 _OWN_TAGS = frozenset({_T_IDENTITY_REMOVED, _T_METHOD, _T_METHOD_CODES, _T_LONGITUDINAL,
                        _T_PATIENT_ID, _T_PATIENT_NAME})
 # UIDs that name classes, syntaxes and coding schemes are never instance-identifying.
@@ -82,6 +92,7 @@ _SC_US_PREFIXES = ("1.2.840.10008.5.1.4.1.1.7.", "1.2.840.10008.5.1.4.1.1.6.")
 _SC_US_EXACT = frozenset({"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.3.1"})
 _DATE_VRS = frozenset({"DA", "DT"})
 _UNCHANGED = object()
+_DEFERRED = object()  # a C value, cleaned after the walk (clean.Cleaning)
 # Remapped UIDs kept for reuse; HMAC is cheap, so the cache only has to stay small.
 _UID_CACHE_MAX = 50_000
 
@@ -99,15 +110,24 @@ class DeidResult:
 class _State:
     """Per-instance working state of one de-identification."""
 
-    __slots__ = ("ids", "offset", "patient_key", "patient_id_out", "patient_name_out", "pending")
+    __slots__ = ("ids", "offset", "patient_key", "patient_id_out", "patient_name_out", "pending",
+                 "ciod", "top_actions", "written", "derived", "referencing", "cleaning")
 
-    def __init__(self) -> None:
+    def __init__(self, ciod: str | None = None, top_actions: dict[int, Action] | None = None,
+                 referencing: bool = False) -> None:
+        self.ciod = ciod
+        self.referencing = referencing
+        self.top_actions: dict[int, Action] = top_actions if top_actions is not None else {}
+        # every value the engine wrote, and every UID the keyed map derived (the output check)
+        self.written: set[str] = set()
+        self.derived: set[str] = set()
         self.ids = Identifiers()
         self.offset = 0
         self.patient_key = ""
         self.patient_id_out = ""
         self.patient_name_out = ""
         self.pending: list[tuple[str, str, str]] = []
+        self.cleaning = cleaning.Cleaning()
 
     def add_kept(self, rd: Reader, ds: Dataset, tag: BaseTag, elem: Element, vr: str) -> None:
         self.ids.add_kept_element(rd, ds, elem, vr)
@@ -162,11 +182,11 @@ class Deidentifier:
         self._method_codes = tuple(codes)
         self._strong_name_tags = tuple(
             (int(keyword_dict[k]), k in PATIENT_KEYWORDS) for k in NAME_KEYWORDS
-            if k in keyword_dict and self._actions.get(int(keyword_dict[k]), "K") != "K"
+            if k in keyword_dict and self._actions.get(int(keyword_dict[k]), Action.KEEP) != Action.KEEP
         )
         self._strong_value_tags = tuple(
             (int(keyword_dict[k]), k in PATIENT_KEYWORDS) for k in VALUE_KEYWORDS
-            if k in keyword_dict and self._actions.get(int(keyword_dict[k]), "K") != "K"
+            if k in keyword_dict and self._actions.get(int(keyword_dict[k]), Action.KEEP) != Action.KEEP
         )
         self.pixel_rules = load_rules(config.pixel_rules_file) if config.burned_in_annotation == "clean" else ()
         if self.profile.full_dates:
@@ -223,12 +243,15 @@ class Deidentifier:
             raise DeidError("invalid_dataset", "SOPInstanceUID is missing", "SOPInstanceUID")
         self._check_burned_in(ds, rd)
         pixel_rule = self.pixel_decision(ds)
-        st = _State()
+        ciod = iod_types.ciod_of(_first(_get(ds, rd, _T_SOP_CLASS)).strip().rstrip("\0"))
+        referencing = BaseTag(_T_REF_SERIES) in ds._dict or BaseTag(_T_REF_STUDIES) in ds._dict
+        st = _State(ciod, self.profile.actions_in(ciod, -1, referencing), referencing)
         self._prepare(ds, st, rd)
         self._walk(ds, st, "", top=True, parent=rd)
+        st.cleaning.apply(st.ids, partial(self._put, st))  # C values, now that every identifier is known
         self._finish(ds, st)
         if pixel_rule is not None and pixel_rule is not OCR_CLEAR:
-            self._pixels_cleaned(ds, pixel_rule, st.ids.strong | st.ids.context)
+            self._pixels_cleaned(ds, pixel_rule, st.ids.literal_terms())
         for kind, original, pseudonym in st.pending:
             self.crosswalk.record(kind, original, pseudonym)
         return ds
@@ -295,7 +318,7 @@ class Deidentifier:
             bd = _get(ds, rd, _T_BIRTH_DATE)
             if bd:
                 st.ids.add_birth_date(_first(bd))
-        return st.ids.strong | st.ids.context
+        return st.ids.literal_terms()
 
     def _pixels_cleaned(self, ds: Dataset, rule: PixelRule, strong: set[str]) -> None:
         """Record the Clean Pixel Data Option; a dataset that holds its pixels is cleaned here."""
@@ -335,7 +358,7 @@ class Deidentifier:
                 value = _get(ds, rd, t)
                 if value:
                     for v in ([value] if not isinstance(value, (list, MultiValue)) else list(value)):
-                        ids.add_value(str(v), patient)
+                        ids.add_value(str(v), patient, split=t in cleaning.INSTITUTION_TAGS)
         if BaseTag(_T_OTHER_IDS_SEQ) in store:
             other = ds[_T_OTHER_IDS_SEQ]
             if other.VR == "SQ":
@@ -343,7 +366,8 @@ class Deidentifier:
                     pid_v = _get(item, Reader.of(item, rd), _T_PATIENT_ID)
                     if pid_v:
                         ids.add_value(str(pid_v))
-        if self._actions.get(_T_BIRTH_DATE, "K") != "K":
+        cleaning.collect_context(ds, rd, self._actions, ids)  # names and institutions inside sequences
+        if self._actions.get(_T_BIRTH_DATE, Action.KEEP) != Action.KEEP:
             bd = _get(ds, rd, _T_BIRTH_DATE)
             if bd:
                 ids.add_birth_date(_first(bd))
@@ -382,6 +406,7 @@ class Deidentifier:
                 self._uid_cache.clear()
             self._uid_cache[v] = out
         st.ids.orig_uids.add(v)
+        st.derived.add(out)
         return out
 
     def _remap_value(self, value: object, st: _State, force: bool) -> object:
@@ -409,17 +434,111 @@ class Deidentifier:
             return value
         return fn(str(value), st.offset)
 
-    def _walk(self, ds: Dataset, st: _State, path: str, top: bool = False, parent: Reader | None = None) -> None:
-        actions = self._actions
+    def _put(self, st: _State, rd: Reader, ds: Dataset, tag: BaseTag, elem: Element, vr: str, value: object) -> None:
+        """Store a value the engine wrote, and remember it for the output check."""
+        written = st.written
+        if isinstance(value, (list, tuple, MultiValue)):
+            for v in value:
+                written.add(str(v).strip(" \0"))
+        elif value is not None:
+            written.add(str(value).strip(" \0"))
+        rd.set(ds, tag, elem, vr, value)
+
+    def _date_policy(self, st: _State, rd: Reader, ds: Dataset, tag: BaseTag, elem: Element, vr: str,
+                     kept: bool) -> None:
+        """An untabled (or kept) DA/DT: shifted, kept by an option or a K action, else a dummy."""
+        value = rd.value(ds, tag, elem, vr)
+        if self.profile.shift_dates:
+            st.ids.add_weak(vr, value)
+            self._put(st, rd, ds, tag, elem, vr, self._shift(vr, value, st))
+        elif kept or self.profile.full_dates or not value:
+            st.add_kept(rd, ds, tag, elem, vr)
+        else:
+            st.ids.add_weak(vr, value)
+            self._put(st, rd, ds, tag, elem, vr, act.dummy(vr))
+
+    def _code_state(self, ds: Dataset, rd: Reader) -> bool | None:
+        """None: ``ds`` is no coded entry; True: its scheme is registered; False: a local scheme."""
+        store = ds._dict
+        elem = store.get(_T_CSD)
+        if elem is None or not (_T_CODE_VALUE in store or _T_LONG_CODE in store or _T_URN_CODE in store):
+            return None  # no code (an item of CodingSchemeIdentificationSequence names a scheme)
+        value = _first(rd.value(ds, _T_CSD, elem, "SH")).strip()
+        return value in act.REGISTERED_SCHEMES
+
+    def _dummy_code(self, ds: Dataset, st: _State) -> None:
+        """Replace a coded entry of a local scheme by the dummy code triplet."""
+        store = ds._dict
+        for t in act.CODE_TAGS:
+            key = BaseTag(t)
+            if key in store:
+                del store[key]
+        for t, vr, value in act.DUMMY_CODE:
+            key = BaseTag(t)
+            store[key] = DataElement(key, vr, value)
+            st.written.add(value)
+
+    def _dummy_items(self, items: object, st: _State, parent: Reader) -> None:
+        """D on a sequence: the same items, every text-bearing value a dummy of its VR, UIDs
+        keyed, coded entries the dummy code triplet; coded strings and numbers stay (structure)."""
+        profile = self.profile
+        for item in items or ():  # type: ignore[attr-defined]
+            rd = Reader.of(item, parent)
+            store = item._dict
+            coded = self._code_state(item, rd) is not None
+            for tag, elem in list(store.items()):
+                t = int(tag)
+                if t >> 16 & 1:
+                    del store[tag]
+                    continue
+                vr = rd.vr(item, tag, elem)
+                elem = store[tag]
+                if vr == "SQ":
+                    self._dummy_items(item[tag].value, st, rd)
+                elif coded and t in act.CODE_TAGS:
+                    continue
+                elif vr == "UI":
+                    if t in _CLASS_UID_TAGS or profile.retain_uids:
+                        st.add_kept(rd, item, tag, elem, vr)
+                    else:
+                        self._put(st, rd, item, tag, elem, vr,
+                                  self._remap_value(rd.value(item, tag, elem, vr), st, force=True))
+                elif vr in _DATE_VRS:
+                    self._date_policy(st, rd, item, tag, elem, vr, kept=False)
+                elif vr == "TM" and (profile.shift_dates or profile.full_dates):
+                    st.add_kept(rd, item, tag, elem, vr)
+                elif vr in act.SWEPT_VRS:
+                    st.ids.add_weak(vr, rd.value(item, tag, elem, vr))
+                    self._put(st, rd, item, tag, elem, vr, act.dummy(vr))
+                elif vr in act.BINARY_VRS:
+                    item[tag].value = act.dummy(vr)
+                else:
+                    st.add_kept(rd, item, tag, elem, vr)
+            if coded:
+                self._dummy_code(item, st)
+
+    def _walk(self, ds: Dataset, st: _State, path: str, top: bool = False, parent: Reader | None = None,
+              seq: int = -1, mode: str = "top") -> None:
+        """Apply the resolved action of each element. ``mode`` says what the untabled values
+        inside the items of a kept sequence become: ``sweep`` (text, names and dates replaced,
+        codes of local schemes replaced by a dummy code), ``clean`` (text cleaned of this
+        instance's identifiers) or ``keep`` (as sweep, but every coded entry stays: the
+        sequence is one an option or a rule keeps, such as InstitutionCodeSequence)."""
+        profile = self.profile
+        actions = st.top_actions if top else profile.actions_in(st.ciod, seq, st.referencing)
         patterns = self._patterns
         ids = st.ids
-        profile = self.profile
         rd = Reader.of(ds, parent)
         creators: list[BaseTag] = []
         kept_blocks: set[int] = set()
-        overlay_x = patterns[OVERLAY_DATA] == "X"
+        overlay_x = patterns[OVERLAY_DATA] == Action.REMOVE
         private_action = patterns[PRIVATE]
         store = ds._dict
+        swept = mode != "top"
+        code_ok = self._code_state(ds, rd) if swept else None
+        if code_ok is False and mode == "keep":
+            code_ok = True  # the option keeps the codes of this sequence, whatever their scheme
+        inner = "clean" if mode == "clean" else "sweep"  # "keep" holds for the kept sequence's own items
         for tag, elem in list(store.items()):
             t = int(tag)
             group = t >> 16
@@ -434,7 +553,7 @@ class Deidentifier:
                         creators.append(tag)
                         continue
                     creator_tag = (t & 0xFFFF0000) | (lo >> 8)
-                    if private_action == "C":
+                    if private_action == Action.CLEAN:
                         c = store.get(BaseTag(creator_tag))
                         cval = ""
                         if c is not None:
@@ -445,7 +564,8 @@ class Deidentifier:
                             vr = rd.vr(ds, tag, elem)
                             if vr == "SQ":
                                 for i, item in enumerate(ds[tag].value or ()):
-                                    self._walk(item, st, f"{path}{_path_name(t)}[{i}].", parent=rd)
+                                    self._walk(item, st, f"{path}{_path_name(t)}[{i}].", parent=rd, seq=t,
+                                               mode=inner)
                             else:
                                 st.add_kept(rd, ds, tag, store[tag], vr)
                             continue
@@ -460,20 +580,22 @@ class Deidentifier:
                     elif lo == 0x4000:
                         a = patterns[OVERLAY_COMMENTS]
                     else:
-                        a = "X" if overlay_x else ""
+                        a = Action.REMOVE if overlay_x else Action.UNTABLED
                     if overlay_x:
-                        a = "X"
+                        a = Action.REMOVE
                 elif group == 0x0002:
                     continue
                 else:
-                    a = ""
+                    a = Action.UNTABLED
             elif group & 1:
                 # an explicit rule on a private tag: its block's creator stays if it is kept
-                if a != "X":
+                if a != Action.REMOVE:
                     kept_blocks.add((t & 0xFFFF0000) | ((t & 0xFFFF) >> 8))
             vr = rd.vr(ds, tag, elem)
             elem = store[tag]  # rd.vr may have converted it
-            if a == "X":
+            if mode == "clean":
+                a = cleaning.inside_cleaned(a, vr, t)
+            if a == Action.REMOVE:
                 if vr == "SQ":
                     self._collect_removed(ds[tag].value, st, rd)
                 elif vr in WEAK_VRS:
@@ -481,98 +603,136 @@ class Deidentifier:
                 del store[tag]
                 continue
             if vr == "SQ":
-                seq = ds[tag]
-                if a == "Z":
-                    self._collect_removed(seq.value, st, rd)
-                    seq.value = Sequence()
+                sq = ds[tag]
+                if a == Action.EMPTY:
+                    self._collect_removed(sq.value, st, rd)
+                    sq.value = Sequence()
+                elif a == Action.DUMMY:
+                    self._collect_removed(sq.value, st, rd)
+                    self._dummy_items(sq.value, st, rd)
                 else:
+                    if a == Action.CLEAN:
+                        child = "clean"
+                    elif a == Action.KEEP and t in profile.whole_keep:
+                        child = "keep"
+                    else:
+                        child = inner
                     name = _path_name(t)
-                    for i, item in enumerate(seq.value or ()):
-                        self._walk(item, st, f"{path}{name}[{i}].", parent=rd)
+                    for i, item in enumerate(sq.value or ()):
+                        self._walk(item, st, f"{path}{name}[{i}].", parent=rd, seq=t, mode=child)
                 continue
-            if a == "" or a == "K":
+            if a == Action.UNTABLED or a == Action.KEEP:
                 if vr == "UI":
                     value = rd.value(ds, tag, elem, vr)
-                    if a == "" and not profile.retain_uids and t not in _CLASS_UID_TAGS:
-                        rd.set(ds, tag, elem, vr, self._remap_value(value, st, force=False))
+                    if a == Action.UNTABLED and not profile.retain_uids and t not in _CLASS_UID_TAGS:
+                        self._put(st, rd, ds, tag, elem, vr, self._remap_value(value, st, force=False))
                     else:
                         ids.kept_uids.update(str(v) for v in (value if isinstance(value, (list, MultiValue)) else [value]) if v)
-                elif vr in _DATE_VRS and profile.shift_dates:
-                    value = rd.value(ds, tag, elem, vr)
-                    ids.add_weak(vr, value)
-                    rd.set(ds, tag, elem, vr, self._shift(vr, value, st))
-                elif vr == "AS" and a == "K":
+                elif code_ok is not None and t in act.CODE_TAGS:
+                    if code_ok:
+                        st.add_kept(rd, ds, tag, elem, vr)
+                    # else: a local code, replaced by the dummy triplet below
+                elif t == _T_CSD and swept:
+                    st.add_kept(rd, ds, tag, elem, vr)  # the designator a scheme identification names
+                elif vr in _DATE_VRS:
+                    self._date_policy(st, rd, ds, tag, elem, vr, kept=a == Action.KEEP)
+                elif vr == "PN" and a == Action.UNTABLED:
+                    ids.add_weak(vr, rd.value(ds, tag, elem, vr))
+                    self._put(st, rd, ds, tag, elem, vr, act.PN_DUMMY)
+                elif vr == "AS" and a == Action.KEEP:
                     value = rd.value(ds, tag, elem, vr)
                     if value:
-                        rd.set(ds, tag, elem, vr, dates.clamp_age(_first(value)))
+                        self._put(st, rd, ds, tag, elem, vr, dates.clamp_age(_first(value)))
                     else:
                         st.add_kept(rd, ds, tag, elem, vr)
+                elif swept and a == Action.UNTABLED and vr in act.SWEPT_VRS:
+                    value = rd.value(ds, tag, elem, vr)
+                    if vr == "TM" and (profile.shift_dates or profile.full_dates) or not value:
+                        st.add_kept(rd, ds, tag, elem, vr)
+                    elif mode == "clean" and vr in act.CLEANABLE_VRS:
+                        st.cleaning.defer(ds, tag, rd, vr)  # cleaned once every identifier is known
+                    else:
+                        ids.add_weak(vr, value)
+                        self._put(st, rd, ds, tag, elem, vr, act.dummy(vr))
+                elif swept and a == Action.UNTABLED and vr == "UN":
+                    ds[tag].value = b""  # an unknown public attribute: nobody can say what it holds
                 else:
                     st.add_kept(rd, ds, tag, elem, vr)
                 continue
-            if t in _PSEUDO_TAGS and a in "ZDCUSH":
+            if t in _PSEUDO_TAGS and a in _PSEUDO_ACTIONS:
                 pseudo = self._pseudonymize(rd.value(ds, tag, elem, vr), vr, t, st, top)
                 if pseudo is not None:
-                    rd.set(ds, tag, elem, vr, pseudo)
+                    self._put(st, rd, ds, tag, elem, vr, pseudo)
                     continue
-            value = rd.value(ds, tag, elem, vr)
-            new: object = _UNCHANGED
-            if a == "Z":
-                ids.add_weak(vr, value)
-                new = act.empty(vr)
-            elif a == "D":
-                ids.add_weak(vr, value)
-                if vr == "UI":
-                    new = self._remap_value(value, st, force=True)
-                elif vr in _DATE_VRS and profile.shift_dates:
-                    new = self._shift(vr, value, st)
-                else:
-                    new = act.dummy(vr)
-            elif a == "U":
-                if vr == "UI":
-                    new = self._remap_value(value, st, force=False)
-                else:
-                    ids.add_weak(vr, value)
-                    new = act.dummy(vr)
-            elif a == "C":
-                if vr in _DATE_VRS:
-                    ids.add_weak(vr, value)
-                    new = self._shift(vr, value, st) if profile.shift_dates else act.empty(vr)
-                elif vr == "AS":
-                    new = dates.clamp_age(_first(value)) if value else value
-                elif vr == "UI":
-                    new = self._remap_value(value, st, force=False)
-                elif vr in act.TEXT_VRS and value:
-                    ids.add_kept(value)
-                    if isinstance(value, (list, MultiValue)):
-                        new = [ids.clean(str(v)) for v in value]
-                    else:
-                        new = ids.clean(str(value))
-                else:
-                    ids.add_kept(value)
-            elif a == "S":
-                if vr in _DATE_VRS:
-                    ids.add_weak(vr, value)
-                    new = self._shift(vr, value, st)
-                elif vr != "TM":  # a timestamp that cannot be shifted is emptied, never kept
-                    ids.add_weak(vr, value)
-                    new = act.empty(vr)
-            elif a == "H":
-                ids.add_weak(vr, value)
-                if vr == "UI":
-                    new = self._remap_value(value, st, force=True)
-                elif vr in act.TEXT_VRS and value:
-                    new = act.fit(vr, self.keys.token(f"rule:{t:08X}", str(value)))
-                else:
-                    new = act.dummy(vr)
-            elif a == "R":
-                ids.add_weak(vr, value)
-                new = self.profile.replace_values.get(t, "")
-            if new is not _UNCHANGED:
-                rd.set(ds, tag, elem, vr, new)
+            handler = _VALUE_ACTIONS.get(a)
+            if handler is not None:
+                new = handler(self, t, vr, rd.value(ds, tag, elem, vr), st)
+                if new is _DEFERRED:
+                    st.cleaning.defer(ds, tag, rd, vr)  # cleaned once every identifier is known
+                elif new is not _UNCHANGED:
+                    self._put(st, rd, ds, tag, elem, vr, new)
         for creator in creators:
             if int(creator) not in kept_blocks:
                 del store[creator]
+        if code_ok is False:
+            self._dummy_code(ds, st)
+
+    # ------------------------------------------------------------------ value actions
+    # One handler per action that computes a new value (the walk only traverses): they take
+    # (tag, VR, value, state) and return the value to write, or _UNCHANGED.
+    def _act_empty(self, t: int, vr: str, value: object, st: _State) -> object:
+        st.ids.add_weak(vr, value)
+        return act.empty(vr)
+
+    def _act_dummy(self, t: int, vr: str, value: object, st: _State) -> object:
+        st.ids.add_weak(vr, value)
+        if vr == "UI":
+            return self._remap_value(value, st, force=True)
+        if vr in _DATE_VRS and self.profile.shift_dates:
+            return self._shift(vr, value, st)
+        return act.dummy(vr)
+
+    def _act_uid(self, t: int, vr: str, value: object, st: _State) -> object:
+        if vr == "UI":
+            return self._remap_value(value, st, force=False)
+        st.ids.add_weak(vr, value)
+        return act.dummy(vr)
+
+    def _act_clean(self, t: int, vr: str, value: object, st: _State) -> object:
+        ids = st.ids
+        if vr in _DATE_VRS:
+            ids.add_weak(vr, value)
+            return self._shift(vr, value, st) if self.profile.shift_dates else act.empty(vr)
+        if vr == "AS":
+            return dates.clamp_age(_first(value)) if value else value
+        if vr == "UI":
+            return self._remap_value(value, st, force=False)
+        if vr in act.TEXT_VRS and value:
+            return _DEFERRED
+        ids.add_kept(value)
+        return _UNCHANGED
+
+    def _act_shift(self, t: int, vr: str, value: object, st: _State) -> object:
+        if vr in _DATE_VRS:
+            st.ids.add_weak(vr, value)
+            return self._shift(vr, value, st)
+        if vr != "TM":  # a timestamp that cannot be shifted is emptied, never kept
+            st.ids.add_weak(vr, value)
+            return act.empty(vr)
+        return _UNCHANGED
+
+    def _act_hash(self, t: int, vr: str, value: object, st: _State) -> object:
+        st.ids.add_weak(vr, value)
+        if vr == "UI":
+            return self._remap_value(value, st, force=True)
+        if vr in act.TEXT_VRS and value:
+            return act.fit(vr, self.keys.token(f"rule:{t:08X}", str(value)))
+        return act.dummy(vr)
+
+    def _act_replace(self, t: int, vr: str, value: object, st: _State) -> object:
+        st.ids.add_weak(vr, value)
+        return self.profile.replace_values.get(t, "")
+
 
     def _pseudonymize(self, value: object, vr: str, t: int, st: _State, top: bool) -> str | None:
         """PatientID, PatientName, AccessionNumber, StudyID -> keyed pseudonyms. None: not handled."""
@@ -599,8 +759,8 @@ class Deidentifier:
                 if vr == "SQ":
                     self._collect_removed(item[tag].value, st, rd)
                     continue
-                a = actions.get(int(tag), "K")
-                if a not in ("K", "C") and vr in WEAK_VRS:
+                a = actions.get(int(tag), Action.KEEP)
+                if a not in (Action.KEEP, Action.CLEAN) and vr in WEAK_VRS:
                     st.ids.add_weak(vr, rd.value(item, tag, item._dict[tag], vr))
 
     # ------------------------------------------------------------------ finishing
@@ -653,6 +813,7 @@ class Deidentifier:
         if hasattr(ds, "preamble"):
             ds.preamble = b"\0" * 128
         scan(ds, st.ids, _OWN_TAGS, _CLASS_UID_TAGS, self._generic, self.profile.shift_dates)
+        check_accounted(ds, st.written, st.derived, self.profile, _OWN_TAGS, _CLASS_UID_TAGS)
 
     def _finish_slow(self, ds: Dataset) -> None:
         ds.PatientIdentityRemoved = "YES"
@@ -670,6 +831,20 @@ class Deidentifier:
                 seq.append(_method_code_item(value, meaning))
         ds.DeidentificationMethodCodeSequence = seq
         ds.LongitudinalTemporalInformationModified = self._longitudinal
+
+
+_ValueAction = Callable[[Deidentifier, int, str, object, _State], object]
+# The handler table of the element actions (pynetdicom's fsm.ACTIONS is the model); X, K and
+# untabled elements, and every action on a sequence, are decided by the walk itself.
+_VALUE_ACTIONS: dict[str, _ValueAction] = {
+    Action.EMPTY: Deidentifier._act_empty,
+    Action.DUMMY: Deidentifier._act_dummy,
+    Action.UID: Deidentifier._act_uid,
+    Action.CLEAN: Deidentifier._act_clean,
+    Action.SHIFT: Deidentifier._act_shift,
+    Action.HASH: Deidentifier._act_hash,
+    Action.REPLACE: Deidentifier._act_replace,
+}
 
 
 def _method_code_item(value: str, meaning: str) -> Dataset:

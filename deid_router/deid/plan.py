@@ -14,14 +14,16 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from deid_router.deid.actions import DUMMY, DUMMY_CODE, PLAN_NAMES, Action
 from deid_router.deid.crosswalk import NullCrosswalk
 from deid_router.deid.engine import Deidentifier
 from deid_router.deid.profile import CURVE, OVERLAY_COMMENTS, OVERLAY_DATA, PRIVATE
 
 PlanRow = tuple[str, str, str | None, str | None]
 
-_CODE_NAMES = {"X": "remove", "Z": "empty", "D": "dummy", "K": "keep", "C": "clean", "U": "uid",
-               "S": "shift_date", "H": "hash", "R": "replace"}
+_CODE_NAMES = PLAN_NAMES
+# what a swept or dummy value reads as (untabled text inside a sequence, a dummy code)
+_DUMMIES = frozenset(str(v) for v in DUMMY.values() if isinstance(v, str) and v) | {v for _, _, v in DUMMY_CODE}
 _PSEUDONYM_TAGS = frozenset({0x00100010, 0x00100020, 0x00080050, 0x00200010})
 
 
@@ -54,7 +56,7 @@ def _flatten(ds: Dataset, prefix: str, out: dict[str, tuple[int, str, str]]) -> 
             out[path] = (tag, str(elem.VR), _text(elem.value))
 
 
-def _profile_code(d: Deidentifier, tag: int) -> str:
+def _profile_code(d: Deidentifier, tag: int) -> Action:
     code = d.profile.actions.get(tag)
     if code is not None:
         return code
@@ -68,7 +70,7 @@ def _profile_code(d: Deidentifier, tag: int) -> str:
             return d.profile.patterns[OVERLAY_DATA]
         if tag & 0xFFFF == 0x4000:
             return d.profile.patterns[OVERLAY_COMMENTS]
-    return "K"
+    return Action.KEEP
 
 
 def _action(d: Deidentifier, tag: int, vr: str, before: str, after: str | None, top: bool) -> str:
@@ -88,8 +90,8 @@ def _action(d: Deidentifier, tag: int, vr: str, before: str, after: str | None, 
         return "empty"
     code = _profile_code(d, tag)
     name = _CODE_NAMES.get(code, "replace")
-    if name in ("keep", "remove", "empty"):  # the value changed anyway: an age clamp or cleaned text
-        return "clean"
+    if name in ("keep", "remove", "empty"):  # the value changed anyway: swept, an age clamp or cleaned text
+        return "dummy" if after in _DUMMIES else "clean"
     return name
 
 

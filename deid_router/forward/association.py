@@ -7,6 +7,11 @@ workarounds. Here the worker's own thread writes the command, streams the data s
 file with ``sendfile`` in fragments the PACS accepts, and reads the response. pynetdicom
 still encodes the A-ASSOCIATE-RQ and decodes the A-ASSOCIATE-AC/RJ.
 
+Over DICOM TLS (destination ``tls = true``) the socket is wrapped right after the connect,
+with the certificate and host name verified (:mod:`deid_router.tls`); ``sendfile`` cannot
+hand file pages to a TLS session, so each fragment is read from the file and written
+through it instead.
+
 Failures are raised as :class:`AssociationFailure` carrying a fixed code that
 :mod:`deid_router.forward.status` classifies; nothing here logs or raises a tag value.
 """
@@ -17,11 +22,12 @@ import errno
 import os
 import select
 import socket
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from pynetdicom import pdu as pnd_pdu
 from pynetdicom.presentation import build_context
@@ -29,6 +35,11 @@ from pynetdicom.presentation import build_context
 from deid_router import wire
 from deid_router.forward.status import reject_reason
 from deid_router.scp.integrity import Malformed, read_meta
+from deid_router.errors import TlsError
+from deid_router.tls import ClientTls, client_tls, refusal_reason
+
+if TYPE_CHECKING:
+    from deid_router.config import DestinationConfig
 
 MAX_RESPONSE_PDU_BYTES = 1024 * 1024
 SEND_FRAGMENT_BYTES = 1024 * 1024  # per P-DATA-TF when the PACS sets no limit
@@ -57,6 +68,7 @@ class RequestedAssociation:
 
     def __init__(self, sock: socket.socket, timeouts: Timeouts) -> None:
         self._sock = sock
+        self._tls = isinstance(sock, ssl.SSLSocket)
         self._stream = wire.PduStream(sock, READ_BUFFER_BYTES)
         self._timeouts = timeouts
         self.accepted: dict[str, dict[str, int]] = {}
@@ -68,11 +80,14 @@ class RequestedAssociation:
     @classmethod
     def open(
         cls, host: str, port: int, calling_aet: str, called_aet: str,
-        pairs: list[tuple[str, str]], max_pdu: int, timeouts: Timeouts,
+        pairs: list[tuple[str, str]], max_pdu: int, timeouts: Timeouts, tls: ClientTls | None = None,
     ) -> RequestedAssociation:
-        """Connect and negotiate one presentation context per (SOP class, transfer syntax)."""
+        """Connect (over TLS with ``tls``) and negotiate one presentation context per
+        (SOP class, transfer syntax)."""
         try:
             sock = socket.create_connection((host, port), timeout=timeouts.connect)
+            if tls is not None:
+                sock = _wrap(sock, tls)
         except TimeoutError as exc:
             raise AssociationFailure("connect_timeout") from exc
         except ConnectionRefusedError as exc:
@@ -174,17 +189,31 @@ class RequestedAssociation:
         while True:
             fragment = min(limit, length - sent)
             last = sent + fragment >= length
-            self._send(wire.p_data_header(context_id, fragment, False, last), more=fragment > 0)
-            if fragment == 0:
-                return
-            with self._sending():
-                done = self._sock.sendfile(fh, offset + sent, fragment)
+            header = wire.p_data_header(context_id, fragment, False, last)
+            if self._tls:
+                done = self._send_read(header, fh, offset + sent, fragment)
+            else:
+                self._send(header, more=fragment > 0)
+                if fragment == 0:
+                    return
+                with self._sending():
+                    done = self._sock.sendfile(fh, offset + sent, fragment)
             if done != fragment:
                 self._lost()
                 raise AssociationFailure("file_read_failed", "short_read")
             sent += fragment
             if last:
                 return
+
+    def _send_read(self, header: bytes, fh: BinaryIO, position: int, length: int) -> int:
+        """One P-DATA-TF over TLS: header and fragment read from the file, in one write."""
+        try:
+            data = os.pread(fh.fileno(), length, position) if length else b""
+        except OSError as exc:
+            self._lost()
+            raise AssociationFailure("file_read_failed", _errno(exc)) from exc
+        self._send(header + data)
+        return len(data)
 
     def _read_response(self, message_id: int) -> int:
         self._sock.settimeout(self._timeouts.dimse)
@@ -229,7 +258,10 @@ class RequestedAssociation:
 
     def _send(self, data: bytes, more: bool = False) -> None:
         with self._sending():
-            self._sock.sendall(data, socket.MSG_MORE if more else 0)
+            if self._tls:
+                self._sock.sendall(data)  # an SSLSocket takes no flags
+            else:
+                self._sock.sendall(data, socket.MSG_MORE if more else 0)
 
     @contextmanager
     def _sending(self) -> Iterator[None]:
@@ -253,10 +285,26 @@ class RequestedAssociation:
             readable, _, _ = select.select([self._sock], [], [], 0)
         except (OSError, ValueError):
             readable = [self._sock]
+        if readable and self._tls and not self._application_data():
+            return False  # TLS housekeeping (a TLS 1.3 session ticket), no DICOM
         if readable:  # a PACS sends nothing unasked: whatever it is, this association is over
             self.abort()
             return True
         return False
+
+    def _application_data(self) -> bool:
+        """Over TLS, a readable socket may carry only TLS records: read without blocking."""
+        try:
+            self._sock.setblocking(False)
+            try:
+                self._sock.recv(1)
+            finally:
+                self._sock.settimeout(self._timeouts.network)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+        except OSError:
+            return True
+        return True  # data or end of file: the association is over either way
 
     def release(self) -> None:
         """A-RELEASE-RQ, wait for the A-RELEASE-RP (ACSE timeout), close."""
@@ -281,6 +329,28 @@ class RequestedAssociation:
     def _lost(self) -> None:
         self.alive = False
         self._stream.close()
+
+
+def tls_for(cfg: DestinationConfig) -> ClientTls | None:
+    """The destination's TLS settings (None without ``tls = true``); files that became
+    unusable since check-config fail like an unreachable PACS, naming no path."""
+    try:
+        return client_tls(cfg)
+    except TlsError as exc:
+        raise AssociationFailure("connect_failed", f"tls_{exc.key}_unusable") from exc
+
+
+def _wrap(sock: socket.socket, tls: ClientTls) -> ssl.SSLSocket:
+    """The TLS handshake within the connect timeout; a refused handshake is ``connect_failed``
+    with a fixed code (``tls_certificate_expired``, ``tls_hostname_mismatch``, ...)."""
+    try:
+        return tls.context.wrap_socket(sock, server_hostname=tls.server_name)
+    except ssl.SSLError as exc:
+        sock.close()
+        raise AssociationFailure("connect_failed", f"tls_{refusal_reason(exc)}") from exc
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _errno(exc: OSError) -> str:

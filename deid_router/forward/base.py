@@ -7,7 +7,6 @@ answer, so one bad instance or one unreachable PACS can never crash a worker.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,15 +14,12 @@ from typing import Protocol
 
 from deid_router.config import DestinationConfig
 from deid_router.jobs.outcome import Outcome
-
-# A UID as PS3.5 9.1 allows it (digits and dots, at most 64 characters); used before a UID
-# may become part of a file path.
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+from deid_router.store.layout import is_uid
 
 
 def is_valid_uid(value: str) -> bool:
-    """True when ``value`` is safe to use as a path component (a syntactically valid UID)."""
-    return 0 < len(value) <= 64 and _UID_RE.match(value) is not None
+    """True when ``value`` is safe to use as a path component (the layout module decides)."""
+    return is_uid(value)
 
 
 @dataclass(frozen=True)

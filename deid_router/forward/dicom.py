@@ -30,7 +30,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from deid_router.config import DestinationConfig
-from deid_router.forward.association import AssociationFailure, RequestedAssociation, Timeouts
+from deid_router.forward.association import AssociationFailure, RequestedAssociation, Timeouts, tls_for
 from deid_router.forward.base import Delivery
 from deid_router.forward.status import classify_association_failure, classify_status
 from deid_router.jobs.outcome import Outcome, OutcomeKind
@@ -287,7 +287,8 @@ class DicomDestination:
         cfg = self._cfg
         try:
             assoc = RequestedAssociation.open(
-                cfg.host, cfg.port, self._calling_ae_title, cfg.ae_title, pairs, cfg.max_pdu_size, self._timeouts
+                cfg.host, cfg.port, self._calling_ae_title, cfg.ae_title, pairs, cfg.max_pdu_size, self._timeouts,
+                tls=tls_for(cfg),
             )
         except AssociationFailure as failure:
             _log.warning("forward_association_failed", destination=self.name, reason=failure.kind)

@@ -1,5 +1,10 @@
 """The listener's DICOM acceptor: one thread per association, reading a blocking socket.
 
+Connections reach it through the front door (:mod:`deid_router.scp.frontdoor`): allowed
+hosts, TLS handshake and the whole A-ASSOCIATE-RQ within the ARTIM timeout, on one selector
+thread. An :class:`Association` starts only with a complete request in hand, over a plain or
+a TLS socket alike (both are read through :class:`deid_router.wire.PduStream`).
+
 pynetdicom's acceptor passes every PDU through a polling reactor thread, its state machine
 and a queue to a second thread: 3 to 6 ms of CPU per CT instance, more than all of our own
 work before the acknowledgement. Here the association's thread reads the socket itself and
@@ -12,11 +17,11 @@ from __future__ import annotations
 
 import os
 import socket
-import socketserver
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 from pynetdicom import pdu as pnd_pdu
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation
@@ -28,6 +33,7 @@ from deid_router import wire
 from deid_router.errors import ListenerError
 from deid_router.scp import commitment as sc
 from deid_router.scp import statuses
+from deid_router.scp.frontdoor import FrontDoor, FrontDoorSettings, Refusals
 from deid_router.scp.receive import StoreRequest, create_file_meta
 from deid_router.store.holding import RawFile
 
@@ -64,7 +70,10 @@ class AcceptorSettings:
     max_pdu_size: int  # advertised Maximum Length Received; 0: unlimited
     network_timeout_seconds: float  # idle between messages
     dimse_timeout_seconds: float  # silence within a message
-    acse_timeout_seconds: float = 30.0  # from connection to A-ASSOCIATE-RQ
+    artim_timeout_seconds: float = 10.0  # from connection to the whole A-ASSOCIATE-RQ (and TLS handshake)
+    allowed_hosts: tuple[str, ...] = ()  # CIDRs; empty: any
+    max_pending_connections: int = 256  # connections without a complete A-ASSOCIATE-RQ yet
+    max_pending_per_host: int = 32
 
 
 StoreHandler = Callable[[StoreRequest], int]
@@ -81,10 +90,13 @@ COMMITMENT_CONTEXTS = [build_context(sc.STORAGE_COMMITMENT_PUSH, DEFAULT_TRANSFE
 class Association:
     """One accepted connection, from A-ASSOCIATE-RQ to release or abort."""
 
-    def __init__(self, sock: socket.socket, acceptor: Acceptor) -> None:
+    def __init__(self, sock: socket.socket, acceptor: Acceptor, request: bytes, peer: str = "") -> None:
         self.sock = sock
         self.acceptor = acceptor
         self.settings = acceptor.settings
+        self.request = request  # the complete A-ASSOCIATE-RQ PDU the front door read
+        self.peer = peer
+        self.tls = isinstance(sock, ssl.SSLSocket)
         self.established = False
         self.calling_aet = ""
         self.called_aet = ""
@@ -106,9 +118,8 @@ class Association:
     def run(self) -> None:
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock.settimeout(self.settings.acse_timeout_seconds)
+            self.sock.settimeout(self.settings.network_timeout_seconds)
             if self._negotiate():
-                self.sock.settimeout(self.settings.network_timeout_seconds)
                 self._serve()
         except wire.ProtocolError as exc:
             log.warning("association_aborted", reason=str(exc), calling_aet=self.calling_aet)
@@ -124,10 +135,16 @@ class Association:
             self._stream.close()
 
     def abort(self) -> None:
-        """Abort from another thread (node shutdown): the peer keeps what was not acknowledged."""
-        self._send(wire.encode_abort(wire.ABORT_SOURCE_USER, wire.REASON_NOT_SPECIFIED))
+        """Abort from another thread (node shutdown): the peer keeps what was not acknowledged.
+
+        Over TLS the A-ABORT is not sent: this thread must not write the TLS session while the
+        association's own thread reads it; the peer sees the connection closed (an abort too).
+        """
+        if not self.tls:
+            self._send(wire.encode_abort(wire.ABORT_SOURCE_USER, wire.REASON_NOT_SPECIFIED))
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes this association's blocked read
+            # the plain socket's shutdown: wakes this association's blocked read (TLS or not)
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -150,13 +167,9 @@ class Association:
     # -- association negotiation (pynetdicom's PDU classes and negotiation) -----------------
 
     def _negotiate(self) -> bool:
-        pdu_type, length = self._stream.read_header()
-        if pdu_type != wire.A_ASSOCIATE_RQ:
-            raise wire.ProtocolError("expected A-ASSOCIATE-RQ", wire.REASON_UNEXPECTED_PDU)
-        body = self._stream.read_body(length, MAX_ASSOCIATE_RQ_BYTES)
         try:
             rq_pdu = pnd_pdu.A_ASSOCIATE_RQ()
-            rq_pdu.decode(wire.PDU_HEADER.pack(pdu_type, length) + body)
+            rq_pdu.decode(self.request)
             request = rq_pdu.to_primitive()
             self.calling_aet = str(request.calling_ae_title).strip()
             self.called_aet = str(request.called_ae_title).strip()
@@ -207,10 +220,10 @@ class Association:
         primitive.diagnostic = rejection.diagnostic
         rj_pdu = pnd_pdu.A_ASSOCIATE_RJ()
         rj_pdu.from_primitive(primitive)
+        log.warning("association_rejected", reason=rejection.why, calling_aet=self.calling_aet, peer=self.peer)
+        # counted (and audited) before the peer can see the reject
+        self.acceptor.refusals.count(rejection.why, self.peer or self._peer_host(), self.calling_aet)
         self._send(rj_pdu.encode())
-        log.warning("association_rejected", reason=rejection.why, calling_aet=self.calling_aet)
-        if self.acceptor.on_refused is not None:
-            self.acceptor.on_refused(rejection.why, self.calling_aet, self._peer_host())
         # The requestor closes the connection on A-ASSOCIATE-RJ; wait a moment for it so the
         # reject is not lost to a reset.
         try:
@@ -360,8 +373,14 @@ class Association:
         commitment.submit(request, lambda result: self._report(context_id, result))
 
     def _report(self, context_id: int, result: sc.CommitmentResult) -> bool:
-        """Send the N-EVENT-REPORT on this association; False once it is gone."""
-        if not self.open:
+        """Send the N-EVENT-REPORT on this association; False once it is gone.
+
+        Also False over TLS: this runs on the commitment thread while the association's own
+        thread is blocked reading, and one TLS session must never be read and written from two
+        threads at once (OpenSSL forbids it; CPython can crash). The report then goes on a new
+        association to the configured peer.
+        """
+        if not self.open or self.tls:
             return False
         with self._send_lock:
             self._message_id += 1
@@ -377,30 +396,21 @@ class Association:
         self._send(wire.encode_p_data(context_id, wire.encode_response(command, status), True, self._peer_max_pdu))
 
 
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
+LISTEN_BACKLOG = 512
 
-    def __init__(self, address: tuple[str, int], acceptor: Acceptor, reuse_port: bool) -> None:
-        self.acceptor = acceptor
-        self.reuse_port = reuse_port
-        super().__init__(address, socketserver.BaseRequestHandler)
 
-    def server_bind(self) -> None:
-        if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        self.acceptor.serve_connection(cast(socket.socket, request))
-
-    def shutdown_request(self, request: Any) -> None:
-        pass  # the association closes its own socket
+def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        raise ListenerError(f"cannot listen on {host}:{port}: {reason.lower()}") from exc
 
 
 class Acceptor:
-    """Listens on a port and runs one :class:`Association` per connection."""
+    """Listens on a plain and/or a TLS port and runs one :class:`Association` per complete
+    A-ASSOCIATE-RQ the front door hands over."""
 
     def __init__(
         self,
@@ -420,21 +430,59 @@ class Acceptor:
         self.supported_contexts = SUPPORTED_CONTEXTS + (COMMITMENT_CONTEXTS if commitment is not None else [])
         self._associations: set[Association] = set()
         self._lock = threading.Lock()
-        self._server: _Server | None = None
+        self.refusals = Refusals(on_refused)
+        self._tls_context: ssl.SSLContext | None = None
+        self._front: FrontDoor | None = None
+
+    def _front_door(self) -> FrontDoor:
+        if self._front is None:
+            s = self.settings
+            self._front = FrontDoor(
+                FrontDoorSettings(
+                    allowed_hosts=s.allowed_hosts,
+                    artim_timeout_seconds=s.artim_timeout_seconds,
+                    max_pending=s.max_pending_connections,
+                    max_pending_per_host=s.max_pending_per_host,
+                    max_request_bytes=MAX_ASSOCIATE_RQ_BYTES,
+                ),
+                self._hand_off,
+                self.refusals,
+            )
+            self._front.start()
+        return self._front
 
     def start(self, host: str, port: int, reuse_port: bool) -> int:
-        """Bind, serve in a background thread, and return the bound port."""
-        try:
-            server = _Server((host, port), self, reuse_port)
-        except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
-            raise ListenerError(f"cannot listen on {host}:{port}: {reason.lower()}") from exc
-        threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
-        self._server = server
-        return int(server.server_address[1])
+        """Listen for plain DICOM on ``port``; return the bound port."""
+        sock = _bind(host, port, reuse_port)
+        self._front_door().add_listener(sock, None)
+        return int(sock.getsockname()[1])
 
-    def serve_connection(self, sock: socket.socket) -> None:
-        association = Association(sock, self)
+    def start_tls(self, host: str, port: int, reuse_port: bool, context: ssl.SSLContext) -> int:
+        """Listen for DICOM over TLS on ``port`` with ``context``; return the bound port."""
+        self._tls_context = context
+        sock = _bind(host, port, reuse_port)
+        self._front_door().add_listener(sock, self.tls_context)
+        return int(sock.getsockname()[1])
+
+    def tls_context(self) -> ssl.SSLContext:
+        assert self._tls_context is not None
+        return self._tls_context
+
+    def set_tls_context(self, context: ssl.SSLContext) -> None:
+        """New certificates for new connections; established associations keep their session."""
+        self._tls_context = context
+
+    def pending(self) -> int:
+        """Connections that have not completed their A-ASSOCIATE-RQ (and TLS handshake) yet."""
+        return self._front.pending() if self._front is not None else 0
+
+    def _hand_off(self, sock: socket.socket, request: bytes, peer: str) -> None:
+        threading.Thread(
+            target=self.serve_connection, args=(sock, request, peer), name="dicom-association", daemon=True
+        ).start()
+
+    def serve_connection(self, sock: socket.socket, request: bytes, peer: str = "") -> None:
+        association = Association(sock, self, request, peer)
         with self._lock:
             self._associations.add(association)
         try:
@@ -472,10 +520,10 @@ class Acceptor:
             return sum(1 for a in self._associations if a.established)
 
     def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        """Close the listening sockets and the connections still negotiating."""
+        if self._front is not None:
+            self._front.stop()
+            self._front = None
 
     def abort_all(self) -> None:
         with self._lock:

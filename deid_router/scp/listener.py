@@ -23,7 +23,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Imp
 from deid_router.config import ListenerConfig
 from deid_router.deid.keys import Keys
 from deid_router.db.repository import JobRepository, NewInstance
-from deid_router.errors import QueueError, StorageError
+from deid_router.errors import ListenerError, QueueError, StorageError, TlsError
 from deid_router.faults import fault_point
 from deid_router.observability.logging import get_logger
 from deid_router.routing import Router, RoutingFacts
@@ -40,6 +40,7 @@ from deid_router.scp.integrity import (
 )
 from deid_router.scp.receive import StoreRequest
 from deid_router.store.holding import Holding
+from deid_router.tls import server_context_for
 
 __all__ = ["Header", "Intake", "Listener", "StoreRequest", "read_complete_header", "read_header"]
 
@@ -253,6 +254,7 @@ class Listener:
         self.config = config
         self.intake = intake
         self._port: int | None = None
+        self._tls_port: int | None = None
         self.acceptor = Acceptor(
             AcceptorSettings(
                 ae_title=config.ae_title,
@@ -261,6 +263,10 @@ class Listener:
                 max_pdu_size=config.max_pdu_size,
                 network_timeout_seconds=config.network_timeout_seconds,
                 dimse_timeout_seconds=config.dimse_timeout_seconds,
+                artim_timeout_seconds=config.artim_timeout_seconds,
+                allowed_hosts=config.allowed_hosts,
+                max_pending_connections=config.max_pending_connections,
+                max_pending_per_host=config.max_pending_per_host,
             ),
             intake.holding.new_raw_file,
             store=intake.accept,
@@ -272,13 +278,54 @@ class Listener:
     def start(self) -> None:
         # Share the port only between this node's own listener processes: with one process a
         # second node started by mistake on the same port must fail to bind, not share it.
-        self._port = self.acceptor.start(self.config.host, self.config.port, reuse_port=self.config.processes != 1)
+        cfg, reuse = self.config, self.config.processes != 1
+        if cfg.tls is not None:
+            try:
+                context = server_context_for(cfg.tls)
+            except TlsError as exc:
+                raise ListenerError(f"listener.tls.{exc.key}: {exc.reason}") from exc
+            self._tls_port = self.acceptor.start_tls(cfg.host, cfg.tls.port, reuse, context)
+        if cfg.plain:
+            self._port = self.acceptor.start(cfg.host, cfg.port, reuse_port=reuse)
+        else:
+            self._port = self._tls_port
         self.intake.holding.start_reserve()
-        log.info("listener_started", ae_title=self.config.ae_title, port=self.port)
+        log.info("listener_started", ae_title=cfg.ae_title, port=self.port if cfg.plain else None, tls_port=self._tls_port)
 
     @property
     def port(self) -> int:
+        """The plain DICOM port (the TLS port when ``listener.plain = false``)."""
         return self.config.port if self._port is None else self._port
+
+    @property
+    def listening(self) -> bool:
+        """True between ``start`` and ``shutdown`` (what ``/readyz`` reports)."""
+        return self._port is not None
+
+    @property
+    def tls_port(self) -> int | None:
+        return self._tls_port
+
+    def reload_tls(self) -> bool:
+        """Read the certificate, key and CA files again (SIGHUP): new connections use them,
+        established associations keep theirs. A bad file keeps the old context."""
+        if self.config.tls is None or self._tls_port is None:
+            return False
+        try:
+            self.acceptor.set_tls_context(server_context_for(self.config.tls))
+        except TlsError as exc:
+            log.error("tls_reload_failed", key=f"listener.tls.{exc.key}", reason=exc.reason)
+            return False
+        log.info("tls_reloaded", tls_port=self._tls_port)
+        return True
+
+    def refusals(self) -> dict[str, int]:
+        """Connections and associations refused since start, by reason (for metrics)."""
+        return self.acceptor.refusals.snapshot()
+
+    def pending_connections(self) -> int:
+        """Connections still in the front door (no complete A-ASSOCIATE-RQ yet)."""
+        return self.acceptor.pending()
 
     def active_associations(self) -> int:
         """Established incoming associations: the transfers a clean stop waits for.
@@ -297,7 +344,7 @@ class Listener:
         if self._port is None:
             return
         self.acceptor.stop_accepting()
-        self._port = None
+        self._port = self._tls_port = None
         deadline = time.monotonic() + grace_seconds
         while self.active_associations() and time.monotonic() < deadline:
             time.sleep(0.1)

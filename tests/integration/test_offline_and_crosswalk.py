@@ -111,3 +111,23 @@ def test_crosswalk_lookup_and_export_are_audited(tmp_path: Path) -> None:
     raw += wal.read_bytes() if wal.exists() else b""
     for original in originals:
         assert original.encode() not in raw
+
+
+def test_hostile_uid_with_retain_uids_writes_nothing_outside_out(tmp_path: Path) -> None:
+    config = _config(tmp_path, options=["retain_uids"])
+    good, bad = make_series(tmp_path / "in", 2, rows=16, cols=16)
+    hostile = pydicom.dcmread(bad)
+    hostile.StudyInstanceUID = "../../x"  # kept as it came under the Retain UIDs Option
+    hostile.save_as(bad)
+    out = tmp_path / "export" / "out"
+    res = _cli("deidentify", str(tmp_path / "in"), "--out", str(out), config=config)
+    assert res.returncode == 1, res.stderr  # the hostile input is quarantined, the other delivered
+    assert [p.name for p in out.rglob("*.dcm")] == [f"{pydicom.dcmread(good).SOPInstanceUID}.dcm"]
+    assert not (tmp_path / "x").exists() and not (tmp_path / "export" / "x").exists()
+    written = {p.relative_to(tmp_path).parts[:2] for p in tmp_path.rglob("*") if p.is_file() and tmp_path / "in" not in p.parents}
+    assert written <= {("router.toml",), ("var", "secret.key"),
+                       ("var", "queue.sqlite3"), ("var", "queue.sqlite3-wal"), ("var", "queue.sqlite3-shm"),
+                       ("export", "out"), ("export", "quarantine")}, written
+    (reason,) = (tmp_path / "export" / "quarantine").glob("*.reason.txt")
+    text = reason.read_text()
+    assert "invalid_uid_for_path" in text and "../../x" not in text

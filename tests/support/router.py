@@ -65,10 +65,15 @@ def render_toml(doc: dict[str, Any]) -> str:
         else:
             lines.append(f"[{section}]")
             arrays = {k: v for k, v in body.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+            tables = {k: v for k, v in body.items() if isinstance(v, dict)}
             for k, v in body.items():
-                if k not in arrays:
+                if k not in arrays and k not in tables:
                     lines.append(f"{k} = {_toml_value(v)}")
             lines.append("")
+            for k, table in tables.items():  # [listener.tls]
+                lines.append(f"[{section}.{k}]")
+                lines.extend(f"{kk} = {_toml_value(vv)}" for kk, vv in table.items())
+                lines.append("")
             for k, items in arrays.items():
                 for item in items:
                     lines.append(f"[[{section}.{k}]]")
@@ -92,6 +97,8 @@ class RouterProcess:
     deid: dict[str, Any] = field(default_factory=dict)
     storage: dict[str, Any] = field(default_factory=dict)
     routes: list[dict[str, Any]] | None = None
+    # {"port": free_port()} turns the HTTP server on; None leaves [http] out (a router older than it)
+    http: dict[str, Any] | None = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # more top-level tables ([storage_commitment], ...)
     env: dict[str, str] = field(default_factory=dict)
     extra_toml: str = ""  # appended to the config as written (e.g. [profiles.NAME] tables)
@@ -103,6 +110,13 @@ class RouterProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         self.write_config()
+
+    @property
+    def ready_port(self) -> int:
+        """The port that answers once the node listens (the TLS one when the plain port is off)."""
+        if self.listener.get("plain", True) is False:
+            return int(self.listener["tls"]["port"])
+        return self.port
 
     @property
     def config_path(self) -> Path:
@@ -129,6 +143,8 @@ class RouterProcess:
             "routes": self.routes or [{"name": "all", "destinations": [d["name"] for d in self.destinations]}],
             **self.extra,
         }
+        if self.http is not None:
+            doc["http"] = {"host": "127.0.0.1", "port": 0, **self.http}  # off unless a test asks (never 8080)
         self.config_path.write_text(render_toml(doc) + "\n" + self.extra_toml, encoding="utf-8")
 
     def start(self, timeout: float = 30.0) -> RouterProcess:
@@ -146,7 +162,7 @@ class RouterProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"router exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with socket.create_connection(("127.0.0.1", self.ready_port), timeout=0.5):
                     return self
             except OSError:
                 time.sleep(0.1)
@@ -170,6 +186,47 @@ class RouterProcess:
                 self.terminate()
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    @property
+    def http_url(self) -> str:
+        assert self.http and self.http.get("port"), "start the router with http={'port': free_port()}"
+        scheme = "https" if "tls" in self.http else "http"
+        return f"{scheme}://127.0.0.1:{self.http['port']}"
+
+    def add_user(self, name: str, role: str, password: str) -> None:
+        """``deid-router user add`` with a password file (mode 0600, in the router's folder)."""
+        path = self.workdir / f"{name}.password"
+        path.write_text(password + "\n", encoding="utf-8")
+        path.chmod(0o600)
+        from deid_router.cli import main  # in-process: the same command, without a Python start-up
+
+        args = ["user", "add", name, "--role", role, "--password-file", str(path), "--config", str(self.config_path)]
+        assert main(args) == 0, f"deid-router {' '.join(args)} failed"
+
+    def api_status(self, auth: tuple[str, str]) -> dict[str, Any]:
+        """``GET /api/v1/status`` (the object of ``status --json``), without a CLI process per poll."""
+        import httpx
+
+        res = httpx.get(self.http_url + "/api/v1/status", auth=auth, timeout=30)
+        res.raise_for_status()
+        return dict(res.json())
+
+    def wait_idle_api(self, auth: tuple[str, str], timeout: float, expect_done: int | None = None) -> dict[str, Any]:
+        """:meth:`wait_idle` through the HTTP API (an HTTP-enabled router)."""
+        last: dict[str, Any] = {}
+
+        def idle() -> bool:
+            nonlocal last
+            last = self.api_status(auth)
+            jobs = last["jobs"]
+            busy = jobs.get("queued", 0) + jobs.get("running", 0) + jobs.get("retrying", 0)
+            return busy == 0 and (expect_done is None or jobs.get("done", 0) >= expect_done)
+
+        try:
+            wait_until(idle, timeout, interval=0.3, what="the queue to drain")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last status {last}\n{self.log_text()[-3000:]}") from None
+        return last
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         # --config right after the command word: nested commands (quarantine list) need it there

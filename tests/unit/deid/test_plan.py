@@ -23,3 +23,15 @@ def test_plan_shows_pseudonym_remove_keep_and_leaves_input_alone() -> None:
     assert {a for a, _, _ in rows.values()} <= {
         "keep", "remove", "empty", "dummy", "replace", "uid", "hash", "shift_date", "clean", "pseudonym"}
     assert str(ds.PatientName) == before_name and "PatientIdentityRemoved" not in ds
+
+
+def test_plan_names_swept_values_inside_sequences_dummy() -> None:
+    from pydicom.sequence import Sequence
+
+    ds = roundtrip(build().ds)
+    item = ds.ReferencedStudySequence[0].copy()
+    item.ContentDescription = "free text in an untabled attribute"
+    ds.ReferencedInstanceSequence = Sequence([item])
+    rows = {path: (action, before, after) for path, action, before, after in dry_run(make(), ds)}
+    assert rows["ReferencedInstanceSequence[0].ContentDescription"] == (
+        "dummy", "free text in an untabled attribute", "ANONYMIZED")

@@ -45,7 +45,8 @@ TABLED = [("ImageComments", "LT"), ("StudyDescription", "LO"), ("SeriesDescripti
           ("ReasonForStudy", "LO"), ("OperatorsName", "PN"), ("StudyComments", "LT"), ("DerivationDescription", "ST")]
 UNTABLED = [("BodyPartExamined", "CS"), ("ProtocolName", "LO"), ("ImageType", "CS"), ("Manufacturer", "LO"),
             ("ConvolutionKernel", "SH"), ("CodeMeaning", "LO")]
-SEQS = ["ReferencedImageSequence", "SourceImageSequence", "AnatomicRegionSequence", "ReferencedStudySequence"]
+SEQS = ["ReferencedImageSequence", "SourceImageSequence", "AnatomicRegionSequence", "ReferencedStudySequence",
+        "ReferencedInstanceSequence", "ContentSequence", "InstitutionCodeSequence", "ReferencedSeriesSequence"]
 OPTIONS = st.lists(st.sampled_from(OPTION_NAMES), unique=True, max_size=4)
 
 

@@ -38,7 +38,7 @@ def node(tmp_path: Path) -> Iterator[tuple[int, Holding, list[StoreRequest]]]:
 
     acceptor = Acceptor(
         AcceptorSettings("DEID_ROUTER", (), max_associations=4, max_pdu_size=0,
-                         network_timeout_seconds=10, dimse_timeout_seconds=10, acse_timeout_seconds=10),
+                         network_timeout_seconds=10, dimse_timeout_seconds=10, artim_timeout_seconds=10),
         holding.new_raw_file, store, has_space=lambda: True,
     )
     port = acceptor.start("127.0.0.1", 0, reuse_port=False)

@@ -204,8 +204,8 @@ def test_metrics_textfile(tmp_path: Path) -> None:
     migrate(engine)
     h = Holding(tmp_path, "n")
     h.prepare()
-    Housekeeping(JobRepository(engine), h, 0, RetryPolicy(1, 2, 3)).report()
+    Housekeeping(JobRepository(engine), h, 0, RetryPolicy(1, 2, 3), destinations=["pacs"]).report()
     text = h.metrics_path.read_text()
-    assert 'deid_router_jobs{state="queued"} 0' in text
-    assert "deid_router_quarantined 0" in text
+    assert 'deid_router_jobs{destination="pacs",state="queued"} 0.0' in text  # the names of /metrics
+    assert "deid_router_quarantined 0.0" in text
     assert "deid_router_holding_free_bytes " in text

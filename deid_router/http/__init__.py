@@ -1,0 +1,1 @@
+"""The node's HTTP side: console, JSON API, health and Prometheus metrics (``[http]``)."""

@@ -1,0 +1,58 @@
+"""``deid-router user add|remove|list``: works before the first serve, never stores the password."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deid_router.cli import main
+
+CONFIG = """
+[storage]
+root = "var"
+[deid]
+secret_file = "var/secret.key"
+[[destinations]]
+name = "outbox"
+type = "folder"
+path = "var/outbox"
+[[routes]]
+name = "all"
+destinations = ["outbox"]
+"""
+
+
+def test_user_add_list_remove_before_the_first_serve(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text(CONFIG, encoding="utf-8")
+    pw = tmp_path / "pw"
+    pw.write_text("correct horse battery\n", encoding="utf-8")
+    assert not (tmp_path / "var").exists()
+    assert main(["user", "add", "alice", "--role", "admin", "--password-file", str(pw), "--config", str(config)]) == 0
+    assert main(["user", "--config", str(config), "add", "bob", "--role", "viewer", "--password-file", str(pw)]) == 0
+    assert main(["user", "add", "alice", "--role", "viewer", "--password-file", str(pw), "--config", str(config)]) == 1
+    db = (tmp_path / "var" / "queue.sqlite3").read_bytes()
+    assert b"correct horse" not in db and b"$argon2id$" in db
+    capsys.readouterr()
+    assert main(["user", "list", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert [line.split("\t")[:2] for line in out.splitlines()] == [["alice", "admin"], ["bob", "viewer"]]
+    assert main(["user", "remove", "bob", "--config", str(config)]) == 0
+    assert main(["user", "remove", "bob", "--config", str(config)]) == 1
+
+
+def test_user_add_refuses_a_short_password_and_a_missing_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text(CONFIG, encoding="utf-8")
+    pw = tmp_path / "pw"
+    pw.write_text("short\n", encoding="utf-8")
+    assert main(["user", "add", "alice", "--role", "admin", "--password-file", str(pw), "--config", str(config)]) == 2
+    capsys.readouterr()
+    assert main(["user", "add", "alice", "--role", "admin", "--config", str(config)]) == 2  # stdin is no tty here
+    assert "--password-file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["user", "add", "x", "--role", "root", "--config", str(config)])
+    assert usage.value.code == 2
