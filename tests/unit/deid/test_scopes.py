@@ -1,7 +1,8 @@
 """Pseudonym scopes: the default scope is v1 bit for bit; other scopes share nothing with it.
 
 ``fixtures/v1_expected.json`` and ``fixtures/v1_output_*.dcm`` were written by
-``fixtures/make_v1_fixture.py`` with the engine as it was before profiles existed (6cd7af3).
+``fixtures/make_v1_fixture.py`` with the plain engine (first before profiles existed, 6cd7af3;
+regenerated when issue 11 changed per-IOD actions: same pseudonyms and keys, see its docstring).
 """
 
 from __future__ import annotations
