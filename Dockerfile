@@ -16,6 +16,11 @@ COPY deid_router ./deid_router
 RUN pip install ".[codecs]" \
     && rm -rf /build
 
+# curl for the health check (GET /readyz on the node's HTTP port, loopback)
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends curl \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN groupadd --system --gid 10001 deid \
     && useradd --system --uid 10001 --gid deid --home-dir /var/lib/deid-router --shell /usr/sbin/nologin deid \
     && mkdir -p /var/lib/deid-router /etc/deid-router \
@@ -30,8 +35,8 @@ EXPOSE 11112
 
 # SIGTERM: the router stops accepting, finishes or releases in-flight jobs and exits within 30 s.
 STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', 11112), 3).close()"]
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["curl", "-fsS", "http://127.0.0.1:8080/readyz"]
 
 ENTRYPOINT ["deid-router"]
 CMD ["serve", "--config", "/etc/deid-router/router.toml"]

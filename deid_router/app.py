@@ -37,6 +37,7 @@ from deid_router.forward.registry import handler_for
 from deid_router.jobs.policy import RetryPolicy
 from deid_router.jobs.worker import Worker
 from deid_router.observability.logging import configure_logging, get_logger
+from deid_router.observability.systemd import notify as notify_systemd
 from deid_router.routing import Router
 from deid_router.scheduler import Housekeeping, start_scheduler
 from deid_router.observability.audit_messages import Auditor, auditor_from
@@ -90,11 +91,7 @@ class Context:
     @functools.cached_property
     def auditor(self) -> Auditor:
         """DICOM audit messages to ``[audit] syslog_url`` (does nothing when it is empty)."""
-        au = self.config.audit
-        return auditor_from(
-            au.syslog_url, au.source_id or node_name(self.config), self.config.listener.ae_title,
-            str(au.ca_file) if au.ca_file else None,
-        )
+        return build_auditor(self.config)
 
     def close(self) -> None:
         if "auditor" in self.__dict__:
@@ -102,13 +99,30 @@ class Context:
         self.engine.dispose()
 
 
+def build_auditor(config: Config) -> Auditor:
+    """The node's DICOM audit message sender (the node's parts and the CLI commands share it)."""
+    au = config.audit
+    return auditor_from(
+        au.syslog_url, au.source_id or node_name(config), config.listener.ae_title,
+        str(au.ca_file) if au.ca_file else None,
+    )
+
+
 def build_context(config: Config, *, run_migrations: bool = False) -> Context:
     holding = Holding(config.storage.root, node_name(config))
     config.storage.root.mkdir(parents=True, exist_ok=True)
-    keys = Keys.load_or_create(config.deid.secret_file)
     engine = make_engine(config.queue.url, busy_timeout_ms=int(config.queue.busy_timeout_seconds * 1000))
-    if run_migrations:
-        migrate(engine)
+    if run_migrations:  # serve (and offline deidentify): the secret is checked against the database
+        from deid_router.db.guard import database_label, keys_for_serve
+
+        try:
+            migrate(engine)
+            keys = keys_for_serve(JobRepository(engine), config.deid.secret_file, database_label(config.queue.url))
+        except BaseException:
+            engine.dispose()
+            raise
+    else:
+        keys = Keys.load_or_create(config.deid.secret_file)
     return Context(config, keys, engine, JobRepository(engine), holding)
 
 
@@ -283,6 +297,7 @@ class Node:
         self._children = [self._spawn("listener", i) for i in range(1, listeners)]
         self._children += [self._spawn("worker", i) for i in range(worker_count(self.config))]
         log.info("node_started", workers=worker_count(self.config), listeners=listeners, port=self.listener.port)
+        notify_systemd("READY=1")  # Type=notify: the listener accepts, the database is migrated
 
     def supervise(self, stop: threading.Event) -> None:
         """Block until ``stop``; restart any child process that died meanwhile."""
@@ -318,6 +333,7 @@ class Node:
     def stop(self) -> None:
         """Stop accepting, let transfers finish, let workers release their jobs, exit (< 30 s)."""
         log.info("node_stopping")
+        notify_systemd("STOPPING=1")
         if self.http is not None:
             self.http.begin_stop()  # closes while the listener drains; joined below
         listeners = self._signal_children("listener")

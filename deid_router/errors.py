@@ -85,5 +85,16 @@ class PermanentForwardError(ForwardError):
     """Retrying will not help (refused SOP class, permanent rejection)."""
 
 
+class MissingDatabaseError(DeidRouterError):
+    """A command that only reads (or acts on what exists) found no queue database.
+
+    It never creates one: a mistyped ``--config`` must not report an empty node as healthy.
+    """
+
+
+class SecretMismatchError(DeidRouterError):
+    """The secret file is missing or is not the one the database was started with."""
+
+
 class HttpServerError(DeidRouterError):
     """The HTTP port (``[http]``) could not be opened, or the server did not start."""

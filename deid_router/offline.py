@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from deid_router.config import Config
 from deid_router.errors import DeidError, DeidRouterError, UnsafePathError
@@ -86,16 +87,24 @@ def _process(src: str, out: str, quarantine: str) -> FileResult:
     except DeidError as exc:
         tmp.unlink(missing_ok=True)
         qdir = Path(quarantine)
-        qdir.mkdir(parents=True, exist_ok=True)
+        qdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         copy, reason = layout.quarantine_paths(qdir)
-        shutil.copyfile(path, copy)
-        reason.write_text(
-            f"source: {src}\nreason: {exc.reason}\npath: {exc.path}\ndetail: {exc.detail}\n", encoding="utf-8"
-        )
+        # The copy is identified, the reason file names the source file: both private (0600).
+        with open(path, "rb") as fin, _private_file(copy) as fout:
+            shutil.copyfileobj(fin, fout)
+        with _private_file(reason) as fout:
+            fout.write(f"source: {src}\nreason: {exc.reason}\npath: {exc.path}\ndetail: {exc.detail}\n".encode())
         return FileResult(src, "quarantined", exc.reason)
     except (DeidRouterError, OSError) as exc:
         tmp.unlink(missing_ok=True)
         return FileResult(src, "quarantined", type(exc).__name__)
+
+
+def _private_file(path: Path) -> BinaryIO:
+    """A new file only its owner can read (0600 whatever the umask)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return open(fd, "wb")
 
 
 def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry_run: bool,
@@ -146,29 +155,35 @@ def _progress(done: int, total: int, counts: dict[str, int]) -> None:
 def _dry_run(config: Config, files: list[Path], preview: Path | None = None, profile: str = "") -> int:
     from pydicom import dcmread
 
-    from deid_router.app import build_context
     from deid_router.deid.crosswalk import NullCrosswalk
     from deid_router.deid.engine import Deidentifier
+    from deid_router.deid.keys import Keys
     from deid_router.deid.plan import dry_run
 
-    ctx = build_context(config)
-    try:
-        p = config.profile(profile)
-        deid = Deidentifier(p.deid, ctx.keys.for_scope(p.scope), NullCrosswalk())
-        for f in files:
-            if not _is_dicom(f):
-                continue
-            print(f"== {f}")
-            try:
-                for line in dry_run(deid, dcmread(f, stop_before_pixels=True)):
-                    print("  " + "\t".join("" if v is None else str(v) for v in line))
-            except DeidError as exc:
-                print(f"  quarantined\t{exc.reason}\t{exc.path}")
-            if preview is not None:
-                from deid_router.deid.preview import write_preview
+    # A dry run changes nothing: no database, secret or folder is created. Without a secret
+    # yet, the UIDs and pseudonyms shown are those of a throw-away key.
+    if config.deid.secret_file.exists():
+        keys = Keys.load(config.deid.secret_file)
+    else:
+        import secrets
 
-                name = f"{files.index(f):04d}-{f.stem}"
-                print(f"  pixels\t{write_preview(deid, f, preview, name)}\t{preview / name}.*.png")
-    finally:
-        ctx.close()
+        print("warning: deid.secret_file does not exist yet: new UIDs and pseudonyms shown are examples",
+              file=sys.stderr)
+        keys = Keys(secrets.token_bytes(32))
+    p = config.profile(profile)
+    deid = Deidentifier(p.deid, keys.for_scope(p.scope), NullCrosswalk())
+    for f in files:
+        if not _is_dicom(f):
+            continue
+        print(f"== {f}")
+        try:
+            for line in dry_run(deid, dcmread(f, stop_before_pixels=True)):
+                print("  " + "\t".join("" if v is None else str(v) for v in line))
+        except DeidError as exc:
+            print(f"  quarantined\t{exc.reason}\t{exc.path}")
+        if preview is not None:
+            from deid_router.deid.preview import write_preview
+
+            name = f"{files.index(f):04d}-{f.stem}"
+            print(f"  pixels\t{write_preview(deid, f, preview, name)}\t{preview / name}.*.png")
     return 0

@@ -182,3 +182,17 @@ class DestinationState(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_by: Mapped[str] = mapped_column(String(128))
+
+
+class SecretFingerprint(Base):
+    """The fingerprint of the secret this database was first started with (one row, id 1).
+
+    A keyed hash (``Keys.fingerprint``), never the key: a node or command started with another
+    secret would give everyone new pseudonyms and could not read the crosswalk, so it refuses.
+    """
+
+    __tablename__ = "secret_fingerprint"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -206,10 +206,12 @@ class Reports(_Store):
             conn.execute(select(func.count()).select_from(DestinationState)).scalar_one()
 
     def status(self, states: DestinationStates) -> dict[str, Any]:
-        """The ``deid-router status --json`` object (v1 keys, plus ``paused``)."""
+        """The ``deid-router status --json`` object (v1 keys, plus ``paused`` and
+        ``destination_details``: oldest pending job and its age, next retry, last error)."""
         counts: StatusCounts = self.repo.status_counts()
         doc: dict[str, Any] = dict(counts)
         doc["paused"] = states.paused()
+        doc["destination_details"] = destination_details_doc(self.repo)
         return doc
 
     def metrics(self) -> QueueMetrics:
@@ -362,3 +364,26 @@ class Reports(_Store):
 
 def _utc(t: datetime) -> datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def destination_details_doc(repo: JobRepository) -> dict[str, Any]:
+    """Per destination with jobs: oldest pending job, next retry, and the last error's reason
+    and status code. Codes and times only, never a tag value; no age (the same document at
+    any moment of one state: the CLI and ``/api/v1/status`` agree)."""
+    out: dict[str, Any] = {}
+    for name, d in repo.destination_details().items():
+        out[name] = {
+            "oldest_job_at": _iso(d.oldest_job_at),
+            "next_retry_at": _iso(d.next_retry_at),
+            "last_error": (
+                {"reason": d.last_error_reason,
+                 "status": None if d.last_error_status is None else f"0x{d.last_error_status:04X}",
+                 "at": _iso(d.last_error_at)}
+                if d.last_error_at is not None else None
+            ),
+        }
+    return out

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import cast, Any, TypedDict
 
 from sqlalchemy import Engine, Table, and_, bindparam, case, exists, func, insert, or_, select, text, update
@@ -31,7 +31,9 @@ from sqlalchemy.exc import DBAPIError
 
 from deid_router.db.driver import DriverStatement, driver_transaction
 from deid_router.db.engine import READ_ONLY_OPTION
-from deid_router.db.models import AuditEvent, Crosswalk, DestinationState, Instance, Job, QuarantineRow, utc_now
+from deid_router.db.models import (
+    AuditEvent, Crosswalk, DestinationState, Instance, Job, QuarantineRow, SecretFingerprint, utc_now,
+)
 from deid_router.db.models import JobEvent as JobEventRow
 from deid_router.errors import QueueError
 from deid_router.jobs.outcome import Outcome, OutcomeKind
@@ -41,8 +43,11 @@ from deid_router.jobs.states import ALL_STATES, LIVE_STATES, JobState, assert_tr
 __all__ = [
     "ClaimedJob",
     "EnqueueResult",
+    "DestinationDetail",
     "JobEvent",
     "JobRepository",
+    "JobSummary",
+    "PurgeResult",
     "NewInstance",
     "QuarantineEntry",
     "StatusCounts",
@@ -123,6 +128,49 @@ class QuarantineEntry:
     purged_at: datetime | None
     raw_path: str
     events: tuple[JobEvent, ...] = field(default=())
+    # What the database holds about the instance (no tag value but the registered SOP class,
+    # the modality code and the network's AE titles).
+    modality: str = ""
+    sop_class_uid: str = ""
+    transfer_syntax: str = ""
+    calling_aet: str = ""
+    called_aet: str = ""
+    size: int = 0
+    received_at: datetime | None = None
+    raw_deleted_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """One job as operators see it (``jobs list``, retry plans): ids, states and codes only."""
+
+    id: int
+    instance_id: str
+    destination: str
+    state: str
+    attempts: int
+    last_status: int | None
+    last_reason: str
+    created_at: datetime
+    updated_at: datetime
+    run_after: datetime
+    raw_held: bool
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    entries: int  # quarantine entries purged by this call
+    jobs_closed: int  # failed jobs moved to ``purged``
+    raw_paths: list[str]  # raw files the caller deletes, then marks with ``mark_raw_path_deleted``
+
+
+@dataclass(frozen=True)
+class DestinationDetail:
+    oldest_job_at: datetime | None  # oldest job not yet done (queued, running, retrying)
+    next_retry_at: datetime | None
+    last_error_reason: str | None
+    last_error_status: int | None
+    last_error_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -671,7 +719,9 @@ class JobRepository:
 
     def _entry(self, conn: Connection, where: Any) -> list[QuarantineEntry]:
         rows = conn.execute(
-            select(*_Q_COLS, Job.destination, Instance.raw_path)
+            select(*_Q_COLS, Job.destination, Instance.raw_path, Instance.modality, Instance.sop_class_uid,
+                   Instance.transfer_syntax, Instance.calling_aet, Instance.called_aet, Instance.size,
+                   Instance.received_at, Instance.raw_deleted_at)
             .join(Instance, Instance.id == QuarantineRow.instance_id)
             .outerjoin(Job, Job.id == QuarantineRow.job_id)
             .where(where)
@@ -684,7 +734,9 @@ class JobRepository:
                 QuarantineEntry(
                     id=q.id, instance_id=q.instance_id, job_id=q.job_id, destination=dest, reason=q.reason,
                     detail=q.detail, created_at=q.created_at, released_at=q.released_at, purged_at=q.purged_at,
-                    raw_path=raw_path,
+                    raw_path=raw_path, modality=q.modality, sop_class_uid=q.sop_class_uid,
+                    transfer_syntax=q.transfer_syntax, calling_aet=q.calling_aet, called_aet=q.called_aet,
+                    size=q.size, received_at=q.received_at, raw_deleted_at=q.raw_deleted_at,
                 )
             )
         return out
@@ -777,7 +829,9 @@ class JobRepository:
         """
         with self._read("status_counts") as conn:
             rows = conn.execute(
-                select(Job.destination, Job.state, func.count()).group_by(Job.destination, Job.state)
+                select(Job.destination, Job.state, func.count())
+                .where(Job.state.in_([s.value for s in ALL_STATES]))  # purged jobs are closed
+                .group_by(Job.destination, Job.state)
             ).all()
             quarantined = conn.execute(
                 select(func.count()).select_from(QuarantineRow)
@@ -945,7 +999,228 @@ class JobRepository:
             key: CommitState(
                 sop_class_uid=cls,
                 delivered=bool(states) and all(s == JobState.DONE.value for s in states),
-                failed=any(s == JobState.FAILED.value for s in states),
+                failed=any(s in (JobState.FAILED.value, JobState.PURGED.value) for s in states),
             )
             for key, (cls, states) in found.items()
         }
+
+    # ------------------------------------------------------------------ secret fingerprint
+
+    def secret_fingerprint(self) -> str | None:
+        """The fingerprint of the secret this database was first started with, if recorded."""
+        with self._read("secret_fingerprint") as conn:
+            return conn.execute(select(SecretFingerprint.fingerprint).where(SecretFingerprint.id == 1)).scalar()
+
+    def record_secret_fingerprint(self, fingerprint: str) -> str:
+        """Record ``fingerprint`` unless one is recorded; return the one now recorded.
+
+        Nodes starting together agree: the first insert wins, the others read it back.
+        """
+        values = {"id": 1, "fingerprint": fingerprint, "created_at": self._clock()}
+        stmt: Any
+        if self._pg:
+            stmt = postgresql.insert(SecretFingerprint).values(**values).on_conflict_do_nothing(index_elements=["id"])
+        else:
+            stmt = sqlite.insert(SecretFingerprint).values(**values).on_conflict_do_nothing(index_elements=["id"])
+        with self._tx("record_secret_fingerprint") as conn:
+            conn.execute(stmt)
+            return str(conn.execute(select(SecretFingerprint.fingerprint).where(SecretFingerprint.id == 1)).scalar_one())
+
+    def holds_keyed_data(self) -> bool:
+        """True once anything keyed by the secret is stored (an instance or a crosswalk row)."""
+        with self._read("holds_keyed_data") as conn:
+            return (
+                conn.execute(select(Instance.id).limit(1)).first() is not None
+                or conn.execute(select(Crosswalk.id).limit(1)).first() is not None
+            )
+
+    # ------------------------------------------------------------------ operator actions (v2)
+
+    _SUMMARY_COLS = (
+        Job.id, Job.instance_id, Job.destination, Job.state, Job.attempts, Job.last_status, Job.last_reason,
+        Job.created_at, Job.updated_at, Job.run_after, Instance.raw_deleted_at,
+    )
+
+    @staticmethod
+    def _summary(r: Any) -> JobSummary:
+        return JobSummary(
+            id=r.id, instance_id=r.instance_id, destination=r.destination, state=r.state, attempts=r.attempts,
+            last_status=r.last_status, last_reason=r.last_reason or "", created_at=r.created_at,
+            updated_at=r.updated_at, run_after=r.run_after, raw_held=r.raw_deleted_at is None,
+        )
+
+    def list_jobs(
+        self, states: Sequence[str] = (), destination: str | None = None, ids: Sequence[int] = (),
+        limit: int | None = None, oldest_first: bool = False,
+    ) -> list[JobSummary]:
+        """Jobs filtered by state, destination and ids; newest first unless ``oldest_first``."""
+        query = select(*self._SUMMARY_COLS).join(Instance, Instance.id == Job.instance_id)
+        if states:
+            query = query.where(Job.state.in_(list(states)))
+        if destination is not None:
+            query = query.where(Job.destination == destination)
+        if ids:
+            query = query.where(Job.id.in_(list(ids)))
+        query = query.order_by(Job.id if oldest_first else Job.id.desc())
+        if limit is not None:
+            query = query.limit(limit)
+        with self._read("list_jobs") as conn:
+            return [self._summary(r) for r in conn.execute(query).all()]
+
+    def requeue_jobs(self, job_ids: Sequence[int], reason: str = "operator_retry") -> list[int]:
+        """Re-queue those of ``job_ids`` still failed or retrying with their raw file held."""
+        done: list[int] = []
+        with self._tx("requeue_jobs") as conn:
+            for chunk in _chunks(sorted(set(job_ids))):
+                rows = conn.execute(
+                    self._retryable()
+                    .where(Job.id.in_(list(chunk)), Job.state.in_([JobState.FAILED.value, JobState.RETRYING.value]))
+                    .order_by(Job.id).with_for_update(of=Job)
+                ).all()
+                done += self._requeue_failed(conn, rows, reason)
+        return done
+
+    def purge_quarantine_entries(self, entry_ids: Sequence[int]) -> PurgeResult:
+        """Purge open entries: mark them purged and close their failed jobs (``purged``).
+
+        An entry of one job closes that job; an instance-level entry (a conflict) closes every
+        failed job of its instance. Returns, with the counts, the raw files that may now go:
+        of instances with a purged entry whose every job is done or purged and whose raw file
+        is not yet marked deleted (so a crash between purge and unlink is finished next time).
+        """
+        now = self._clock()
+        entries = jobs_closed = 0
+        with self._tx("purge_quarantine_entries") as conn:
+            for chunk in _chunks(sorted(set(entry_ids))):
+                rows = conn.execute(
+                    select(QuarantineRow.id, QuarantineRow.job_id, QuarantineRow.instance_id)
+                    .where(QuarantineRow.id.in_(list(chunk)), QuarantineRow.released_at.is_(None),
+                           QuarantineRow.purged_at.is_(None))
+                    .order_by(QuarantineRow.id).with_for_update()
+                ).all()
+                if not rows:
+                    continue
+                entries += len(rows)
+                conn.execute(
+                    update(QuarantineRow).where(QuarantineRow.id.in_([r.id for r in rows])).values(purged_at=now)
+                )
+                job_ids = [r.job_id for r in rows if r.job_id is not None]
+                instance_ids = [r.instance_id for r in rows if r.job_id is None]
+                where = or_(Job.id.in_(job_ids), Job.instance_id.in_(instance_ids))
+                failed = conn.execute(
+                    select(Job.id, Job.state, Job.attempts)
+                    .where(where, Job.state == JobState.FAILED.value).order_by(Job.id).with_for_update()
+                ).all()
+                if failed:
+                    events = [
+                        self._ev(r.id, now, r.state, JobState.PURGED.value, r.attempts, None, "quarantine_purge")
+                        for r in failed
+                    ]
+                    conn.execute(
+                        update(Job).where(Job.id.in_([r.id for r in failed])).values(
+                            state=JobState.PURGED.value, updated_at=now, last_reason="quarantine_purge",
+                        )
+                    )
+                    self._event(conn, events)
+                    jobs_closed += len(failed)
+            open_work = exists().where(
+                Job.instance_id == Instance.id, Job.state.not_in([JobState.DONE.value, JobState.PURGED.value])
+            )
+            purged = exists().where(QuarantineRow.instance_id == Instance.id, QuarantineRow.purged_at.is_not(None))
+            paths = list(
+                conn.execute(
+                    select(Instance.raw_path)
+                    .where(Instance.raw_deleted_at.is_(None), purged, ~open_work)
+                    .order_by(Instance.raw_path)
+                ).scalars()
+            )
+        return PurgeResult(entries, jobs_closed, paths)
+
+    def destination_details(self) -> dict[str, DestinationDetail]:
+        """Per destination with jobs: oldest pending job, next retry, last error (codes only)."""
+        pending = [JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRYING.value]
+        out: dict[str, DestinationDetail] = {}
+        with self._read("destination_details") as conn:
+            names = list(conn.execute(select(Job.destination).distinct().order_by(Job.destination)).scalars())
+            for name in names:
+                oldest = conn.execute(
+                    select(func.min(Job.created_at)).where(Job.destination == name, Job.state.in_(pending))
+                ).scalar()
+                next_retry = conn.execute(
+                    select(func.min(Job.run_after))
+                    .where(Job.destination == name, Job.state == JobState.RETRYING.value)
+                ).scalar()
+                err = conn.execute(
+                    select(Job.last_reason, Job.last_status, Job.updated_at)
+                    .where(Job.destination == name,
+                           Job.state.in_([JobState.RETRYING.value, JobState.FAILED.value]))
+                    .order_by(Job.updated_at.desc(), Job.id.desc()).limit(1)
+                ).first()
+                out[name] = DestinationDetail(
+                    oldest_job_at=_aware(oldest), next_retry_at=_aware(next_retry),
+                    last_error_reason=err.last_reason if err else None,
+                    last_error_status=err.last_status if err else None,
+                    last_error_at=err.updated_at if err else None,
+                )
+        return out
+
+    def held_instances(self) -> list[tuple[str, str]]:
+        """``(instance_id, raw_path)`` of every instance whose raw file is still held."""
+        with self._read("held_instances") as conn:
+            rows = conn.execute(
+                select(Instance.id, Instance.raw_path).where(Instance.raw_deleted_at.is_(None))
+                .order_by(Instance.received_at, Instance.id)
+            ).all()
+        return [(r.id, r.raw_path) for r in rows]
+
+    def delivered_count_without_raw(self, destination: str) -> int:
+        """Instances delivered to ``destination`` whose raw file is already deleted."""
+        with self._read("delivered_count_without_raw") as conn:
+            return int(conn.execute(
+                select(func.count(func.distinct(Instance.id))).select_from(Instance)
+                .join(Job, Job.instance_id == Instance.id)
+                .where(Job.destination == destination, Job.state == JobState.DONE.value,
+                       Instance.raw_deleted_at.is_not(None))
+            ).scalar_one())
+
+    def resend(self, instance_ids: Sequence[str], destination: str, reason: str = "operator_resend") -> list[int]:
+        """A new queued job to ``destination`` for each instance delivered there, raw held and
+        with no job to it still pending (a second resend before the first is sent adds nothing)."""
+        now = self._clock()
+        new_ids: list[int] = []
+        pending = [JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRYING.value]
+        with self._tx("resend") as conn:
+            for i in range(0, len(instance_ids), _IN_CHUNK):
+                chunk = list(instance_ids[i : i + _IN_CHUNK])
+                delivered = exists().where(
+                    Job.instance_id == Instance.id, Job.destination == destination, Job.state == JobState.DONE.value
+                )
+                waiting = exists().where(
+                    Job.instance_id == Instance.id, Job.destination == destination, Job.state.in_(pending)
+                )
+                ready = conn.execute(
+                    select(Instance.id).where(Instance.id.in_(chunk), Instance.raw_deleted_at.is_(None),
+                                              delivered, ~waiting).order_by(Instance.id)
+                ).scalars().all()
+                events = []
+                for instance_id in ready:
+                    row = {
+                        "instance_id": instance_id, "destination": destination, "state": JobState.QUEUED.value,
+                        "attempts": 0, "run_after": now, "last_reason": reason, "created_at": now,
+                        "updated_at": now, "lease_owner": None, "lease_expires_at": None, "last_status": None,
+                    }
+                    job_id = conn.execute(_INSERT_JOB, row).scalar_one()
+                    new_ids.append(job_id)
+                    events.append(self._ev(job_id, now, None, JobState.QUEUED.value, 0, None, reason))
+                self._event(conn, events)
+        return new_ids
+
+
+def _aware(value: Any) -> datetime | None:
+    """Aggregates (min/max) bypass the column type on SQLite: attach UTC to a naive result."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    assert isinstance(value, datetime)
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)

@@ -15,12 +15,13 @@ import secrets
 import time
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from deid_router.config import DEFAULT_SCOPE  # the v1 keys: deployments keep their pseudonyms and UIDs
-from deid_router.errors import ConfigError
+from deid_router.errors import ConfigError, SecretMismatchError
 
 _SECRET_BYTES = 32
 _BLOB_VERSION = b"\x01"
@@ -67,6 +68,14 @@ class Keys:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+        return cls.load(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Keys:
+        """Read the hex secret at ``path``; never creates it (ConfigError naming the file)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([(str(path), "deid.secret_file", "does not exist")])
         text = ""
         for _ in range(50):  # the file is complete when linked; the loop only guards odd filesystems
             text = path.read_text(encoding="ascii").strip()
@@ -92,6 +101,10 @@ class Keys:
             info=b"scope v1:" + scope.encode("utf-8"),
         ).derive(self._secret)
         return Keys(derived)
+
+    def fingerprint(self) -> str:
+        """A keyed hash identifying this secret (stored in the database); reveals nothing of it."""
+        return self._mac(b"fingerprint", "deid-router secret v1").hex()
 
     def _mac(self, domain: bytes, value: str) -> bytes:
         return hmac.new(self._secret, domain + b"\0" + value.encode("utf-8"), hashlib.sha256).digest()
@@ -129,4 +142,10 @@ class Keys:
     def decrypt(self, blob: bytes) -> str:
         if blob[:1] != _BLOB_VERSION or len(blob) < 29:
             raise ValueError("not a deid-router crosswalk blob")
-        return self._aead.decrypt(blob[1:13], blob[13:], _BLOB_VERSION).decode("utf-8")
+        try:
+            return self._aead.decrypt(blob[1:13], blob[13:], _BLOB_VERSION).decode("utf-8")
+        except InvalidTag as exc:
+            raise SecretMismatchError(
+                "a crosswalk entry cannot be decrypted with this secret: deid.secret_file is not the "
+                "secret the entries were written with (restore the right one from backup)"
+            ) from exc

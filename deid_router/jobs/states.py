@@ -12,6 +12,9 @@ Notes on the edges:
   worker that died mid-attempt may have been killed by this very instance: counting it
   stops a poison instance from crashing workers forever).
 * ``failed -> queued``: operator retry or quarantine release.
+* ``failed -> purged``: an operator purged the quarantine entry (its raw file may be gone):
+  the job is closed for good, so counts and metrics come down. ``purged`` is final and not
+  one of the states ``status`` counts (``ALL_STATES``, the v1 contract's).
 * ``None -> queued`` / ``None -> failed``: creation (``failed`` for a conflicting re-send
   that goes straight to the quarantine).
 """
@@ -30,13 +33,16 @@ class JobState(str, Enum):
     RETRYING = "retrying"
     DONE = "done"
     FAILED = "failed"
+    PURGED = "purged"
 
     def __str__(self) -> str:
         return self.value
 
 
-ALL_STATES: tuple[JobState, ...] = tuple(JobState)
-TERMINAL_STATES: frozenset[JobState] = frozenset({JobState.DONE, JobState.FAILED})
+# The states ``status`` counts (the v1 contract); a purged job is closed and counted apart.
+ALL_STATES: tuple[JobState, ...] = tuple(s for s in JobState if s is not JobState.PURGED)
+TERMINAL_STATES: frozenset[JobState] = frozenset({JobState.DONE, JobState.FAILED, JobState.PURGED})
+CLOSED_STATES: frozenset[JobState] = frozenset({JobState.PURGED})
 # States in which a job still represents pending or achieved work (a re-send is a duplicate).
 LIVE_STATES: frozenset[JobState] = frozenset(
     {JobState.QUEUED, JobState.RUNNING, JobState.RETRYING, JobState.DONE}
@@ -47,8 +53,9 @@ TRANSITIONS: Mapping[JobState | None, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING}),
     JobState.RETRYING: frozenset({JobState.RUNNING, JobState.QUEUED}),
     JobState.RUNNING: frozenset({JobState.DONE, JobState.RETRYING, JobState.FAILED, JobState.QUEUED}),
-    JobState.FAILED: frozenset({JobState.QUEUED}),
+    JobState.FAILED: frozenset({JobState.QUEUED, JobState.PURGED}),
     JobState.DONE: frozenset(),
+    JobState.PURGED: frozenset(),
 }
 
 

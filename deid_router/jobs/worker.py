@@ -83,6 +83,8 @@ class Worker:
         for lanes in self.destinations.values():
             for lane in lanes:
                 lane.close()
+        if all(not t.is_alive() for t in threads):  # no lane still writes: its files may go
+            self.holding.clear_work(self.work_prefix)
 
     def _serve(self, name: str, lane: Destination, lane_no: int, stop: threading.Event) -> None:
         """One association's loop for destination ``name``: batches while there is work; pauses

@@ -387,6 +387,23 @@ class Holding:
                 yield fh
                 os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
 
+    def clear_work(self, prefix: str) -> int:
+        """Remove a stopping worker's work files (``<prefix>-*``): a clean stop leaves nothing
+        for the next start to remove, so its ``partial_files_removed`` warning means a crash."""
+        removed = 0
+        try:
+            entries = list(os.scandir(self.work_dir))
+        except OSError:
+            return 0
+        for entry in entries:
+            if entry.name.startswith(f"{prefix}-"):
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except OSError:
+                    pass
+        return removed
+
     def release_work(self, slot: str) -> None:
         """After a send: a large instance's work file goes; others stay for the slot's next one."""
         path = self.work_path(slot)

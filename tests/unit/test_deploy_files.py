@@ -228,3 +228,104 @@ def test_shared_venv_helper_parses(tmp_path: Path) -> None:
     )
     assert check.returncode == 0, check.stderr
     assert Path(check.stdout.strip()) == REPO
+
+
+# --------------------------------------------------------------------------- operations (issue 13)
+
+UNIT = REPO / "deploy" / "deid-router.service"
+READYZ = ["curl", "-fsS", "http://127.0.0.1:8080/readyz"]
+
+
+def _unit() -> dict[str, dict[str, list[str]]]:
+    """The unit's sections, each key with every value it is given (systemd allows repeats)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for line in UNIT.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None and "=" in line, f"stray line in the unit: {line}"
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def test_systemd_unit_runs_serve_with_readiness_restart_and_hardening() -> None:
+    service = _unit()["Service"]
+    one = {k: v[-1] for k, v in service.items()}
+    assert one["Type"] == "notify"  # the node sends READY=1 (tests/e2e/test_cli_safety.py)
+    assert one["Restart"] == "on-failure" and "2" in one["RestartPreventExitStatus"].split()
+    assert int(one["TimeoutStopSec"]) > 30  # the node exits within 30 s of SIGTERM
+    argv = shlex.split(one["ExecStart"])
+    assert argv[0].endswith("/deid-router")
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "serve" and args.config == CONFIG_IN_CONTAINER
+    assert (one["ProtectSystem"], one["NoNewPrivileges"], one["PrivateTmp"]) == ("strict", "yes", "yes")
+    assert STORAGE in one["ReadWritePaths"].split()
+    assert one["User"] not in ("root", "0")
+    assert _unit()["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    import shutil
+    import sys
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        missing("systemd-analyze is not installed (Debian package systemd; scripts/run-tests installs it)")
+    script = Path(sys.executable).with_name("deid-router")
+    assert script.is_file(), "the console script of this virtualenv"
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text(encoding="utf-8").replace("/opt/deid-router/bin/deid-router", str(script)))
+    res = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    # unknown keys and bad values are only warnings for systemd: any output is a failure here
+    assert res.returncode == 0 and res.stdout + res.stderr == "", res.stdout + res.stderr
+
+
+def test_health_checks_ask_readyz(compose: dict[str, Any]) -> None:
+    for name in ROUTERS:
+        check = compose["services"][name]["healthcheck"]
+        assert check["test"] == ["CMD", *READYZ], name
+    assert compose["services"]["haproxy"]["depends_on"][ROUTERS[0]]["condition"] == "service_healthy"
+    by_name: dict[str, list[str]] = {}
+    for word, rest in _dockerfile_instructions(REPO / "Dockerfile"):
+        by_name.setdefault(word, []).append(rest)
+    (healthcheck,) = by_name["HEALTHCHECK"]
+    assert json.loads(healthcheck.split(" CMD ", 1)[1]) == READYZ
+    assert any("install" in run and " curl" in run for run in by_name["RUN"]), "the image needs curl"
+
+
+def test_dockerignore_keeps_holding_area_and_virtualenv_out_but_not_the_sources() -> None:
+    from fnmatch import fnmatch
+
+    patterns = [
+        line.strip().rstrip("/") for line in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert {"var", ".venv", ".git"} <= set(patterns)
+
+    def ignored(rel: str) -> bool:
+        parts = rel.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        return any(fnmatch(p, pat) or fnmatch(p, pat.removeprefix("**/")) for p in prefixes for pat in patterns)
+
+    for word, rest in _dockerfile_instructions(REPO / "Dockerfile"):
+        if word == "COPY":
+            for source in [s for s in shlex.split(rest)[:-1] if not s.startswith("--")]:
+                assert not ignored(source), f"{source} is copied but .dockerignore excludes it"
+    assert ignored("var/raw/00/x.dcm") and ignored(".venv/bin/python") and ignored("config/var/secret.key")
+
+
+def test_operations_doc_commands_parse() -> None:
+    text = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
+    for topic in ("## What to back up", "## Restore", "## Upgrades", "secret", "migrations"):
+        assert topic in text, topic
+    blocks = re.findall(r"```sh\n(.*?)```", text, re.S)
+    commands = [line for block in blocks for line in block.splitlines() if line.startswith("deid-router ")]
+    assert len(commands) >= 5
+    for line in commands:
+        build_parser().parse_args(shlex.split(line)[1:])  # exits 2 on a wrong option
+    assert UNIT.relative_to(REPO).as_posix() in text

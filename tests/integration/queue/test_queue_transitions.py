@@ -89,6 +89,11 @@ def test_every_legal_edge_through_the_repository_and_no_other(
     conflict = repo.enqueue(instance_factory(sop_key=first.sop_key, sha="b" * 64), ["pacs"])
     assert conflict.conflict and _state(repo, conflict.job_ids[0]) == "failed"
 
+    # failed -> purged: the operator purges the conflict's quarantine entry (the job is closed)
+    (entry,) = [e for e in repo.quarantine_list() if e.instance_id == conflict.instance_id]
+    assert repo.purge_quarantine_entries([entry.id]).jobs_closed == 1
+    assert _state(repo, conflict.job_ids[0]) == "purged"
+
     clock.advance(1)  # type: ignore[attr-defined]
     for job in repo.claim("w3", 1, 50):
         pass
