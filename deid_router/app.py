@@ -28,12 +28,15 @@ from sqlalchemy import Engine
 from deid_router.config import Config, load_config
 from deid_router.db.crosswalk import DbCrosswalk
 from deid_router.db.engine import make_engine, migrate
+from deid_router.db.lanes import LaneLeases
 from deid_router.db.repository import JobRepository
 from deid_router.deid.crosswalk import Crosswalk
 from deid_router.deid.engine import Deidentifier
 from deid_router.deid.keys import Keys
+from deid_router.errors import QueueError
 from deid_router.forward.base import Destination, build_destination
 from deid_router.forward.registry import handler_for
+from deid_router.forward.lanes import FreeLane, Lane, LeasedLane
 from deid_router.jobs.policy import RetryPolicy
 from deid_router.jobs.worker import Worker
 from deid_router.observability.logging import configure_logging, get_logger
@@ -87,6 +90,27 @@ class Context:
             d.name: [build_destination(d, calling) for _ in range(d.max_associations)]
             for d in self.config.destinations
         }
+
+    def worker_lanes(self, owner: str) -> dict[str, list[Lane]]:
+        """Per destination, ``max_associations`` senders for one worker process. DICOM senders
+        hold a lane lease while they send, so the destination sees at most
+        ``max_associations`` associations from all workers of all nodes together."""
+        calling = self.config.listener.ae_title
+        leases = LaneLeases(self.engine)
+        lanes: dict[str, list[Lane]] = {}
+        k = 0
+        for d in self.config.destinations:
+            lanes[d.name] = []
+            for _ in range(d.max_associations):
+                dest = build_destination(d, calling)
+                if d.type == "dicom":
+                    lane: Lane = LeasedLane(dest, leases, d.max_associations, f"{owner}/{k}",
+                                            self.config.queue.lease_seconds)
+                else:
+                    lane = FreeLane(dest)
+                lanes[d.name].append(lane)
+                k += 1
+        return lanes
 
     @functools.cached_property
     def auditor(self) -> Auditor:
@@ -194,7 +218,7 @@ def worker_process_main(config_path: str, index: int, log_level: str, parent_pid
         holding=ctx.holding,
         deidentifier=ctx.deidentifier(),
         profiles=ctx.profile_deidentifiers(),
-        destinations=ctx.destination_lanes(),
+        destinations=ctx.worker_lanes(owner),
         policy=RetryPolicy.from_config(config.queue),
         lease_seconds=config.queue.lease_seconds,
         batch_size=config.queue.batch_size,
@@ -305,7 +329,17 @@ class Node:
             for i, child in enumerate(self._children):
                 if not child.proc.is_alive():
                     log.error("child_died", kind=child.kind, index=child.index, exitcode=child.proc.exitcode)
+                    if child.kind == "worker":
+                        self._free_lanes_of(child)
                     self._children[i] = self._spawn(child.kind, child.index)
+
+    def _free_lanes_of(self, child: _Child) -> None:
+        """A dead worker's lanes come free now rather than when their leases expire (its
+        owner names start with host and pid, see ``worker_process_main``)."""
+        try:
+            LaneLeases(self.ctx.engine).release_owned_by(f"{socket.gethostname()}:{child.proc.pid}:")
+        except QueueError:
+            log.error("lane_release_failed", index=child.index)
 
     def reload(self) -> None:
         """SIGHUP: the listeners read their TLS certificates again (destinations re-read theirs

@@ -10,6 +10,9 @@ Rows per corpus, 1 sender (the whole corpus in one association) and 4 senders (c
   dcmtk-write    storescu -> storescp +B (writes every file)
   min-pynetdicom storescu -> bench/pipeline/min_scp.py (writes encoded_dataset(), no decode, no fsync)
   deid-router    storescu -> deid-router serve (fsync + queue commit before 0x0000) -> dcmtk storescp +B
+  deid-router -> single   the same, to a storescp WITHOUT --fork (one association at a time, as many
+                          archives and per-AE limits are): destination max_associations 1, 2 workers
+  deid-router -> Orthanc  the same, Orthanc as the PACS (delivered counted by its REST /statistics)
 acked/s: N / storescu wall time (last sender done). delivered/s: N / time until the PACS holds N
 files. peak RSS: router main process + workers (sum, sampled every 0.1 s).
 --profile: py-spy record (all router processes) during the 1-sender deid-router row of each corpus,
@@ -37,6 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tests.support.corpus import make_series  # noqa: E402
+from tests.support.peers import Orthanc  # noqa: E402
 from tests.support.procmon import RssSampler, cpu_seconds, process_tree  # noqa: E402
 from tests.support.router import RouterProcess, dicom_destination, free_port, wait_until  # noqa: E402
 
@@ -97,11 +101,12 @@ def count_files(d: Path) -> int:
         return 0
 
 
-def start_storescp(out: Path, ignore: bool) -> tuple[subprocess.Popen[bytes], int]:
+def start_storescp(out: Path, ignore: bool, fork: bool = True) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     out.mkdir(parents=True, exist_ok=True)
     flags = ["--ignore"] if ignore else ["-od", str(out), *SCP_WRITE]
-    proc = subprocess.Popen([STORESCP, *SCP_COMMON, *flags, str(port)], env=ENV,
+    common = SCP_COMMON if fork else [f for f in SCP_COMMON if f != "--fork"]
+    proc = subprocess.Popen([STORESCP, *common, *flags, str(port)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port)
     return proc, port
@@ -194,11 +199,30 @@ def run_min(corpus: str, parts: list[Path], n: int, senders: int, tmp: Path) -> 
                cpu_s=cpu)
 
 
+class _OrthancPacs:
+    """Orthanc as the router's destination; delivered = its instance count."""
+
+    def __init__(self, work: Path) -> None:
+        self.orthanc = Orthanc(work, ae_title="PACS")
+
+    def count(self) -> int:
+        return int(self.orthanc.get("/statistics", timeout=5.0)["CountInstances"])
+
+
 def run_router(corpus: str, parts: list[Path], n: int, senders: int, tmp: Path, pg_url: str | None,
-               profile_to: Path | None, listeners: int = 1, baseline: tuple[str, Path] | None = None) -> Row:
-    """``baseline``: (git ref, checkout) to run that version of the router instead of this one."""
-    out = tmp / f"pacs-{corpus}-{senders}"
-    scp, scp_port = start_storescp(out, ignore=False)
+               profile_to: Path | None, listeners: int = 1, baseline: tuple[str, Path] | None = None,
+               pacs: str = "fork") -> Row:
+    """``baseline``: (git ref, checkout) to run that version of the router instead of this one.
+    ``pacs``: "fork" (storescp --fork), "single" (storescp, one association at a time), "orthanc"."""
+    out = tmp / f"pacs-{corpus}-{senders}-{pacs}"
+    orthanc: _OrthancPacs | None = None
+    if pacs == "orthanc":
+        orthanc = _OrthancPacs(out)
+        scp, scp_port = None, orthanc.orthanc.port
+        delivered_count = orthanc.count
+    else:
+        scp, scp_port = start_storescp(out, ignore=False, fork=pacs == "fork")
+        delivered_count = lambda: count_files(out)  # noqa: E731
     queue: dict[str, object] = {"workers": 2, "poll_seconds": 0.1, "lease_seconds": 60}
     if pg_url:
         queue["url"] = pg_url
@@ -224,7 +248,7 @@ def run_router(corpus: str, parts: list[Path], n: int, senders: int, tmp: Path, 
             cpu0 = cpu_seconds(pids)
             t0 = time.monotonic()
             secs, codes = send(router.port, "DEID_ROUTER", groups_for(parts, senders))
-            wait_until(lambda: count_files(out) >= n, 600, 0.05, "delivery at the PACS")
+            wait_until(lambda: delivered_count() >= n, 600, 0.05, "delivery at the PACS")
             delivered = time.monotonic() - t0
             cpu = cpu_seconds(pids) - cpu0
         if spy is not None:
@@ -237,12 +261,19 @@ def run_router(corpus: str, parts: list[Path], n: int, senders: int, tmp: Path, 
         target = "deid-router -> dcmtk storescp" if listeners == 1 else f"deid-router listener.processes={listeners}"
         if baseline is not None:
             target = f"deid-router at {baseline[0]} (baseline)"
+        if pacs == "single":
+            target = "deid-router -> storescp, 1 association at a time"
+        elif pacs == "orthanc":
+            target = "deid-router -> Orthanc"
         return Row(corpus, target, senders, n, secs, delivered, rss.peak_sum_mb, note, cpu)
     finally:
         if spy is not None and spy.poll() is None:
             spy.kill()
         router.stop()
-        stop(scp)
+        if scp is not None:
+            stop(scp)
+        if orthanc is not None:
+            orthanc.orthanc.stop(graceful=False)
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(router.workdir, ignore_errors=True)
 
@@ -315,7 +346,9 @@ def render(rows: list[Row], profiles: dict[str, list[tuple[str, str, float]]], a
         f"Queue: {'PostgreSQL' if args.pg else 'SQLite (default)'}; router workers=2 (queue.worker_nice 19, the default), batch_size 32, max PDU 0.  ",
         f"storescu flags: `TCP_NODELAY=1 storescu {' '.join(SCU_FLAGS)}` (one association per sender).  ",
         f"storescp flags: `TCP_NODELAY=1 storescp {' '.join(SCP_COMMON)}` + `--ignore` or `{' '.join(SCP_WRITE)} -od DIR`; "
-        "the router's destination is the writing storescp.  ",
+        "the router's destination is the writing storescp (max_associations 1); its rows \"1 association at a time\" use "
+        "the same storescp without `--fork`, and its rows \"Orthanc\" Orthanc with the test suite's configuration "
+        "(tests/support/peers.py), delivery counted by its REST /statistics.  ",
         "min pynetdicom SCP: bench/pipeline/min_scp.py (encoded_dataset() to a file, PDU 0, TCP_NODELAY, no fsync).",
         "",
     ]
@@ -339,8 +372,10 @@ def render(rows: list[Row], profiles: dict[str, list[tuple[str, str, float]]], a
                 f"| {fmt(r.rss_mb)} | {r.note} |"
                 if dcmtk1 and min1 else f"| {r.target} | {r.senders} | {r.ack_rate:.0f} | | | | | | | |"
             )
+        single = base.get(("deid-router -> storescp, 1 association at a time", 1))
         r1 = base.get(("deid-router -> dcmtk storescp", 1))
-        fours = [r for (t, k), r in base.items() if k == 4 and t.startswith("deid-router")]
+        fours = [r for (t, k), r in base.items() if k == 4 and t.startswith("deid-router")
+                 and "Orthanc" not in t and "1 association" not in t]  # the PACS rows measure the PACS too
         r4 = max(fours, key=lambda r: r.ack_rate) if fours else None
         if r1 and r4 and min1:
             ok = lambda b: "PASS" if b else "MISS"  # noqa: E731
@@ -351,7 +386,10 @@ def render(rows: list[Row], profiles: dict[str, list[tuple[str, str, float]]], a
                 f"delivered >= 0.8 x acked: {r1.deliver_rate:.0f} vs {0.8 * r1.ack_rate:.0f} -> "
                 f"{ok((r1.deliver_rate or 0) >= 0.8 * r1.ack_rate)}; "
                 f"4 senders ack >= 1.6 x min pynetdicom (1 sender), best router row ({r4.target}): "
-                f"{r4.ack_rate:.0f} vs {1.6 * min1.ack_rate:.0f} -> {ok(r4.ack_rate >= 1.6 * min1.ack_rate)}.",
+                f"{r4.ack_rate:.0f} vs {1.6 * min1.ack_rate:.0f} -> {ok(r4.ack_rate >= 1.6 * min1.ack_rate)}"
+                + (f"; single-association PACS, delivered >= 0.9 x acked (1 sender): {single.deliver_rate:.0f} vs "
+                   f"{0.9 * single.ack_rate:.0f} -> {ok((single.deliver_rate or 0) >= 0.9 * single.ack_rate)}"
+                   if single else "") + ".",
             ]
         if profiles.get(corpus):
             lines += ["", "py-spy (200 Hz, all router threads, 1-sender row): ms of samples per instance. A thread is "
@@ -408,6 +446,10 @@ def main() -> None:
                     lambda: run_min(name, parts, n, senders, tmp),
                     lambda: run_router(name, parts, n, senders, tmp, fresh_pg(pg_url),
                                        base / f"profile-{name}.txt" if args.profile and senders == 1 else None),
+                ]
+                steps += [
+                    lambda: run_router(name, parts, n, senders, tmp, fresh_pg(pg_url), None, pacs="single"),
+                    lambda: run_router(name, parts, n, senders, tmp, fresh_pg(pg_url), None, pacs="orthanc"),
                 ]
                 if senders == 4:
                     steps.append(lambda: run_router(name, parts, n, senders, tmp, fresh_pg(pg_url), None, listeners=2))

@@ -161,6 +161,25 @@ class AuditEvent(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
+class LaneLease(Base):
+    """One lane (a slot for one association) of a destination, held by at most one worker.
+
+    There are ``max_associations`` rows per destination (made on first use); a worker sends
+    to the destination only while it holds one, so the number of associations is bounded for
+    the node and for every node sharing the queue. ``expires_at`` lets the lane of a killed
+    worker go after ``queue.lease_seconds``; ``wanted_at`` is set by a worker waiting for a
+    lane, and tells a holder that keeps its association open while idle to let it go.
+    """
+
+    __tablename__ = "lane_leases"
+
+    destination: Mapped[str] = mapped_column(String(128), primary_key=True)
+    lane: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    wanted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
 class User(Base):
     """A console / API user: ``role`` is ``admin`` or ``viewer``; the password as an argon2 hash."""
 

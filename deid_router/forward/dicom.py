@@ -32,8 +32,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from deid_router.config import DestinationConfig
 from deid_router.forward.association import AssociationFailure, RequestedAssociation, Timeouts, tls_for
 from deid_router.forward.base import Delivery
-from deid_router.forward.status import classify_association_failure, classify_status
-from deid_router.jobs.outcome import Outcome, OutcomeKind
+from deid_router.forward.status import FailureKind, classify_failure, classify_status, failure_rule
+from deid_router.jobs.outcome import Outcome
 from deid_router.observability.logging import get_logger
 
 _log = get_logger("forward")
@@ -41,8 +41,6 @@ _log = get_logger("forward")
 MAX_CONTEXTS = 128  # PS3.8: presentation context ids are odd numbers 1..255
 _LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 DEFAULT_IDLE_SECONDS = 5.0
-# Failures that mean the PACS did not answer this C-STORE (logged per item).
-_NO_RESPONSE = frozenset({"dimse_timeout", "network_timeout", "invalid_response", "association_aborted"})
 
 
 def _needed_syntaxes(transfer_syntax_uid: str) -> tuple[str, ...]:
@@ -141,7 +139,7 @@ class DicomDestination:
                 _log.error("forward_unexpected_error", destination=self.name, error_type=type(exc).__name__)
                 self._drop_link(abort=True)
             for item in items:
-                outcomes.setdefault(item.job_id, classify_association_failure("internal_error"))
+                outcomes.setdefault(item.job_id, classify_failure(FailureKind.INTERNAL_ERROR))
             self._arm_timer()
             opened = self.associations_opened - opened_before
         self._log_batch(outcomes, opened, time.monotonic() - started)
@@ -161,12 +159,14 @@ class DicomDestination:
             try:
                 link, reused = self._link_for(group)
             except _OpenFailed as failed:
-                # Connection-level failures will hit every later group too: fail them all now
-                # rather than waiting for the connect timeout once per group.
-                targets = pending if failed.outcome.kind is OutcomeKind.RETRY else group
-                for item in targets:
+                # Connection-level failures (FailureRule.fails_batch) would hit every later
+                # group too: fail them all now rather than waiting for the connect timeout once
+                # per group. Others (no context accepted) end this group only.
+                rule = failure_rule(failed.outcome.failure)
+                every = rule is not None and rule.fails_batch
+                for item in pending if every else group:
                     outcomes[item.job_id] = failed.outcome
-                if failed.outcome.kind is OutcomeKind.RETRY:
+                if every:
                     return
                 pending = [i for i in pending if i.job_id not in outcomes]
                 continue
@@ -174,32 +174,34 @@ class DicomDestination:
             pending = [i for i in pending if i.job_id not in outcomes]
             if lost:
                 for item in pending:
-                    outcomes[item.job_id] = classify_association_failure("association_lost")
+                    outcomes[item.job_id] = classify_failure(FailureKind.ASSOCIATION_LOST)
                 return
 
     def _send_group(
         self, link: _Link, group: list[Delivery], outcomes: dict[int, Outcome], reused: bool
     ) -> bool:
         """Send one group; return True when the association was lost (the rest is not sent)."""
+        proven = not reused  # a fresh association, or one that carried an item of this group
         for item in group:
             outcome = self._store_one(link, item)
-            if (
-                reused
-                and link.sent == 0
-                and outcome.kind is OutcomeKind.RETRY
-                and outcome.reason == "association_aborted"
-            ):
-                # The PACS closed the idle association under us: reopen once and resend.
+            rule = failure_rule(outcome.failure)
+            if not proven and rule is not None and rule.reopen_once:
+                # The PACS dropped the association while it idled between batches (it closes
+                # idle associations only when the next request arrives, or just as we sent):
+                # nothing of this item was stored. Reopen once and resend it.
+                _log.info("forward_association_reopened", destination=self.name, reason=outcome.reason)
                 self._drop_link(abort=True)
                 try:
-                    link, reused = self._link_for(group)
+                    link, _ = self._link_for(group)
                 except _OpenFailed as failed:
                     outcomes[item.job_id] = failed.outcome
                     return True
                 outcome = self._store_one(link, item)
+                rule = failure_rule(outcome.failure)
+            proven = True
             link.sent += 1
             outcomes[item.job_id] = outcome
-            if not link.alive:
+            if not link.alive or (rule is not None and rule.ends_association):
                 self._drop_link(abort=True)
                 return True
         return False
@@ -209,7 +211,7 @@ class DicomDestination:
     def _store_one(self, link: _Link, item: Delivery) -> Outcome:
         accepted = link.assoc.accepted.get(str(item.sop_class_uid))
         if not accepted:
-            return classify_association_failure("sop_class_not_accepted")
+            return classify_failure(FailureKind.SOP_CLASS_NOT_ACCEPTED)
         try:
             context_id = accepted.get(str(item.transfer_syntax_uid))
             if context_id is not None:  # streamed from the file, never decoded
@@ -225,9 +227,11 @@ class DicomDestination:
                     context_id, link.msg_id(), item.sop_class_uid, item.sop_instance_uid, data
                 )
         except AssociationFailure as failure:
-            if failure.kind in _NO_RESPONSE:
+            outcome = classify_failure(failure.kind, failure.detail)
+            rule = failure_rule(outcome.failure)
+            if rule is not None and rule.ends_association:  # the PACS did not answer this C-STORE
                 _log.warning("forward_no_response", destination=self.name, job_id=item.job_id, reason=failure.kind)
-            return classify_association_failure(failure.kind, failure.detail)
+            return outcome
         return classify_status(status)
 
     def _fallback_dataset(self, item: Delivery, accepted: dict[str, int]) -> tuple[int, bytes] | Outcome:
@@ -240,18 +244,18 @@ class DicomDestination:
         try:
             ds = dcmread(item.path)
         except OSError as exc:
-            return classify_association_failure("file_read_failed", errno.errorcode.get(exc.errno or 0, "unknown"))
+            return classify_failure(FailureKind.FILE_READ_FAILED, errno.errorcode.get(exc.errno or 0, "unknown"))
         except (InvalidDicomError, ValueError, AttributeError):
-            return classify_association_failure("invalid_file")
+            return classify_failure(FailureKind.INVALID_FILE)
         ts = UID(str(ds.file_meta.get("TransferSyntaxUID", item.transfer_syntax_uid)))
         if ts.is_compressed:
             try:
                 ds.decompress(generate_instance_uid=False)
             except Exception:  # any codec failure: no little endian copy can be made
-                return classify_association_failure("transfer_syntax_not_accepted", "decompression_failed")
+                return classify_failure(FailureKind.TRANSFER_SYNTAX_NOT_ACCEPTED, "decompression_failed")
         elif not ts.is_little_endian:
             # Big endian to little endian would need per-element byte swapping of OW data.
-            return classify_association_failure("transfer_syntax_not_accepted", "big_endian")
+            return classify_failure(FailureKind.TRANSFER_SYNTAX_NOT_ACCEPTED, "big_endian")
         for syntax in _LITTLE_ENDIAN:
             context_id = accepted.get(str(syntax))
             if context_id is not None:
@@ -261,9 +265,9 @@ class DicomDestination:
                 try:
                     write_dataset(fp, ds)
                 except Exception:  # an element pydicom cannot encode in this syntax
-                    return classify_association_failure("invalid_file")
+                    return classify_failure(FailureKind.INVALID_FILE)
                 return context_id, fp.getvalue()
-        return classify_association_failure("transfer_syntax_not_accepted")
+        return classify_failure(FailureKind.TRANSFER_SYNTAX_NOT_ACCEPTED)
 
     # -- associations -------------------------------------------------------------------
 
@@ -292,7 +296,7 @@ class DicomDestination:
             )
         except AssociationFailure as failure:
             _log.warning("forward_association_failed", destination=self.name, reason=failure.kind)
-            raise _OpenFailed(classify_association_failure(failure.kind, failure.detail)) from failure
+            raise _OpenFailed(classify_failure(failure.kind, failure.detail)) from failure
         self.associations_opened += 1
         return _Link(assoc, frozenset(pairs))
 

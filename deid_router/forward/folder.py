@@ -18,6 +18,7 @@ from pathlib import Path
 from deid_router.config import DestinationConfig
 from deid_router.forward.base import Delivery, is_valid_uid
 from deid_router.faults import fault_point
+from deid_router.forward.status import FailureKind, classify_failure
 from deid_router.jobs.outcome import Outcome, OutcomeKind
 from deid_router.observability.logging import get_logger
 from deid_router.store.holding import fsync_dir
@@ -61,7 +62,7 @@ class FolderDestination:
     def _write(self, item: Delivery) -> Outcome:
         uids = (item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid)
         if not all(is_valid_uid(u) for u in uids):
-            return Outcome(OutcomeKind.PERMANENT, None, "invalid_uid_for_path")
+            return classify_failure(FailureKind.INVALID_UID_FOR_PATH)
         tmp: str | None = None
         try:
             self._root.mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,7 @@ class FolderDestination:
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or 0, "unknown")
             _log.warning("forward_folder_write_failed", destination=self.name, job_id=item.job_id, errno=name)
-            return Outcome(OutcomeKind.RETRY, None, f"folder_write_failed:{name}")
+            return classify_failure(FailureKind.FOLDER_WRITE_FAILED, name)
         finally:
             if tmp is not None:
                 try:

@@ -1,16 +1,111 @@
-"""The one place where C-STORE results and association failures become an :class:`Outcome`.
+"""The one place where C-STORE results and failures become an :class:`Outcome`.
 
-Every forwarder asks this module; nothing else interprets a DIMSE status or an association
-failure, so the retry/permanent policy can be read (and changed) in one screen.
+Every forwarder and the worker ask this module; nothing else interprets a DIMSE status or a
+failure, so the retry/permanent policy can be read (and changed) in one screen. Two tables,
+in the manner of pynetdicom's ``status.py``: C-STORE statuses (PS3.4 B.2.3, PS3.7 Annex C)
+and :data:`FAILURE_RULES`, from :class:`FailureKind` to what the failure means.
 
-Unknown failure statuses are classified RETRY on purpose: a PACS that invents a status for
-"busy" must not lose an instance, and a truly permanent failure still stops after
-``queue.max_attempts`` and lands in the quarantine, where a human can inspect it.
+Unknown failure statuses and unknown failure kinds are classified RETRY on purpose: a PACS
+that invents a status for "busy" must not lose an instance, and a truly permanent failure
+still stops after ``queue.max_attempts`` and lands in the quarantine, where a human can
+inspect it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+
 from deid_router.jobs.outcome import Outcome, OutcomeKind
+
+
+class FailureKind(str, Enum):
+    """Every way an attempt can fail short of a C-STORE status: fixed codes, PHI-free."""
+
+    # opening the association
+    CONNECTION_REFUSED = "connection_refused"
+    CONNECT_TIMEOUT = "connect_timeout"
+    CONNECT_FAILED = "connect_failed"
+    ACSE_TIMEOUT = "acse_timeout"
+    ASSOCIATION_REJECTED_TRANSIENT = "association_rejected_transient"
+    ASSOCIATION_REJECTED_PERMANENT = "association_rejected_permanent"
+    # on an established association
+    ASSOCIATION_ABORTED = "association_aborted"
+    ASSOCIATION_LOST = "association_lost"  # an earlier item ended the association: not tried
+    DIMSE_TIMEOUT = "dimse_timeout"
+    NETWORK_TIMEOUT = "network_timeout"
+    INVALID_RESPONSE = "invalid_response"
+    # this instance cannot be sent as it is
+    SOP_CLASS_NOT_ACCEPTED = "sop_class_not_accepted"
+    TRANSFER_SYNTAX_NOT_ACCEPTED = "transfer_syntax_not_accepted"
+    INVALID_FILE = "invalid_file"
+    FILE_READ_FAILED = "file_read_failed"
+    # folder destinations
+    FOLDER_WRITE_FAILED = "folder_write_failed"
+    INVALID_UID_FOR_PATH = "invalid_uid_for_path"
+    # the worker, before anything is sent
+    RAW_FILE_MISSING = "raw_file_missing"
+    WORK_WRITE_FAILED = "work_write_failed"
+    DEID_REFUSED = "deid"
+    NO_OUTCOME = "no_outcome"
+    INTERNAL_ERROR = "internal_error"  # a bug: costs attempts, then the quarantine
+    UNKNOWN = "unknown"  # a code this table does not know yet (treated like a busy PACS)
+
+
+@dataclass(frozen=True)
+class FailureRule:
+    """What one failure kind means.
+
+    ``outcome``: the job's next step (``jobs.policy`` turns it into a state).
+    ``ends_association``: the association cannot carry the rest of the batch (those items
+    become ``association_lost``, never tried).
+    ``fails_batch``: when opening the association fails this way, every later group of the
+    batch would fail alike: fail them at once instead of one timeout per group.
+    ``reopen_once``: on an association reused after idling, the PACS may have dropped it
+    just as we sent: reopen once and resend the item.
+    ``probe_at_cap``: only a person can fix it (a configuration problem on one side): the
+    destination is probed at the retry cap, not with the usual backoff.
+    """
+
+    outcome: OutcomeKind
+    ends_association: bool = False
+    fails_batch: bool = False
+    reopen_once: bool = False
+    probe_at_cap: bool = False
+
+
+_U, _R, _P, _Q = OutcomeKind.UNAVAILABLE, OutcomeKind.RETRY, OutcomeKind.PERMANENT, OutcomeKind.QUARANTINE
+
+# UNAVAILABLE: the destination as a whole is down, unreachable or refusing us; the instance
+# itself was not tried: no attempt is spent and the destination is paused (a PACS down for a
+# day must not quarantine a day of images). RETRY: this instance's attempt failed in a way a
+# later attempt may survive (costs an attempt). PERMANENT: no retry can fix it.
+FAILURE_RULES: Mapping[FailureKind, FailureRule] = {
+    FailureKind.CONNECTION_REFUSED: FailureRule(_U, fails_batch=True),
+    FailureKind.CONNECT_TIMEOUT: FailureRule(_U, fails_batch=True),
+    FailureKind.CONNECT_FAILED: FailureRule(_U, fails_batch=True),
+    FailureKind.ACSE_TIMEOUT: FailureRule(_U, fails_batch=True),
+    FailureKind.ASSOCIATION_REJECTED_TRANSIENT: FailureRule(_U, fails_batch=True),
+    FailureKind.ASSOCIATION_REJECTED_PERMANENT: FailureRule(_U, fails_batch=True, probe_at_cap=True),
+    FailureKind.ASSOCIATION_ABORTED: FailureRule(_U, ends_association=True, fails_batch=True, reopen_once=True),
+    FailureKind.ASSOCIATION_LOST: FailureRule(_U, ends_association=True),
+    FailureKind.DIMSE_TIMEOUT: FailureRule(_R, ends_association=True),
+    FailureKind.NETWORK_TIMEOUT: FailureRule(_R, ends_association=True),
+    FailureKind.INVALID_RESPONSE: FailureRule(_R, ends_association=True),
+    FailureKind.SOP_CLASS_NOT_ACCEPTED: FailureRule(_P),
+    FailureKind.TRANSFER_SYNTAX_NOT_ACCEPTED: FailureRule(_P),
+    FailureKind.INVALID_FILE: FailureRule(_P),
+    FailureKind.FILE_READ_FAILED: FailureRule(_R),
+    FailureKind.FOLDER_WRITE_FAILED: FailureRule(_R),
+    FailureKind.INVALID_UID_FOR_PATH: FailureRule(_P),
+    FailureKind.RAW_FILE_MISSING: FailureRule(_P),
+    FailureKind.WORK_WRITE_FAILED: FailureRule(_R),
+    FailureKind.DEID_REFUSED: FailureRule(_Q),
+    FailureKind.NO_OUTCOME: FailureRule(_R),
+    FailureKind.INTERNAL_ERROR: FailureRule(_R),
+    FailureKind.UNKNOWN: FailureRule(_R),
+}
 
 # PS3.8 Table 9-21: (result source, diagnostic) of an A-ASSOCIATE-RJ, as short fixed codes.
 _REJECT_REASONS: dict[tuple[int, int], str] = {
@@ -23,35 +118,6 @@ _REJECT_REASONS: dict[tuple[int, int], str] = {
     (3, 1): "temporary_congestion",
     (3, 2): "local_limit_exceeded",
 }
-
-# The destination as a whole is down, unreachable or refusing us: the instance itself was not
-# tried. UNAVAILABLE spends no attempt and pauses the destination (a PACS down for a day must
-# not quarantine a day of images); a permanent rejection is a configuration problem on one
-# side and is probed slowly until someone fixes it.
-_UNAVAILABLE_KINDS = frozenset(
-    {
-        "connection_refused",
-        "connect_timeout",
-        "connect_failed",
-        "association_aborted",
-        "association_lost",
-        "acse_timeout",
-        "association_rejected_transient",
-        "association_rejected_permanent",
-    }
-)
-
-# This instance's attempt failed in a way a later attempt may survive (costs an attempt).
-_TRANSIENT_KINDS = frozenset({"dimse_timeout", "network_timeout", "invalid_response"})
-
-# Failures that no retry can fix (the PACS said so, or our file can never be sent as-is).
-_PERMANENT_KINDS = frozenset(
-    {
-        "sop_class_not_accepted",
-        "transfer_syntax_not_accepted",
-        "invalid_file",
-    }
-)
 
 # Specific failure statuses, checked before the ranges below.
 _PERMANENT_STATUSES = frozenset({0x0122, 0x0124, 0x0117, 0x0211, 0x0212})
@@ -90,28 +156,41 @@ def classify_status(status: int) -> Outcome:
     return Outcome(OutcomeKind.RETRY, status, reason)
 
 
-def reject_reason(result: int, source: int, diagnostic: int) -> tuple[str, str]:
+def reject_reason(result: int, source: int, diagnostic: int) -> tuple[FailureKind, str]:
     """Turn an A-ASSOCIATE-RJ (result, source, diagnostic) into (kind, detail) codes."""
-    kind = "association_rejected_permanent" if result == 1 else "association_rejected_transient"
+    kind = FailureKind.ASSOCIATION_REJECTED_PERMANENT if result == 1 else FailureKind.ASSOCIATION_REJECTED_TRANSIENT
     detail = _REJECT_REASONS.get((source, diagnostic), f"source_{source}_diagnostic_{diagnostic}")
     return kind, detail
 
 
-def classify_association_failure(kind: str, detail: str = "") -> Outcome:
-    """Classify a failure before or outside a C-STORE response.
+def failure_kind(kind: FailureKind | str) -> FailureKind:
+    """The table's kind for a code (``UNKNOWN`` for one it does not know)."""
+    try:
+        return FailureKind(kind)
+    except ValueError:
+        return FailureKind.UNKNOWN
 
-    ``kind`` is a fixed code (``connection_refused``, ``association_rejected_permanent``,
-    ``sop_class_not_accepted``, ...); ``detail`` a fixed sub-code appended after a colon.
-    Unknown kinds retry, like unknown statuses.
+
+def failure_rule(kind: FailureKind | str | None) -> FailureRule | None:
+    """The rule of a failure code; None for no failure (a C-STORE status was the answer)."""
+    return None if kind is None else FAILURE_RULES[failure_kind(kind)]
+
+
+def classify_failure(kind: FailureKind | str, detail: str = "") -> Outcome:
+    """Classify a failure before or outside a C-STORE response (any destination, the worker).
+
+    ``kind`` is a :class:`FailureKind` (or its code, as :mod:`forward.association` raises
+    them); ``detail`` a fixed sub-code appended after a colon. An unknown code keeps its
+    text in the reason and is retried, like an unknown status.
     """
-    reason = f"{kind}:{detail}" if detail else kind
-    if kind in _UNAVAILABLE_KINDS:
-        return Outcome(OutcomeKind.UNAVAILABLE, None, reason)
-    if kind in _PERMANENT_KINDS:
-        return Outcome(OutcomeKind.PERMANENT, None, reason)
-    if kind in _TRANSIENT_KINDS:
-        return Outcome(OutcomeKind.RETRY, None, reason)
-    return Outcome(OutcomeKind.RETRY, None, reason)
+    code = kind.value if isinstance(kind, FailureKind) else str(kind)
+    known = failure_kind(kind)
+    reason = f"{code}:{detail}" if detail else code
+    return Outcome(FAILURE_RULES[known].outcome, None, reason, failure=known)
+
+
+# The name forwarders have used since the first version; one function, one table.
+classify_association_failure = classify_failure
 
 
 # --- DICOMweb STOW-RS (PS3.18 10.5): HTTP statuses and the response's per-instance reasons.

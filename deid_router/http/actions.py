@@ -7,14 +7,24 @@ from dataclasses import dataclass
 from deid_router.config import Config
 from deid_router.db.operations import DestinationStates, Reports
 from deid_router.db.repository import JobRepository
-from deid_router.errors import StorageError
+from deid_router import operations
 from deid_router.forward.echo import EchoResult, echo
 from deid_router.http.auth import Principal
+from deid_router.jobs.selection import Selection
 from deid_router.observability.audit_messages import Auditor
 from deid_router.observability.logging import get_logger
 from deid_router.store.holding import Holding
 
 log = get_logger("http.actions")
+
+
+@dataclass(frozen=True)
+class _OperatorView:
+    """What :mod:`deid_router.operations` needs of the node (its OperatorContext)."""
+
+    config: Config
+    repo: JobRepository
+    holding: Holding
 
 
 class NotFound(Exception):
@@ -29,47 +39,60 @@ class Actions:
     holding: Holding
     destinations: tuple[str, ...]
     auditor: Auditor | None = None  # DICOM audit messages ([audit] syslog_url): console logins
+    config: Config | None = None  # for the operator actions' destination checks
 
     def _audit(self, who: Principal, action: str, detail: str) -> None:
         self.repo.audit(action, who.name, detail)
         log.info("operator_action", action=action, user=who.name, detail=detail)
 
-    def release(self, who: Principal, qid: int) -> str:
-        entry = self.repo.quarantine_get(qid)
-        if entry is None:
-            raise NotFound(f"no quarantine entry {qid}")
-        if entry.purged_at is not None:
-            outcome = "purged"
-        elif entry.released_at is not None:
-            outcome = "already_released"
+    def _note(self, who: Principal, action: str, detail: str, audited: bool) -> None:
+        """Log the action; audit it here unless ``operations`` already did (it changed something)."""
+        if audited:
+            log.info("operator_action", action=action, user=who.name, detail=detail)
         else:
-            outcome = "released" if self.repo.quarantine_release(qid) else "purged"
-        self._audit(who, "quarantine_release", f"entry={qid} outcome={outcome}")
+            self._audit(who, action, detail)
+
+    def _ops(self) -> _OperatorView:
+        assert self.config is not None, "Actions needs the config for operator actions"
+        return _OperatorView(self.config, self.repo, self.holding)
+
+    def release(self, who: Principal, qid: int) -> str:
+        """One entry, through the same plan and apply as ``quarantine release ID``."""
+        plan = operations.plan_release(self._ops(), Selection(ids=(qid,)))
+        if plan.missing_ids:
+            raise NotFound(f"no quarantine entry {qid}")
+        if plan.closed:
+            outcome = "purged" if plan.closed[0].purged_at is not None else "already_released"
+        else:
+            done = operations.apply_release(self._ops(), plan, who.name)
+            outcome = "released" if done.released else "purged"
+        self._note(who, "quarantine_release", f"entry={qid} outcome={outcome}", audited=not plan.closed)
         return outcome
 
     def purge(self, who: Principal, qid: int) -> str:
-        if not self.reports.quarantine(qid=qid):
+        """One entry, through the same plan and apply as ``quarantine purge ID``: its jobs
+        are closed (``purged``) and its raw file goes once no other job needs it."""
+        plan = operations.plan_purge(self._ops(), Selection(ids=(qid,)))
+        if plan.missing_ids:
             raise NotFound(f"no quarantine entry {qid}")
-        purged, paths = self.reports.purge_entry(qid)
-        deleted = 0
-        for rel in paths:
-            try:
-                self.holding.delete(rel)
-                self.repo.mark_raw_path_deleted(rel)
-                deleted += 1
-            except StorageError:
-                log.error("raw_purge_failed", entry=qid)
-        outcome = "purged" if purged else "not_open"
-        self._audit(who, "quarantine_purge", f"entry={qid} outcome={outcome} files={deleted}")
+        done = operations.apply_purge(self._ops(), plan, who.name) if plan.take else None
+        outcome = "purged" if done is not None and done.entries else "not_open"
+        files = done.raw_deleted if done is not None else 0
+        self._note(who, "quarantine_purge", f"entry={qid} outcome={outcome} files={files}", audited=done is not None)
         return outcome
 
     def retry(self, who: Principal, job_id: int) -> str:
-        before = self.repo.job_state(job_id)
-        if before is None:
+        """One job, through the same plan and apply as ``retry JOB_ID``."""
+        plan = operations.plan_retry(self._ops(), Selection(ids=(job_id,)))
+        if plan.missing_ids:
             raise NotFound(f"no job {job_id}")
-        changed = self.repo.retry_job(job_id) and before[0] in ("failed", "retrying")
-        outcome = "requeued" if changed else f"unchanged_{before[0]}"
-        self._audit(who, "retry_job", f"job={job_id} outcome={outcome}")
+        if plan.take:
+            requeued = operations.apply_retry(self._ops(), plan, who.name).requeued
+        else:
+            requeued = []
+        state = self.repo.job_state(job_id)
+        outcome = "requeued" if requeued else f"unchanged_{state[0] if state else 'gone'}"
+        self._note(who, "retry_job", f"job={job_id} outcome={outcome}", audited=bool(plan.take))
         return outcome
 
     def set_paused(self, who: Principal, destination: str, paused: bool, reason: str = "") -> None:

@@ -63,7 +63,7 @@ def build_services(
         users=users,
         holding=holding,
         auth=Authenticator(users, session_secret.encode()),
-        actions=Actions(repo, reports, states, holding, names, auditor),
+        actions=Actions(repo, reports, states, holding, names, auditor, config),
         readiness=Readiness(reports, config.queue.url, listener_up, holding.free_bytes,
                             config.storage.min_free_mb * 1024 * 1024),
         metrics=registry_for(QueueCollector(reports, holding.free_bytes, names)),

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deid_router.forward.status import FailureKind
 
 
 class OutcomeKind(str, Enum):
@@ -25,6 +29,7 @@ class Outcome:
     kind: OutcomeKind
     status_code: int | None = None  # DIMSE status when there was one
     reason: str = ""  # short, PHI-free (a code or fixed text; never a tag value)
+    failure: FailureKind | None = None  # set by forward.status for failures (its FAILURE_RULES row)
 
     @property
     def delivered(self) -> bool:

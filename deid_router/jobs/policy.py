@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from deid_router.config import QueueConfig
+from deid_router.forward.status import failure_rule
 from deid_router.jobs.outcome import Outcome, OutcomeKind
 from deid_router.jobs.states import JobState
 
@@ -80,7 +81,8 @@ def decide(
         # attempts: a PACS down for a day would otherwise quarantine everything. The delay
         # follows the destination's consecutive failures; a permanent rejection (a
         # configuration problem on one side) is probed slowly, at the cap.
-        slow = outcome.reason.startswith("association_rejected_permanent")
+        rule = failure_rule(outcome.failure)
+        slow = rule is not None and rule.probe_at_cap
         delay = policy.max_seconds if slow else policy.backoff(destination_failures, rng)
         return Decision(
             JobState.RETRYING, now + timedelta(seconds=delay), False, code, outcome.reason or "unavailable", True

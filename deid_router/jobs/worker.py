@@ -1,9 +1,11 @@
 """The worker: claim due jobs, de-identify, forward, and record what the policy decides.
 
-Each worker process runs one thread per destination, and each thread claims only its own
-destination's jobs, so a PACS that is down, slow or never answers holds up nothing but itself.
-De-identification is CPU work shared by the threads of a process; the node runs one process
-per core. The worker never writes SQL (the repository does) and never chooses a next state
+Each worker process runs one thread per lane of each destination (``max_associations``),
+and each thread claims only its own destination's jobs, so a PACS that is down, slow or never
+answers holds up nothing but itself. De-identification is CPU work shared by the threads of a
+process; the node runs one process per core. Every thread de-identifies its batch first and
+only then takes a lane (``forward.lanes``: a lease shared by all workers of all nodes), so
+the PACS sees at most ``max_associations`` associations while every core de-identifies. The worker never writes SQL (the repository does) and never chooses a next state
 (``jobs.policy`` does). A heartbeat thread keeps the leases of held jobs alive.
 """
 
@@ -19,7 +21,9 @@ from deid_router.db.repository import ClaimedJob, JobRepository
 from deid_router.deid.engine import Deidentifier
 from deid_router.errors import DeidError, QueueError, StorageError
 from deid_router.faults import fault_point
-from deid_router.forward.base import Delivery, Destination
+from deid_router.forward.base import Delivery
+from deid_router.forward.lanes import Lane
+from deid_router.forward.status import FailureKind, classify_failure
 from deid_router.jobs.outcome import Outcome, OutcomeKind
 from deid_router.jobs.policy import Decision, RetryPolicy, decide
 from deid_router.observability.audit_messages import Auditor
@@ -30,7 +34,7 @@ log = get_logger("worker")
 
 _MAX_QUEUE_BACKOFF = 30.0
 _DELIVERED = (OutcomeKind.DELIVERED, OutcomeKind.DELIVERED_WARNING)
-_NO_OUTCOME = Outcome(OutcomeKind.RETRY, None, "no_outcome")
+_NO_OUTCOME = classify_failure(FailureKind.NO_OUTCOME)
 _FINISH_ATTEMPTS = 5
 
 
@@ -48,7 +52,7 @@ class Worker:
     repo: JobRepository
     holding: Holding
     deidentifier: Deidentifier
-    destinations: Mapping[str, Sequence[Destination]]  # per destination, one lane per association
+    destinations: Mapping[str, Sequence[Lane]]  # per destination, one sender per lane it may hold
     policy: RetryPolicy
     lease_seconds: float
     batch_size: int
@@ -59,10 +63,12 @@ class Worker:
     _held: set[int] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _unavailable: dict[str, int] = field(default_factory=dict)  # consecutive failures per destination
+    _stop: threading.Event = field(default_factory=threading.Event)
     profiles: Mapping[str, Deidentifier] = field(default_factory=dict)  # [profiles.NAME]; "" is deidentifier
 
     def run(self, stop: threading.Event) -> None:
         """Serve every destination until ``stop`` is set; then release whatever is still held."""
+        self._stop = stop
         serving = [(name, i, lane) for name, lanes in self.destinations.items() for i, lane in enumerate(lanes)]
         threads = [
             threading.Thread(target=self._serve, args=(name, lane, n, stop), name=f"dest-{name}-{i}", daemon=True)
@@ -86,7 +92,7 @@ class Worker:
         if all(not t.is_alive() for t in threads):  # no lane still writes: its files may go
             self.holding.clear_work(self.work_prefix)
 
-    def _serve(self, name: str, lane: Destination, lane_no: int, stop: threading.Event) -> None:
+    def _serve(self, name: str, lane: Lane, lane_no: int, stop: threading.Event) -> None:
         """One association's loop for destination ``name``: batches while there is work; pauses
         while the destination is unavailable. Claims are atomic, so lanes never share a job."""
         wait = self.poll_seconds
@@ -100,14 +106,21 @@ class Worker:
             if not done or wait > self.poll_seconds:
                 stop.wait(wait)
 
-    def run_once(self, name: str, lane: Destination, lane_no: int = 0) -> tuple[int, float]:
+    def run_once(self, name: str, lane: Lane, lane_no: int = 0) -> tuple[int, float]:
         """Claim and process one batch for destination ``name`` over ``lane`` (this worker's
         ``lane_no``-th: its work files are its own).
 
         Returns (jobs processed, seconds to pause this destination: 0 unless it is unavailable).
+        The batch is de-identified before the lane is taken (every worker de-identifies at
+        once); the lane is let go at once when there is no due work or the destination pauses.
         """
-        jobs = self.repo.claim(self.owner, self.lease_seconds, self.batch_size, destination=name)
+        try:
+            jobs = self.repo.claim(self.owner, self.lease_seconds, self.batch_size, destination=name)
+        except QueueError:
+            lane.idle(due=False)
+            raise
         if not jobs:
+            lane.idle(due=False)
             return 0, 0.0
         fault_point("after_claim")
         with self._lock:
@@ -118,7 +131,7 @@ class Worker:
             with self._lock:
                 self._held.difference_update(j.job_id for j in jobs)
 
-    def _process(self, name: str, lane: Destination, jobs: list[ClaimedJob], work_prefix: str) -> float:
+    def _process(self, name: str, lane: Lane, jobs: list[ClaimedJob], work_prefix: str) -> float:
         deliveries: list[Delivery] = []
         outcomes: dict[int, Outcome] = {}
         slots = [f"{work_prefix}-{i}" for i in range(len(jobs))]
@@ -129,8 +142,16 @@ class Worker:
             elif outcome is not None:
                 outcomes[job.job_id] = outcome
         if deliveries:
-            outcomes.update(lane.send(deliveries))
-            fault_point("after_send_before_done")
+            if not lane.hold(self._stop):
+                # Stopping while every lane was busy: nothing was sent; run() gives the jobs back.
+                for slot in slots:
+                    self.holding.release_work(slot)
+                return 0.0
+            try:
+                outcomes.update(lane.send(deliveries))
+                fault_point("after_send_before_done")
+            finally:
+                lane.idle(due=True)  # an idle association must not hold up another worker's batch
             if self.auditor is not None:
                 self._audit(name, deliveries, outcomes)
         unavailable = any(o.kind is OutcomeKind.UNAVAILABLE for o in outcomes.values())
@@ -140,7 +161,7 @@ class Worker:
         now = datetime.now(UTC)
         final = []
         for job in jobs:
-            outcome = outcomes.get(job.job_id) or Outcome(OutcomeKind.RETRY, None, "no_outcome")
+            outcome = outcomes.get(job.job_id) or classify_failure(FailureKind.NO_OUTCOME)
             decision = decide(job.attempts, outcome, self.policy, now, destination_failures=max(failures, 1))
             final.append((job, outcome, decision))
             if outcome.kind is OutcomeKind.UNAVAILABLE and decision.run_after is not None:
@@ -151,6 +172,7 @@ class Worker:
         for slot in slots:
             self.holding.release_work(slot)
         if unavailable:
+            lane.idle(due=False)
             log.warning("destination_paused", destination=name, seconds=round(pause, 1), failures=failures)
         return pause
 
@@ -181,27 +203,27 @@ class Worker:
             # Checked up front: inside the writer the ENOENT becomes a StorageError, and a
             # missing raw file was retried max_attempts times as "work_write_failed".
             log.error("job_raw_missing", job_id=job.job_id)
-            return None, Outcome(OutcomeKind.PERMANENT, None, "raw_file_missing")
+            return None, classify_failure(FailureKind.RAW_FILE_MISSING)
         deidentifier = self.profiles.get(job.profile) if job.profile else self.deidentifier
         if deidentifier is None:
             # the job names a profile no longer configured: never fall back to another one
             log.error("job_profile_unknown", job_id=job.job_id)
-            return None, Outcome(OutcomeKind.QUARANTINE, None, "deid:profile_not_configured")
+            return None, classify_failure(FailureKind.DEID_REFUSED, "profile_not_configured")
         try:
             with self.holding.work_writer(slot) as fh:
                 fault_point("during_deid")
                 result = deidentifier.deidentify_file(src, fh)
         except DeidError as exc:
             log.warning("job_deid_refused", job_id=job.job_id, reason=exc.reason, path=exc.path)
-            return None, Outcome(OutcomeKind.QUARANTINE, None, f"deid:{exc.reason}")
+            return None, classify_failure(FailureKind.DEID_REFUSED, exc.reason)
         except StorageError as exc:
             log.error("job_deid_storage_failed", job_id=job.job_id, reason=str(exc))
-            return None, Outcome(OutcomeKind.RETRY, None, "work_write_failed")
+            return None, classify_failure(FailureKind.WORK_WRITE_FAILED)
         except QueueError:
             raise  # the crosswalk could not be written: nothing is sent; the lease expires
         except Exception as exc:  # a bug must cost retries, then quarantine; never a dead worker
             log.error("job_deid_crashed", job_id=job.job_id, error=type(exc).__name__)
-            return None, Outcome(OutcomeKind.RETRY, None, f"internal_error:{type(exc).__name__}")
+            return None, classify_failure(FailureKind.INTERNAL_ERROR, type(exc).__name__)
         return (
             Delivery(
                 job_id=job.job_id,

@@ -29,6 +29,10 @@ class FakePacs:
     ``status``: a fixed C-STORE status, or ``callable(n) -> status`` where n counts the
     C-STOREs received so far (0-based). ``reject``: ("permanent"|"transient", diagnostic[, source]).
     ``accepted_transfer_syntaxes``: restrict what is accepted (default: all pynetdicom knows).
+    ``abort_when_idle``: abort an association (A-ABORT instead of a response) whose previous
+    C-STORE was at least this many seconds ago, as archives that drop idle associations when
+    the next request arrives do. ``abort_at``: abort at these C-STORE numbers (0-based, all
+    associations counted together).
     """
 
     def __init__(
@@ -41,6 +45,8 @@ class FakePacs:
         store_dir: Path | None = None,
         ae_title: str = "FAKEPACS",
         sop_classes: list[str] | None = None,
+        abort_when_idle: float | None = None,
+        abort_at: frozenset[int] = frozenset(),
     ) -> None:
         self.status = status
         self.delay = delay
@@ -51,6 +57,14 @@ class FakePacs:
         self.port = 0
         self.received: list[tuple[str, str, float]] = []
         self.associations = 0
+        self.abort_when_idle = abort_when_idle
+        self.abort_at = abort_at
+        self.aborted = 0  # associations this PACS aborted on purpose
+        self._stores = 0
+        self._last_store: dict[int, float] = {}
+        self.connections = 0  # TCP connections accepted (an association or an attempt)
+        self.open_connections = 0
+        self.peak_connections = 0  # most connections open at once
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server: Any = None
@@ -65,9 +79,17 @@ class FakePacs:
     # -- handlers -----------------------------------------------------------------------
 
     def _on_conn_open(self, event: evt.Event) -> None:
+        with self._lock:
+            self.connections += 1
+            self.open_connections += 1
+            self.peak_connections = max(self.peak_connections, self.open_connections)
         sock = event.assoc.dul.socket
         if sock is not None and sock.socket is not None:
             sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_conn_close(self, _: evt.Event) -> None:
+        with self._lock:
+            self.open_connections -= 1
 
     def _on_requested(self, event: evt.Event) -> None:
         if self.reject is None:
@@ -87,7 +109,23 @@ class FakePacs:
         with self._lock:
             self.associations += 1
 
+    def _should_abort(self, event: evt.Event) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            n = self._stores
+            self._stores += 1
+            last = self._last_store.get(id(event.assoc))
+            self._last_store[id(event.assoc)] = now
+            idle = self.abort_when_idle is not None and last is not None and now - last >= self.abort_when_idle
+            if idle or n in self.abort_at:
+                self.aborted += 1
+                return True
+        return False
+
     def _on_store(self, event: evt.Event) -> int:
+        if self._should_abort(event):
+            event.assoc.abort()
+            return 0xA700  # never reaches the peer: the association is gone
         if self.never_respond:
             self._stopping.wait(120)
             return 0xA700
@@ -108,6 +146,7 @@ class FakePacs:
         """Bind a free loopback port and serve in background threads."""
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_C_STORE, self._on_store),

@@ -1,7 +1,7 @@
 """Profiles: a job names its de-identification profile; a crosswalk row its pseudonym scope.
 
 Revision ID: 0005_profiles
-Revises: 0004_secret_fingerprint (re-chained after merging main; was 0001)
+Revises: 0002_lane_leases (re-chained after merging main; was 0001)
 Create Date: 2026-12-01
 
 Existing rows are the v1 ones: profile "" (the [deid] table) and scope "default".
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005_profiles"
-down_revision: str | None = "0004_secret_fingerprint"
+down_revision: str | None = "0002_lane_leases"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -12,6 +12,7 @@ from pydicom import dcmread
 from pydicom.filereader import read_preamble
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from deid_router.forward.base import Delivery
 from deid_router.forward.dicom import DicomDestination, group_by_contexts
 from deid_router.jobs.outcome import OutcomeKind
 from tests.integration.forward.forward_fixtures import bundled, copies, delivery_for, dicom_cfg
@@ -295,3 +296,81 @@ def test_logs_carry_no_uids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     for item in items:
         for uid in (item.sop_instance_uid, item.study_instance_uid, item.series_instance_uid):
             assert uid not in text
+
+
+def test_pacs_dropping_an_idle_association_gets_the_item_again_on_a_new_one(tmp_path: Path) -> None:
+    """FailureRule.reopen_once: the PACS aborts the association we kept open between batches
+    when the next C-STORE arrives; that item is resent at once on a new association."""
+    items = copies(bundled("CT_small.dcm"), tmp_path / "in", 6)
+    with FakePacs(abort_when_idle=0.5) as pacs:
+        dest = _dest(pacs.port)  # idle_seconds=2: the association is kept across the pause
+        try:
+            first = dest.send(items[:3])
+            time.sleep(1.0)
+            second = dest.send(items[3:])
+        finally:
+            dest.close()
+        assert pacs.aborted == 1
+        assert pacs.associations == 2
+        assert sorted(uid for uid, _, _ in pacs.received) == sorted(i.sop_instance_uid for i in items)
+    assert {o.kind for o in first.values()} == {D}
+    assert {o.kind for o in second.values()} == {D}
+
+
+def test_abort_on_a_fresh_association_is_not_resent(tmp_path: Path) -> None:
+    """Only an association reused after idling is reopened: an abort on a new one pauses the
+    destination (no attempt spent), and the rest of the batch is not tried on it."""
+    items = copies(bundled("CT_small.dcm"), tmp_path / "in", 3)
+    with FakePacs(abort_at=frozenset({0})) as pacs:
+        dest = _dest(pacs.port)
+        try:
+            outcomes = dest.send(items)
+        finally:
+            dest.close()
+        assert pacs.associations == 1 and pacs.received == []
+    assert outcomes[items[0].job_id].kind is U and outcomes[items[0].job_id].reason == "association_aborted"
+    assert all(outcomes[i.job_id].kind is U and outcomes[i.job_id].reason == "association_lost" for i in items[1:])
+
+
+def _many_classes(tmp_path: Path, n: int) -> list[Delivery]:
+    base = copies(bundled("CT_small.dcm"), tmp_path / "in", 1)[0]
+    return [
+        Delivery(job_id=i + 1, path=base.path, sop_class_uid=f"1.2.3.{i}", sop_instance_uid=f"2.25.{i + 1}",
+                 study_instance_uid=base.study_instance_uid, series_instance_uid=base.series_instance_uid,
+                 transfer_syntax_uid=base.transfer_syntax_uid)
+        for i in range(n)
+    ]
+
+
+def test_a_refused_connection_fails_every_group_of_the_batch_at_once(tmp_path: Path) -> None:
+    """FailureRule.fails_batch: 100 SOP classes need two associations; a PACS rejecting us
+    is asked once, not once per group."""
+    items = _many_classes(tmp_path, 100)
+    assert len(group_by_contexts(items)) == 2
+    with FakePacs(reject=("transient", 1)) as pacs:
+        dest = _dest(pacs.port)
+        try:
+            outcomes = dest.send(items)
+        finally:
+            dest.close()
+        assert pacs.connections == 1
+    assert len(outcomes) == 100
+    assert {o.reason for o in outcomes.values()} == {"association_rejected_transient:temporary_congestion"}
+    assert {o.kind for o in outcomes.values()} == {U}
+
+
+def test_no_context_accepted_fails_only_that_group(tmp_path: Path) -> None:
+    """sop_class_not_accepted at open ends its own group; the next group is still sent."""
+    items = _many_classes(tmp_path, 64)  # one full group (128 contexts) the PACS does not know
+    ct = copies(bundled("CT_small.dcm"), tmp_path / "ct", 1, first_job_id=100)[0]
+    assert len(group_by_contexts([*items, ct])) == 2
+    with FakePacs(sop_classes=[ct.sop_class_uid]) as pacs:
+        dest = _dest(pacs.port)
+        try:
+            outcomes = dest.send([*items, ct])
+        finally:
+            dest.close()
+        assert [uid for uid, _, _ in pacs.received] == [ct.sop_instance_uid]
+    assert outcomes[ct.job_id].kind is D
+    assert {outcomes[i.job_id].reason for i in items} == {"sop_class_not_accepted"}
+    assert {outcomes[i.job_id].kind for i in items} == {P}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 
+from deid_router.forward.status import classify_failure, reject_reason
 from deid_router.jobs.outcome import Outcome, OutcomeKind
 from deid_router.jobs.policy import RetryPolicy, decide
 from deid_router.jobs.states import JobState
@@ -31,7 +32,7 @@ def test_unavailable_backs_off_with_the_destinations_failures() -> None:
 
 
 def test_permanent_rejection_is_probed_slowly_at_the_cap() -> None:
-    rejected = Outcome(OutcomeKind.UNAVAILABLE, None, "association_rejected_permanent:called_ae_not_recognized")
+    rejected = classify_failure(*reject_reason(1, 1, 7))  # the table says: probe at the cap
     d = decide(1, rejected, POLICY, NOW)
     assert d.run_after == NOW + timedelta(seconds=600)
     assert d.to_state is JobState.RETRYING and not d.quarantine
