@@ -15,6 +15,7 @@ from deid_router.db.repository import JobRepository, NewInstance
 from deid_router.deid.engine import Deidentifier
 from deid_router.deid.keys import Keys
 from deid_router.forward.folder import FolderDestination
+from deid_router.forward.lanes import FreeLane
 from deid_router.jobs.policy import RetryPolicy
 from deid_router.jobs.worker import Worker
 from deid_router.store.holding import Holding
@@ -41,7 +42,8 @@ def test_each_job_uses_its_profile_and_an_unknown_profile_is_quarantined(tmp_pat
     worker = Worker(
         owner="w", repo=repo, holding=holding, deidentifier=Deidentifier(cfg, keys),
         profiles={"trial": Deidentifier(cfg, keys.for_scope("trial"))},
-        destinations={"out": [FolderDestination(DestinationConfig(name="out", type="folder", path=tmp_path / "out"))]},
+        destinations={"out": [FreeLane(FolderDestination(DestinationConfig(name="out", type="folder",
+                                                                           path=tmp_path / "out")))]},
         policy=RetryPolicy(initial_seconds=1, max_seconds=2, max_attempts=3), lease_seconds=30, batch_size=10,
     )
     done, _ = worker.run_once("out", worker.destinations["out"][0])
