@@ -35,7 +35,7 @@ from deid_router.deid.engine import Deidentifier
 from deid_router.deid.keys import Keys
 from deid_router.errors import QueueError
 from deid_router.forward.base import Destination, build_destination
-from deid_router.forward.folder import FolderDestination
+from deid_router.forward.registry import handler_for
 from deid_router.forward.lanes import FreeLane, Lane, LeasedLane
 from deid_router.jobs.policy import RetryPolicy
 from deid_router.jobs.worker import Worker
@@ -66,11 +66,18 @@ class Context:
     repo: JobRepository
     holding: Holding
 
-    def crosswalk(self) -> Crosswalk:
-        return DbCrosswalk(self.repo, self.keys, self.config.deid.patient_mapping_csv)
+    def crosswalk(self, profile: str = "") -> Crosswalk:
+        p = self.config.profile(profile)
+        return DbCrosswalk(self.repo, self.keys.for_scope(p.scope), p.deid.patient_mapping_csv, p.scope)
 
-    def deidentifier(self) -> Deidentifier:
-        return Deidentifier(self.config.deid, self.keys, self.crosswalk())
+    def deidentifier(self, profile: str = "") -> Deidentifier:
+        """The engine of a profile ("": [deid]), keyed by the profile's scope."""
+        p = self.config.profile(profile)
+        return Deidentifier(p.deid, self.keys.for_scope(p.scope), self.crosswalk(profile))
+
+    def profile_deidentifiers(self) -> dict[str, Deidentifier]:
+        """One engine per [profiles.NAME] (the worker's own deidentifier is [deid])."""
+        return {p.name: self.deidentifier(p.name) for p in self.config.profiles}
 
     def destinations(self) -> dict[str, Destination]:
         calling = self.config.listener.ae_title
@@ -96,7 +103,7 @@ class Context:
             lanes[d.name] = []
             for _ in range(d.max_associations):
                 dest = build_destination(d, calling)
-                if d.type == "dicom":
+                if d.type in ("dicom", "dicomweb"):  # connections to a remote service: bounded
                     lane: Lane = LeasedLane(dest, leases, d.max_associations, f"{owner}/{k}",
                                             self.config.queue.lease_seconds)
                 else:
@@ -210,6 +217,7 @@ def worker_process_main(config_path: str, index: int, log_level: str, parent_pid
         repo=ctx.repo,
         holding=ctx.holding,
         deidentifier=ctx.deidentifier(),
+        profiles=ctx.profile_deidentifiers(),
         destinations=ctx.worker_lanes(owner),
         policy=RetryPolicy.from_config(config.queue),
         lease_seconds=config.queue.lease_seconds,
@@ -294,11 +302,12 @@ class Node:
         return _Child(kind, index, proc)
 
     def _remove_partial_outputs(self) -> None:
-        for dest in self.ctx.destinations().values():
-            if isinstance(dest, FolderDestination):
-                removed = dest.remove_partial_files()
-                if removed:
-                    log.warning("partial_outputs_removed", destination=dest.name, count=removed)
+        for cfg in self.config.destinations:
+            dest = build_destination(cfg, self.config.listener.ae_title)
+            removed = handler_for(cfg.type).startup(dest)
+            dest.close()
+            if removed:
+                log.warning("partial_outputs_removed", destination=cfg.name, count=removed)
 
     def start(self) -> None:
         self._remove_partial_outputs()

@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what would be done per attribute")
     p.add_argument("--preview", type=Path, metavar="DIR",
                    help="with --dry-run: before/after PNGs of pixel cleaning, regions drawn")
+    p.add_argument("--profile", default="", help="a [profiles.NAME] to apply (default: [deid])")
 
     p = sub.add_parser("check-config", help="validate the configuration")
     _config_arg(p)
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--out", type=Path, help="CSV file to write (default: standard output)")
     for sp in (cl, ce):
         sp.add_argument("--actor", default=os.environ.get("USER", "unknown"), help="who asks (audited)")
+        sp.add_argument("--scope", default="default", help="pseudonym scope of a profile (default: [deid]'s)")
 
     p = sub.add_parser("user", help="console and API users (add, remove, list)")
     usub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -259,8 +261,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problems = _secret_problems(config, probe_database(config.queue.url), database_label(config.queue.url))
     if problems:
         raise ConfigError(problems)
-    for warning in list(config.warnings) + weakening_rules(config.deid):
+    warnings = list(config.warnings) + weakening_rules(config.deid)
+    for p in config.profiles:
+        for w in weakening_rules(p.deid):
+            warnings.append(w.replace("deid.rules", f"profiles.{p.name}.rules", 1) + f" (profile {p.name!r})")
+    for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    for route in config.routes:
+        p = config.profile(route.profile)
+        which = f"profile {p.name!r}" if p.name else "profile [deid]"
+        print(f"route {route.name!r}: {which}, scope {p.scope!r} -> {', '.join(route.destinations)}")
     print(f"{config.path}: ok ({len(config.destinations)} destinations, {len(config.routes)} routes)")
     return EXIT_OK
 
@@ -612,11 +622,14 @@ def _private_text_file(path: Path) -> Any:
 def cmd_crosswalk(args: argparse.Namespace) -> int:
     from deid_router.db.crosswalk import export_crosswalk, lookup_pseudonym
 
+    config = _load(args)
+    if args.scope not in config.scopes():
+        raise ConfigError([(str(config.path), "--scope", f"unknown scope {args.scope!r} (configured: {', '.join(config.scopes())})")])
     ctx = _context(args)
     try:
         keys = ctx.keys()
         if args.action == "lookup":
-            rows = lookup_pseudonym(ctx.repo, keys, args.pseudonym, actor=args.actor)
+            rows = lookup_pseudonym(ctx.repo, keys, args.pseudonym, actor=args.actor, scope=args.scope)
             ctx.auditor.crosswalk_lookup(args.actor, found=bool(rows))
             if not rows:
                 print("no such pseudonym", file=sys.stderr)
@@ -626,7 +639,7 @@ def cmd_crosswalk(args: argparse.Namespace) -> int:
             return EXIT_OK
         out = _private_text_file(args.out) if args.out else sys.stdout
         try:
-            n = export_crosswalk(ctx.repo, keys, out, actor=args.actor)
+            n = export_crosswalk(ctx.repo, keys, out, actor=args.actor, scope=args.scope)
         finally:
             if args.out:
                 out.close()
@@ -643,11 +656,14 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     if args.preview is not None and not args.dry_run:
         print("deid-router: --preview needs --dry-run", file=sys.stderr)
         return EXIT_USAGE
+    if args.profile and args.profile not in {p.name for p in config.profiles}:
+        known = ", ".join(p.name for p in config.profiles) or "none"
+        raise ConfigError([(str(config.path), "--profile", f"unknown profile {args.profile!r} (defined: {known})")])
     if args.dry_run:
         print("warning: --dry-run prints the original (identified) values beside the new ones; "
               "keep its output as private as the inputs", file=sys.stderr)
     return run_offline(config, [Path(i) for i in args.inputs], args.out, args.workers, args.dry_run,
-                       preview=args.preview)
+                       preview=args.preview, profile=args.profile)
 
 
 def _read_password(args: argparse.Namespace) -> str | None:

@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,15 @@ class DestinationConfig:
     cert_file: Path | None = None
     key_file: Path | None = None
     server_name: str = ""
+    # type = "dicomweb" (issue 15): STOW-RS to url; auth from a file; TLS verified against ca_file
+    url: str = ""
+    username: str = ""
+    password_file: Path | None = None
+    token_file: Path | None = None
+    instances_per_request: int = 16  # (ca_file above: also the STOW-RS server's CA)
+
+
+DICOMWEB_KEYS = ("url", "username", "password_file", "token_file", "ca_file", "instances_per_request")
 
 
 @dataclass(frozen=True)
@@ -171,6 +180,19 @@ class RouteConfig:
     name: str
     destinations: tuple[str, ...]
     match: dict[str, str] = field(default_factory=dict)
+    profile: str = ""  # a [profiles.NAME]; "": the [deid] table
+
+
+# --- profiles (issue 15): [profiles.NAME] = any key of [deid] except secret_file, plus scope
+DEFAULT_SCOPE = "default"  # the scope of [deid]: v1 keys, v1 pseudonyms and UIDs
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    name: str
+    scope: str  # keys UIDs, pseudonyms, date shifts and the crosswalk (derived from the one secret)
+    deid: DeidConfig
 
 
 @dataclass(frozen=True)
@@ -196,6 +218,19 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
     audit: AuditConfig = AuditConfig()
+    profiles: tuple[ProfileConfig, ...] = ()
+
+    def profile(self, name: str) -> ProfileConfig:
+        """The profile a route names; "" is [deid] in the default scope."""
+        if not name:
+            return ProfileConfig("", DEFAULT_SCOPE, self.deid)
+        for p in self.profiles:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def scopes(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([DEFAULT_SCOPE, *(p.scope for p in self.profiles)]))
 
     def destination(self, name: str) -> DestinationConfig:
         for d in self.destinations:
@@ -303,7 +338,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     base = file.parent
     warnings: list[str] = []
     r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes", "storage_commitment", "audit",
-                        "http"))
+                     "http", "profiles"))
 
     # [listener]
     li = r.table(raw, "listener")
@@ -366,6 +401,271 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     if queue.retry_max_seconds < queue.retry_initial_seconds:
         r.problem("queue.retry_max_seconds", "must be >= queue.retry_initial_seconds")
 
+    deid = _parse_deid(r, raw, base)
+    profiles = _parse_profiles(r, raw, base, deid)
+
+    # [[destinations]]
+    destinations: list[DestinationConfig] = []
+    raw_dests = raw.get("destinations", [])
+    if not isinstance(raw_dests, list):
+        r.problem("destinations", "must be an array of tables ([[destinations]])")
+        raw_dests = []
+    seen: set[str] = set()
+    for i, dest in enumerate(raw_dests):
+        where = f"destinations[{i}]"
+        if not isinstance(dest, dict):
+            r.problem(where, "must be a table")
+            continue
+        r.unknown(dest, where, tuple(DestinationConfig.__dataclass_fields__))
+        name = r.get(dest, where, "name", str, "")
+        if not name:
+            r.problem(f"{where}.name", "is required")
+        elif name in seen:
+            r.problem(f"{where}.name", f"duplicate destination name {name!r}")
+        seen.add(name)
+        kind = r.get(dest, where, "type", str, "")
+        dc = DestinationConfig(name=name, type=kind)
+        common: dict[str, Any] = dict(
+            name=name,
+            type=kind,
+            max_associations=r.number(dest, where, "max_associations", int, 1, 1),
+            connect_timeout_seconds=r.number(dest, where, "connect_timeout_seconds", float, dc.connect_timeout_seconds, 0.1),
+            acse_timeout_seconds=r.number(dest, where, "acse_timeout_seconds", float, dc.acse_timeout_seconds, 0.1),
+            dimse_timeout_seconds=r.number(dest, where, "dimse_timeout_seconds", float, dc.dimse_timeout_seconds, 0.1),
+            network_timeout_seconds=r.number(dest, where, "network_timeout_seconds", float, dc.network_timeout_seconds, 0.1),
+            max_pdu_size=r.number(dest, where, "max_pdu_size", int, 0, 0),
+        )
+        if kind != "dicomweb":
+            for key in DICOMWEB_KEYS:
+                if key in dest and key != "ca_file":  # ca_file: also DICOM TLS (type "dicom")
+                    r.problem(f"{where}.{key}", "is only allowed for type 'dicomweb'")
+        if kind == "dicomweb":
+            destinations.append(_parse_dicomweb(r, dest, where, base, common))
+        elif kind == "dicom":
+            for key in ("ae_title", "host", "port"):
+                if key not in dest:
+                    r.problem(f"{where}.{key}", "is required for type 'dicom'")
+            if "path" in dest:
+                r.problem(f"{where}.path", "is only allowed for type 'folder'")
+            ae = r.get(dest, where, "ae_title", str, "")
+            calling = r.get(dest, where, "calling_ae_title", str, "")
+            if "ae_title" in dest:
+                r.ae_title(ae, f"{where}.ae_title")
+            if calling:
+                r.ae_title(calling, f"{where}.calling_ae_title")
+            port = r.number(dest, where, "port", int, 0, 1)
+            if port > 65535:
+                r.problem(f"{where}.port", "must be <= 65535")
+            destinations.append(
+                DestinationConfig(
+                    ae_title=ae, host=r.get(dest, where, "host", str, ""), port=port,
+                    calling_ae_title=calling, **common, **_destination_tls(r, dest, where, base),
+                )
+            )
+        elif kind == "folder":
+            if "path" not in dest:
+                r.problem(f"{where}.path", "is required for type 'folder'")
+            for key in ("ae_title", "host", "port", "calling_ae_title", *_DESTINATION_TLS_KEYS):
+                if key in dest:
+                    r.problem(f"{where}.{key}", "is only allowed for type 'dicom'")
+            p = _resolve(base, r.get(dest, where, "path", str, "."))
+            _writable_dir(r, f"{where}.path", p)
+            destinations.append(DestinationConfig(path=p, **common))
+        else:
+            from deid_router.forward.registry import type_names
+
+            r.problem(f"{where}.type", "must be one of " + ", ".join(repr(t) for t in type_names()))
+
+    # [[routes]]
+    routes: list[RouteConfig] = []
+    raw_routes = raw.get("routes", [])
+    if not isinstance(raw_routes, list):
+        r.problem("routes", "must be an array of tables ([[routes]])")
+        raw_routes = []
+    for i, route in enumerate(raw_routes):
+        where = f"routes[{i}]"
+        if not isinstance(route, dict):
+            r.problem(where, "must be a table")
+            continue
+        r.unknown(route, where, ("name", "destinations", "match", "profile"))
+        name = r.get(route, where, "name", str, f"route{i}")
+        dests = r.strings(route, where, "destinations")
+        if not dests:
+            r.problem(f"{where}.destinations", "must name at least one destination")
+        for dn in dests:
+            if dn not in seen:
+                r.problem(f"{where}.destinations", f"names unknown destination {dn!r}")
+        match = r.table(route, "match") if "match" in route else {}
+        clean_match: dict[str, str] = {}
+        for k, v in match.items():
+            if k not in MATCH_KEYS and not _route_attribute(r, f"{where}.match.{k}", k):
+                continue
+            if isinstance(v, str):
+                clean_match[k] = v
+            else:
+                r.problem(f"{where}.match.{k}", "must be a string (a glob)")
+        profile = r.get(route, where, "profile", str, "")
+        if profile and profile not in {p.name for p in profiles}:
+            known = ", ".join(p.name for p in profiles) or "none"
+            r.problem(f"{where}.profile", f"names unknown profile {profile!r} (defined [profiles.*]: {known})")
+        routes.append(RouteConfig(name=name, destinations=dests, match=clean_match, profile=profile))
+    if not destinations:
+        r.problem("destinations", "at least one [[destinations]] is required")
+    if not routes:
+        r.problem("routes", "at least one [[routes]] is required, or nothing would be forwarded")
+    storage_commitment = _storage_commitment(r, r.table(raw, "storage_commitment"))
+    audit = _audit(r, r.table(raw, "audit"), base)
+    http = _parse_http(r, raw, base)
+
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Config(
+        path=file,
+        listener=listener,
+        storage=storage,
+        queue=queue,
+        deid=deid,
+        http=http,
+        destinations=tuple(destinations),
+        routes=tuple(routes),
+        warnings=tuple(warnings),
+        storage_commitment=storage_commitment,
+        audit=audit,
+        profiles=profiles,
+    )
+
+
+def _audit(r: _Reader, au: dict[str, Any], base: Path) -> AuditConfig:
+    """[audit]: DICOM audit messages (PS3.15 A.5) to a syslog collector (RFC 5424)."""
+    r.unknown(au, "audit", tuple(AuditConfig.__dataclass_fields__))
+    url = r.get(au, "audit", "syslog_url", str, "")
+    if url and not re.match(r"^(udp|tcp|tls)://[^/:]+:\d{1,5}$", url):
+        r.problem("audit.syslog_url", "must be udp://host:port, tcp://host:port or tls://host:port (or empty: off)")
+    ca_raw = r.get(au, "audit", "ca_file", str, "")
+    ca_file = _resolve(base, ca_raw) if ca_raw else None
+    if ca_file is not None and not (ca_file.is_file() and os.access(ca_file, os.R_OK)):
+        r.problem("audit.ca_file", f"{ca_file} is not a readable file")
+    return AuditConfig(syslog_url=url, ca_file=ca_file, source_id=r.get(au, "audit", "source_id", str, ""))
+
+
+def _storage_commitment(r: _Reader, sc: dict[str, Any]) -> StorageCommitmentConfig:
+    """[storage_commitment]: the Storage Commitment Push Model SCP (PS3.4 J)."""
+    where = "storage_commitment"
+    r.unknown(sc, where, tuple(StorageCommitmentConfig.__dataclass_fields__))
+    d = StorageCommitmentConfig()
+    mode = r.get(sc, where, "commitment", str, d.commitment)
+    if mode not in ("held", "delivered"):
+        r.problem(f"{where}.commitment", "must be 'held' (durably held) or 'delivered' (every destination has it)")
+    peers: list[CommitmentPeerConfig] = []
+    raw_peers = sc.get("peers", [])
+    if not isinstance(raw_peers, list):
+        r.problem(f"{where}.peers", "must be an array of tables ([[storage_commitment.peers]])")
+        raw_peers = []
+    for i, peer in enumerate(raw_peers):
+        pw = f"{where}.peers[{i}]"
+        if not isinstance(peer, dict):
+            r.problem(pw, "must be a table")
+            continue
+        r.unknown(peer, pw, ("ae_title", "host", "port"))
+        for key in ("ae_title", "host", "port"):
+            if key not in peer:
+                r.problem(f"{pw}.{key}", "is required")
+        ae = r.get(peer, pw, "ae_title", str, "")
+        if ae:
+            r.ae_title(ae, f"{pw}.ae_title")
+        port = r.number(peer, pw, "port", int, 0, 1)
+        if port > 65535:
+            r.problem(f"{pw}.port", "must be <= 65535")
+        peers.append(CommitmentPeerConfig(ae_title=ae, host=r.get(peer, pw, "host", str, ""), port=port))
+    return StorageCommitmentConfig(
+        enabled=r.get(sc, where, "enabled", bool, d.enabled),
+        commitment=mode,
+        wait_seconds=r.number(sc, where, "wait_seconds", float, d.wait_seconds, 0),
+        peers=tuple(peers),
+    )
+
+
+def _parse_dicomweb(r: _Reader, dest: dict[str, Any], where: str, base: Path, common: dict[str, Any]) -> DestinationConfig:
+    """A STOW-RS destination: url, optional basic (username + password_file) or bearer
+    (token_file) auth, ca_file for TLS verification."""
+    for key in ("ae_title", "host", "port", "calling_ae_title", "path", *_DESTINATION_TLS_KEYS):
+        if key in dest and key != "ca_file":
+            r.problem(f"{where}.{key}", "is not allowed for type 'dicomweb' (it takes url, and ca_file for https)")
+    url = r.get(dest, where, "url", str, "")
+    if not url:
+        r.problem(f"{where}.url", "is required for type 'dicomweb' (the DICOMweb root, e.g. http://host:8042/dicom-web)")
+    elif not re.match(r"^https?://[^/\s]+", url):
+        r.problem(f"{where}.url", "must be an http:// or https:// URL")
+    files: dict[str, Path | None] = {}
+    for key in ("password_file", "token_file", "ca_file"):
+        value = r.get(dest, where, key, str, "")
+        files[key] = _resolve(base, value) if value else None
+        p = files[key]
+        if p is not None and not (p.is_file() and os.access(p, os.R_OK)):
+            r.problem(f"{where}.{key}", f"{p} is not a readable file")
+    username = r.get(dest, where, "username", str, "")
+    if bool(username) != bool(files["password_file"]):
+        r.problem(f"{where}.username", "basic auth needs both username and password_file")
+    if files["token_file"] is not None and username:
+        r.problem(f"{where}.token_file", "give either token_file (bearer) or username + password_file (basic)")
+    if files["ca_file"] is not None and not url.startswith("https://"):
+        r.problem(f"{where}.ca_file", "is only used with an https:// url")
+    return DestinationConfig(
+        url=url.rstrip("/"), username=username, password_file=files["password_file"],
+        token_file=files["token_file"], ca_file=files["ca_file"],
+        instances_per_request=r.number(dest, where, "instances_per_request", int, 16, 1), **common,
+    )
+
+
+def _route_attribute(r: _Reader, where: str, key: str) -> bool:
+    """A non-v1 match key must name a top-level text or number attribute."""
+    from deid_router.routing import attribute_tag
+
+    try:
+        attribute_tag(key)
+    except ValueError as exc:
+        reason = str(exc)
+        if reason.startswith("unknown key"):
+            reason = f"unknown key (allowed: {', '.join(MATCH_KEYS)}, a DICOM keyword or (gggg,eeee))"
+        r.problem(where, reason)
+        return False
+    return True
+
+
+def _parse_profiles(r: _Reader, raw: dict[str, Any], base: Path, deid: DeidConfig) -> tuple[ProfileConfig, ...]:
+    """[profiles.NAME]: the keys of [deid] (parsed by the same code) plus scope; one secret."""
+    tables = r.table(raw, "profiles")
+    out: list[ProfileConfig] = []
+    for name, table in tables.items():
+        where = f"profiles.{name}"
+        if not _NAME_RE.match(name):
+            r.problem(where, "a profile name is 1-64 letters, digits, '.', '_' or '-'")
+            continue
+        if not isinstance(table, dict):
+            r.problem(where, "must be a table")
+            continue
+        body = {k: v for k, v in table.items() if k not in ("scope", "secret_file")}
+        body["secret_file"] = str(deid.secret_file)  # checked once, under deid.secret_file
+        if "secret_file" in table:
+            r.problem(f"{where}.secret_file", "not allowed: every scope's keys derive from deid.secret_file")
+        scope = r.get(table, where, "scope", str, name)
+        if not _NAME_RE.match(scope):
+            r.problem(f"{where}.scope", "a scope is 1-64 letters, digits, '.', '_' or '-'")
+        sub = _Reader(r.file)
+        parsed = _parse_deid(sub, {"deid": body}, base)
+        allowed = ", ".join(k for k in (*DeidConfig.__dataclass_fields__, "scope") if k != "secret_file")
+        for _file, key, reason in sub.problems:
+            if key == "deid.secret_file":
+                continue
+            if reason.startswith("unknown key"):
+                reason = f"unknown key (allowed: {allowed})"
+            r.problem(where + key.removeprefix("deid"), reason.replace("deid.", f"{where}."))
+        out.append(ProfileConfig(name, scope, replace(parsed, secret_file=deid.secret_file)))
+    return tuple(out)
+
+
+def _parse_deid(r: _Reader, raw: dict[str, Any], base: Path) -> DeidConfig:
+    """The [deid] table (also each [profiles.NAME], through :func:`_parse_profiles`)."""
     # [deid]
     de = r.table(raw, "deid")
     r.unknown(de, "deid", tuple(f for f in DeidConfig.__dataclass_fields__))
@@ -433,174 +733,7 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         r.problem("deid.patient_name_pattern", "must contain {pseudonym}")
     if len(deid.pseudonym_prefix) + deid.pseudonym_length > 64:
         r.problem("deid.pseudonym_length", "prefix plus length must fit PatientID (64 characters)")
-
-    # [[destinations]]
-    destinations: list[DestinationConfig] = []
-    raw_dests = raw.get("destinations", [])
-    if not isinstance(raw_dests, list):
-        r.problem("destinations", "must be an array of tables ([[destinations]])")
-        raw_dests = []
-    seen: set[str] = set()
-    for i, dest in enumerate(raw_dests):
-        where = f"destinations[{i}]"
-        if not isinstance(dest, dict):
-            r.problem(where, "must be a table")
-            continue
-        r.unknown(dest, where, tuple(DestinationConfig.__dataclass_fields__))
-        name = r.get(dest, where, "name", str, "")
-        if not name:
-            r.problem(f"{where}.name", "is required")
-        elif name in seen:
-            r.problem(f"{where}.name", f"duplicate destination name {name!r}")
-        seen.add(name)
-        kind = r.get(dest, where, "type", str, "")
-        dc = DestinationConfig(name=name, type=kind)
-        common: dict[str, Any] = dict(
-            name=name,
-            type=kind,
-            max_associations=r.number(dest, where, "max_associations", int, 1, 1),
-            connect_timeout_seconds=r.number(dest, where, "connect_timeout_seconds", float, dc.connect_timeout_seconds, 0.1),
-            acse_timeout_seconds=r.number(dest, where, "acse_timeout_seconds", float, dc.acse_timeout_seconds, 0.1),
-            dimse_timeout_seconds=r.number(dest, where, "dimse_timeout_seconds", float, dc.dimse_timeout_seconds, 0.1),
-            network_timeout_seconds=r.number(dest, where, "network_timeout_seconds", float, dc.network_timeout_seconds, 0.1),
-            max_pdu_size=r.number(dest, where, "max_pdu_size", int, 0, 0),
-        )
-        if kind == "dicom":
-            for key in ("ae_title", "host", "port"):
-                if key not in dest:
-                    r.problem(f"{where}.{key}", "is required for type 'dicom'")
-            if "path" in dest:
-                r.problem(f"{where}.path", "is only allowed for type 'folder'")
-            ae = r.get(dest, where, "ae_title", str, "")
-            calling = r.get(dest, where, "calling_ae_title", str, "")
-            if "ae_title" in dest:
-                r.ae_title(ae, f"{where}.ae_title")
-            if calling:
-                r.ae_title(calling, f"{where}.calling_ae_title")
-            port = r.number(dest, where, "port", int, 0, 1)
-            if port > 65535:
-                r.problem(f"{where}.port", "must be <= 65535")
-            destinations.append(
-                DestinationConfig(
-                    ae_title=ae, host=r.get(dest, where, "host", str, ""), port=port,
-                    calling_ae_title=calling, **common, **_destination_tls(r, dest, where, base),
-                )
-            )
-        elif kind == "folder":
-            if "path" not in dest:
-                r.problem(f"{where}.path", "is required for type 'folder'")
-            for key in ("ae_title", "host", "port", "calling_ae_title", *_DESTINATION_TLS_KEYS):
-                if key in dest:
-                    r.problem(f"{where}.{key}", "is only allowed for type 'dicom'")
-            p = _resolve(base, r.get(dest, where, "path", str, "."))
-            _writable_dir(r, f"{where}.path", p)
-            destinations.append(DestinationConfig(path=p, **common))
-        else:
-            r.problem(f"{where}.type", "must be 'dicom' or 'folder'")
-
-    # [[routes]]
-    routes: list[RouteConfig] = []
-    raw_routes = raw.get("routes", [])
-    if not isinstance(raw_routes, list):
-        r.problem("routes", "must be an array of tables ([[routes]])")
-        raw_routes = []
-    for i, route in enumerate(raw_routes):
-        where = f"routes[{i}]"
-        if not isinstance(route, dict):
-            r.problem(where, "must be a table")
-            continue
-        r.unknown(route, where, ("name", "destinations", "match"))
-        name = r.get(route, where, "name", str, f"route{i}")
-        dests = r.strings(route, where, "destinations")
-        if not dests:
-            r.problem(f"{where}.destinations", "must name at least one destination")
-        for dn in dests:
-            if dn not in seen:
-                r.problem(f"{where}.destinations", f"names unknown destination {dn!r}")
-        match = r.table(route, "match") if "match" in route else {}
-        r.unknown(match, f"{where}.match", MATCH_KEYS)
-        clean_match: dict[str, str] = {}
-        for k, v in match.items():
-            if k in MATCH_KEYS:
-                if isinstance(v, str):
-                    clean_match[k] = v
-                else:
-                    r.problem(f"{where}.match.{k}", "must be a string (a glob)")
-        routes.append(RouteConfig(name=name, destinations=dests, match=clean_match))
-    if not destinations:
-        r.problem("destinations", "at least one [[destinations]] is required")
-    if not routes:
-        r.problem("routes", "at least one [[routes]] is required, or nothing would be forwarded")
-
-    http = _parse_http(r, raw, base)
-    storage_commitment = _storage_commitment(r, r.table(raw, "storage_commitment"))
-    audit = _audit(r, r.table(raw, "audit"), base)
-
-    if r.problems:
-        raise ConfigError(r.problems)
-    return Config(
-        path=file,
-        listener=listener,
-        storage=storage,
-        queue=queue,
-        deid=deid,
-        destinations=tuple(destinations),
-        routes=tuple(routes),
-        warnings=tuple(warnings),
-        storage_commitment=storage_commitment,
-        audit=audit,
-        http=http,
-    )
-
-
-def _audit(r: _Reader, au: dict[str, Any], base: Path) -> AuditConfig:
-    """[audit]: DICOM audit messages (PS3.15 A.5) to a syslog collector (RFC 5424)."""
-    r.unknown(au, "audit", tuple(AuditConfig.__dataclass_fields__))
-    url = r.get(au, "audit", "syslog_url", str, "")
-    if url and not re.match(r"^(udp|tcp|tls)://[^/:]+:\d{1,5}$", url):
-        r.problem("audit.syslog_url", "must be udp://host:port, tcp://host:port or tls://host:port (or empty: off)")
-    ca_raw = r.get(au, "audit", "ca_file", str, "")
-    ca_file = _resolve(base, ca_raw) if ca_raw else None
-    if ca_file is not None and not (ca_file.is_file() and os.access(ca_file, os.R_OK)):
-        r.problem("audit.ca_file", f"{ca_file} is not a readable file")
-    return AuditConfig(syslog_url=url, ca_file=ca_file, source_id=r.get(au, "audit", "source_id", str, ""))
-
-
-def _storage_commitment(r: _Reader, sc: dict[str, Any]) -> StorageCommitmentConfig:
-    """[storage_commitment]: the Storage Commitment Push Model SCP (PS3.4 J)."""
-    where = "storage_commitment"
-    r.unknown(sc, where, tuple(StorageCommitmentConfig.__dataclass_fields__))
-    d = StorageCommitmentConfig()
-    mode = r.get(sc, where, "commitment", str, d.commitment)
-    if mode not in ("held", "delivered"):
-        r.problem(f"{where}.commitment", "must be 'held' (durably held) or 'delivered' (every destination has it)")
-    peers: list[CommitmentPeerConfig] = []
-    raw_peers = sc.get("peers", [])
-    if not isinstance(raw_peers, list):
-        r.problem(f"{where}.peers", "must be an array of tables ([[storage_commitment.peers]])")
-        raw_peers = []
-    for i, peer in enumerate(raw_peers):
-        pw = f"{where}.peers[{i}]"
-        if not isinstance(peer, dict):
-            r.problem(pw, "must be a table")
-            continue
-        r.unknown(peer, pw, ("ae_title", "host", "port"))
-        for key in ("ae_title", "host", "port"):
-            if key not in peer:
-                r.problem(f"{pw}.{key}", "is required")
-        ae = r.get(peer, pw, "ae_title", str, "")
-        if ae:
-            r.ae_title(ae, f"{pw}.ae_title")
-        port = r.number(peer, pw, "port", int, 0, 1)
-        if port > 65535:
-            r.problem(f"{pw}.port", "must be <= 65535")
-        peers.append(CommitmentPeerConfig(ae_title=ae, host=r.get(peer, pw, "host", str, ""), port=port))
-    return StorageCommitmentConfig(
-        enabled=r.get(sc, where, "enabled", bool, d.enabled),
-        commitment=mode,
-        wait_seconds=r.number(sc, where, "wait_seconds", float, d.wait_seconds, 0),
-        peers=tuple(peers),
-    )
+    return deid
 
 
 # -- network security ("Network security" in the contract) -----------------------------------

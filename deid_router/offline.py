@@ -64,17 +64,19 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
-def _init_worker(config: Config) -> None:
-    """The engine, keys and a buffering crosswalk: no database, no server parts."""
+def _init_worker(config: Config, profile: str = "") -> None:
+    """The engine of ``profile`` ("": [deid]), its scope's keys and a buffering crosswalk:
+    no database, no server parts."""
     if "deid" in _worker_state:
         return
     from deid_router.deid.engine import Deidentifier
     from deid_router.deid.keys import Keys
 
-    keys = Keys.load_or_create(config.deid.secret_file)
-    crosswalk = BufferedCrosswalk(keys, config.deid.patient_mapping_csv)
+    p = config.profile(profile)
+    keys = Keys.load_or_create(config.deid.secret_file).for_scope(p.scope)
+    crosswalk = BufferedCrosswalk(keys, p.deid.patient_mapping_csv)
     _worker_state["crosswalk"] = crosswalk
-    _worker_state["deid"] = Deidentifier(config.deid, keys, crosswalk)
+    _worker_state["deid"] = Deidentifier(p.deid, keys, crosswalk)
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,8 @@ def _private_file(path: Path) -> BinaryIO:
 
 
 def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry_run: bool,
-                preview: Path | None = None) -> int:
+                preview: Path | None = None, profile: str = "") -> int:
+    """``profile``: a [profiles.NAME] (its options and scope), or "" for [deid]."""
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
         for m in missing:
@@ -200,7 +203,7 @@ def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry
         return 2
     files = list(iter_inputs(inputs))
     if dry_run:
-        return _dry_run(config, files, preview)
+        return _dry_run(config, files, preview, profile)
     out = out.resolve()
     quarantine = out.parent / "quarantine"
     processes = _process_count(workers, len(files))
@@ -217,12 +220,13 @@ def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry
         stack.callback(store.close)
         # as for serve: the secret is checked against (or recorded in) the database before use
         keys_for_serve(JobRepository(store.engine), config.deid.secret_file, database_label(config.queue.url))
-        _init_worker(config)  # built once here: forked workers inherit it
+        scope = config.profile(profile).scope
+        _init_worker(config, profile)  # built once here: forked workers inherit it
         out.mkdir(parents=True, exist_ok=True)
         results: Iterator[ChunkResult]
         if processes:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            pool = stack.enter_context(multiprocessing.get_context(method).Pool(processes, _init_worker, (config,)))
+            pool = stack.enter_context(multiprocessing.get_context(method).Pool(processes, _init_worker, (config, profile)))
             results = pool.imap_unordered(work, chunks)
         else:
             results = map(work, chunks)
@@ -230,7 +234,7 @@ def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry
         seen: set[tuple[str, str]] = set()
         for chunk in results:
             rows = [r for r in chunk.crosswalk if (r[0], r[1]) not in seen]
-            store.record_many(rows)
+            store.record_many(rows, scope)
             seen.update((r[0], r[1]) for r in rows)
             for res in chunk.results:
                 counts[res.status] += 1
@@ -255,7 +259,7 @@ def _progress(done: int, total: int, counts: dict[str, int]) -> None:
     sys.stderr.flush()
 
 
-def _dry_run(config: Config, files: list[Path], preview: Path | None = None) -> int:
+def _dry_run(config: Config, files: list[Path], preview: Path | None = None, profile: str = "") -> int:
     from pydicom import dcmread
 
     from deid_router.deid.crosswalk import NullCrosswalk
@@ -273,7 +277,8 @@ def _dry_run(config: Config, files: list[Path], preview: Path | None = None) -> 
         print("warning: deid.secret_file does not exist yet: new UIDs and pseudonyms shown are examples",
               file=sys.stderr)
         keys = Keys(secrets.token_bytes(32))
-    deid = Deidentifier(config.deid, keys, NullCrosswalk())
+    p = config.profile(profile)
+    deid = Deidentifier(p.deid, keys.for_scope(p.scope), NullCrosswalk())
     for f in files:
         if not _is_dicom(f):
             continue

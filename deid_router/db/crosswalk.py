@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TextIO
 
 from deid_router.db.repository import JobRepository
+from deid_router.config import DEFAULT_SCOPE
 from deid_router.deid.crosswalk import crosswalk_token, load_patient_mapping
 from deid_router.deid.keys import Keys
 
@@ -20,9 +21,12 @@ from deid_router.deid.keys import Keys
 class DbCrosswalk:
     """Implements ``deid_router.deid.crosswalk.Crosswalk`` on the job database."""
 
-    def __init__(self, repo: JobRepository, keys: Keys, mapping_csv: Path | None = None) -> None:
+    def __init__(
+        self, repo: JobRepository, keys: Keys, mapping_csv: Path | None = None, scope: str = DEFAULT_SCOPE
+    ) -> None:
         self._repo = repo
-        self._keys = keys
+        self._keys = keys  # the scope's keys (Keys.for_scope)
+        self._scope = scope
         self._seen: set[tuple[str, str]] = set()
         self._mapping = load_patient_mapping(mapping_csv) if mapping_csv is not None else None
 
@@ -30,7 +34,7 @@ class DbCrosswalk:
         token = crosswalk_token(self._keys, kind, original)
         if (kind, token) in self._seen:
             return
-        self._repo.crosswalk_record(kind, token, pseudonym, self._keys.encrypt(original))
+        self._repo.crosswalk_record(kind, token, pseudonym, self._keys.encrypt(original), self._scope)
         self._seen.add((kind, token))
 
     def preassigned(self, patient_id: str) -> str | None:
@@ -45,23 +49,32 @@ def _split_issuer(original: str) -> tuple[str, str]:
     return (value, issuer) if sep else (original, "")
 
 
-def lookup_pseudonym(repo: JobRepository, keys: Keys, pseudonym: str, actor: str) -> list[tuple[str, str]]:
-    """Originals behind a pseudonym, for the data custodian; audited whether found or not."""
+def lookup_pseudonym(
+    repo: JobRepository, keys: Keys, pseudonym: str, actor: str, scope: str = DEFAULT_SCOPE
+) -> list[tuple[str, str]]:
+    """Originals behind a pseudonym of ``scope`` (``keys``: the node's keys), for the data
+    custodian; audited whether found or not."""
+    keys = keys.for_scope(scope)
     rows = []
-    for kind, blob in repo.crosswalk_lookup(pseudonym):
+    for kind, blob in repo.crosswalk_lookup(pseudonym, scope):
         value, issuer = _split_issuer(keys.decrypt(blob))
         rows.append((kind, f"{value} (issuer {issuer})" if issuer else value))
-    repo.audit("crosswalk_lookup", actor, f"found={len(rows)}")
+    repo.audit("crosswalk_lookup", actor, f"found={len(rows)}" + _scope_detail(scope))
     return rows
 
 
-def export_crosswalk(repo: JobRepository, keys: Keys, out: TextIO, actor: str) -> int:
-    """Write kind,pseudonym,original,issuer CSV rows; audited with the row count."""
+def _scope_detail(scope: str) -> str:
+    return "" if scope == DEFAULT_SCOPE else f" scope={scope}"
+
+
+def export_crosswalk(repo: JobRepository, keys: Keys, out: TextIO, actor: str, scope: str = DEFAULT_SCOPE) -> int:
+    """Write kind,pseudonym,original,issuer CSV rows of ``scope``; audited with the row count."""
+    keys = keys.for_scope(scope)
     writer = csv.writer(out)
     writer.writerow(["kind", "pseudonym", "original", "issuer"])
     n = 0
-    for kind, pseudonym, blob in repo.crosswalk_all():
+    for kind, pseudonym, blob in repo.crosswalk_all(scope):
         writer.writerow([kind, pseudonym, *_split_issuer(keys.decrypt(blob))])
         n += 1
-    repo.audit("crosswalk_export", actor, f"rows={n}")
+    repo.audit("crosswalk_export", actor, f"rows={n}" + _scope_detail(scope))
     return n

@@ -22,21 +22,21 @@ from deid_router.errors import QueueError
 Row = tuple[str, str, str, bytes]  # kind, token, pseudonym, original encrypted
 
 _INSERT = text(
-    "INSERT INTO crosswalk (kind, token, pseudonym, original_encrypted, created_at) "
-    "VALUES (:kind, :token, :pseudonym, :original_encrypted, :created_at) "
+    "INSERT INTO crosswalk (kind, token, pseudonym, scope, original_encrypted, created_at) "
+    "VALUES (:kind, :token, :pseudonym, :scope, :original_encrypted, :created_at) "
     "ON CONFLICT (kind, token) DO NOTHING"
 ).bindparams(bindparam("original_encrypted", type_=LargeBinary()), bindparam("created_at", type_=DateTime()))
 
 
-def insert_rows(conn: Connection, rows: Sequence[Row], now: datetime) -> None:
-    """Insert ``rows`` in the caller's transaction; rows already there are left alone."""
+def insert_rows(conn: Connection, rows: Sequence[Row], now: datetime, scope: str = "default") -> None:
+    """Insert ``rows`` of ``scope`` in the caller's transaction; rows already there are left alone."""
     if not rows:
         return
     now = now.astimezone(timezone.utc)
     if conn.dialect.name == "sqlite":
         now = now.replace(tzinfo=None)  # stored as models.UTCDateTime stores it: naive UTC
-    conn.execute(_INSERT, [{"kind": k, "token": t, "pseudonym": p, "original_encrypted": o, "created_at": now}
-                           for k, t, p, o in rows])
+    conn.execute(_INSERT, [{"kind": k, "token": t, "pseudonym": p, "scope": scope, "original_encrypted": o,
+                            "created_at": now} for k, t, p, o in rows])
 
 
 class CrosswalkStore:
@@ -45,12 +45,12 @@ class CrosswalkStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def record_many(self, rows: Sequence[Row]) -> None:
+    def record_many(self, rows: Sequence[Row], scope: str = "default") -> None:
         if not rows:
             return
         try:
             with self.engine.begin() as conn:
-                insert_rows(conn, rows, datetime.now(timezone.utc))
+                insert_rows(conn, rows, datetime.now(timezone.utc), scope)
         except DBAPIError as exc:
             raise QueueError("queue database error during crosswalk_record_many") from exc
 

@@ -100,6 +100,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     instance_id: Mapped[str] = mapped_column(String(32), ForeignKey("instances.id"), index=True)
     destination: Mapped[str] = mapped_column(String(128))
+    profile: Mapped[str] = mapped_column(String(64), default="", server_default="")  # "": [deid]
     state: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     run_after: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -143,6 +144,7 @@ class Crosswalk(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(32))
+    scope: Mapped[str] = mapped_column(String(64), default="default", server_default="default")
     token: Mapped[str] = mapped_column(String(64))
     pseudonym: Mapped[str] = mapped_column(String(128), index=True)
     original_encrypted: Mapped[bytes] = mapped_column(LargeBinary)

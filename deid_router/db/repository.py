@@ -102,6 +102,7 @@ class ClaimedJob:
     sop_class_uid: str
     transfer_syntax: str
     sop_key: str
+    profile: str = ""  # the de-identification profile; "": [deid]
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,7 @@ _FINISH_SET = (
 )
 _CLAIMED_ROWS = (
     select(_J.id, _J.instance_id, _J.destination, _J.attempts, _INSTANCES.c.raw_path, _INSTANCES.c.sop_class_uid,
-           _INSTANCES.c.transfer_syntax, _INSTANCES.c.sop_key)
+           _INSTANCES.c.transfer_syntax, _INSTANCES.c.sop_key, _J.profile)
     .join(_INSTANCES, _INSTANCES.c.id == _J.instance_id)
     .where(_J.id.in_(bindparam("ids", expanding=True)))
     .order_by(_J.run_after, _J.id)
@@ -316,8 +317,11 @@ class JobRepository:
 
     # ------------------------------------------------------------------ enqueue
 
-    def enqueue(self, inst: NewInstance, destinations: Sequence[str]) -> EnqueueResult:
+    def enqueue(self, inst: NewInstance, destinations: Sequence[str | tuple[str, str]]) -> EnqueueResult:
         """Insert the instance and one queued job per destination, in ONE transaction.
+
+        A destination is a name, or a (name, profile) pair: one job per pair, so one instance
+        can go de-identified two ways to two places (a bare name is profile "", [deid]).
 
         A re-send of identical content that already has live (or delivered) jobs creates
         nothing (``duplicate``); a re-send with the same SOP key but different content is
@@ -327,7 +331,7 @@ class JobRepository:
         runs on the driver's cursor (:mod:`deid_router.db.driver`); a re-send is decided in a
         second transaction by :meth:`_enqueue_again`.
         """
-        dests = list(dict.fromkeys(destinations))
+        dests = list(dict.fromkeys((d, "") if isinstance(d, str) else (d[0], d[1]) for d in destinations))
         if not dests:
             raise ValueError("enqueue needs at least one destination (an unrouted raw file would never be purged)")
         now = self._clock()
@@ -365,14 +369,17 @@ class JobRepository:
         }
 
     @staticmethod
-    def _job_row(inst: NewInstance, dest: str, state: JobState, reason: str, now: datetime) -> dict[str, Any]:
+    def _job_row(
+        inst: NewInstance, target: tuple[str, str], state: JobState, reason: str, now: datetime
+    ) -> dict[str, Any]:
+        dest, profile = target
         return {
-            "instance_id": inst.instance_id, "destination": dest, "state": state.value, "attempts": 0,
+            "instance_id": inst.instance_id, "destination": dest, "profile": profile, "state": state.value, "attempts": 0,
             "run_after": now, "last_reason": reason, "created_at": now, "updated_at": now,
             "lease_owner": None, "lease_expires_at": None, "last_status": None,
         }
 
-    def _enqueue_again(self, inst: NewInstance, dests: list[str], now: datetime) -> EnqueueResult:
+    def _enqueue_again(self, inst: NewInstance, dests: list[tuple[str, str]], now: datetime) -> EnqueueResult:
         """Enqueue an instance whose SOP key is known: a duplicate, a new route, or a conflict."""
         with self._tx("enqueue") as conn:
             if self._pg:
@@ -380,17 +387,18 @@ class JobRepository:
             existing = conn.execute(_SELECT_BY_SOP_KEY, {"sop_key": inst.sop_key}).all()
             same = [r.id for r in existing if r.content_sha256 == inst.content_sha256]
             conflict = any(r.content_sha256 != inst.content_sha256 for r in existing)
-            covered: set[str] = set()
+            covered: set[tuple[str, str]] = set()
             if same:
-                covered = set(
-                    conn.execute(
-                        select(Job.destination).where(
+                covered = {
+                    (r.destination, r.profile)
+                    for r in conn.execute(
+                        select(Job.destination, Job.profile).where(
                             Job.instance_id.in_(same),
-                            Job.destination.in_(dests),
+                            Job.destination.in_([d for d, _ in dests]),
                             Job.state.in_([s.value for s in LIVE_STATES]),
                         )
-                    ).scalars()
-                )
+                    )
+                }
             needed = [d for d in dests if d not in covered]
             if not needed:
                 return EnqueueResult(instance_id=same[0], job_ids=[], duplicate=True, conflict=False)
@@ -472,7 +480,7 @@ class JobRepository:
             ClaimedJob(
                 job_id=r.id, instance_id=r.instance_id, destination=r.destination, attempts=r.attempts,
                 raw_path=r.raw_path, sop_class_uid=r.sop_class_uid, transfer_syntax=r.transfer_syntax,
-                sop_key=r.sop_key,
+                sop_key=r.sop_key, profile=r.profile,
             )
             for r in rows
         ]
@@ -907,12 +915,15 @@ class JobRepository:
 
     # ------------------------------------------------------------------ crosswalk / audit
 
-    def crosswalk_record(self, kind: str, token: str, pseudonym: str, original_encrypted: bytes) -> bool:
+    def crosswalk_record(
+        self, kind: str, token: str, pseudonym: str, original_encrypted: bytes, scope: str = "default"
+    ) -> bool:
         """Insert a mapping; a concurrent or repeated first sighting is a no-op.
 
-        Returns True when this call inserted the row.
+        Returns True when this call inserted the row. Tokens are keyed per scope, so two
+        scopes never share a row.
         """
-        values = {"kind": kind, "token": token, "pseudonym": pseudonym,
+        values = {"kind": kind, "token": token, "pseudonym": pseudonym, "scope": scope,
                   "original_encrypted": original_encrypted, "created_at": self._clock()}
         stmt: Any
         if self._pg:
@@ -925,31 +936,31 @@ class JobRepository:
             # Explicit RETURNING: rowcount is unreliable once the dialect adds implicit RETURNING.
             return conn.execute(stmt.returning(Crosswalk.id)).first() is not None
 
-    def crosswalk_record_many(self, rows: Sequence[tuple[str, str, str, bytes]]) -> None:
-        """``crosswalk_record`` for many ``(kind, token, pseudonym, original_encrypted)`` rows in
-        one transaction; repeats are no-ops (the insert lives in ``db/crosswalk_rows.py``)."""
+    def crosswalk_record_many(self, rows: Sequence[tuple[str, str, str, bytes]], scope: str = "default") -> None:
+        """``crosswalk_record`` for many ``(kind, token, pseudonym, original_encrypted)`` rows of
+        ``scope`` in one transaction; repeats are no-ops (the insert lives in ``db/crosswalk_rows.py``)."""
         from deid_router.db.crosswalk_rows import insert_rows
 
         with self._tx("crosswalk_record_many") as conn:
-            insert_rows(conn, rows, self._clock())
+            insert_rows(conn, rows, self._clock(), scope)
 
-    def crosswalk_lookup(self, pseudonym: str) -> list[tuple[str, bytes]]:
-        """``(kind, original_encrypted)`` for a pseudonym (callers audit the lookup)."""
+    def crosswalk_lookup(self, pseudonym: str, scope: str = "default") -> list[tuple[str, bytes]]:
+        """``(kind, original_encrypted)`` for a pseudonym of ``scope`` (callers audit the lookup)."""
         with self._read("crosswalk_lookup") as conn:
             rows = conn.execute(
                 select(Crosswalk.kind, Crosswalk.original_encrypted)
-                .where(Crosswalk.pseudonym == pseudonym).order_by(Crosswalk.id)
+                .where(Crosswalk.pseudonym == pseudonym, Crosswalk.scope == scope).order_by(Crosswalk.id)
             ).all()
         return [(r.kind, bytes(r.original_encrypted)) for r in rows]
 
-    def crosswalk_all(self) -> Iterator[tuple[str, str, bytes]]:
-        """Every ``(kind, pseudonym, original_encrypted)``, in pages of 1000 (for exports)."""
+    def crosswalk_all(self, scope: str = "default") -> Iterator[tuple[str, str, bytes]]:
+        """Every ``(kind, pseudonym, original_encrypted)`` of ``scope``, in pages of 1000 (for exports)."""
         last = 0
         while True:
             with self._read("crosswalk_all") as conn:
                 rows = conn.execute(
                     select(Crosswalk.id, Crosswalk.kind, Crosswalk.pseudonym, Crosswalk.original_encrypted)
-                    .where(Crosswalk.id > last).order_by(Crosswalk.id).limit(1000)
+                    .where(Crosswalk.id > last, Crosswalk.scope == scope).order_by(Crosswalk.id).limit(1000)
                 ).all()
             if not rows:
                 return

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from deid_router.config import DEFAULT_SCOPE  # the v1 keys: deployments keep their pseudonyms and UIDs
 from deid_router.errors import ConfigError, SecretMismatchError
 
 _SECRET_BYTES = 32
@@ -88,6 +89,18 @@ class Keys:
         if len(secret) != _SECRET_BYTES:
             raise ConfigError([(str(path), "deid.secret_file", "must hold 64 hexadecimal characters")])
         return cls(secret)
+
+    def for_scope(self, scope: str) -> Keys:
+        """The keys of a pseudonym scope (a profile's): derived from the one secret with HKDF,
+        so two scopes share no UID, pseudonym, date shift or crosswalk key; the default scope
+        is this object itself (v1 outputs, bit for bit)."""
+        if scope == DEFAULT_SCOPE:
+            return self
+        derived = HKDF(
+            algorithm=hashes.SHA256(), length=_SECRET_BYTES, salt=b"deid-router scope",
+            info=b"scope v1:" + scope.encode("utf-8"),
+        ).derive(self._secret)
+        return Keys(derived)
 
     def fingerprint(self) -> str:
         """A keyed hash identifying this secret (stored in the database); reveals nothing of it."""

@@ -51,12 +51,10 @@ class Destination(Protocol):
 
 def build_destination(cfg: DestinationConfig, calling_ae_title: str) -> Destination:
     """Build the destination described by ``cfg`` (``calling_ae_title``: the listener's AE title)."""
-    if cfg.type == "folder":
-        from deid_router.forward.folder import FolderDestination
+    from deid_router.forward.registry import handler_for
 
-        return FolderDestination(cfg)
-    if cfg.type == "dicom":
-        from deid_router.forward.dicom import DicomDestination
-
-        return DicomDestination(cfg, calling_ae_title)
-    raise ValueError(f"unknown destination type {cfg.type!r} for destination {cfg.name!r}")
+    try:
+        handler = handler_for(cfg.type)
+    except ValueError:
+        raise ValueError(f"unknown destination type {cfg.type!r} for destination {cfg.name!r}") from None
+    return handler.build(cfg, calling_ae_title)

@@ -44,7 +44,7 @@ def _makedirs(root: Path, parts: Sequence[str]) -> Path:
 class FolderDestination:
     """Writes each instance once; a re-send replaces the file with identical content."""
 
-    def __init__(self, cfg: DestinationConfig) -> None:
+    def __init__(self, cfg: DestinationConfig, calling_ae_title: str = "") -> None:
         if cfg.path is None:
             raise ValueError(f"destination {cfg.name!r} of type 'folder' has no path")
         self.name = cfg.name

@@ -191,3 +191,41 @@ def classify_failure(kind: FailureKind | str, detail: str = "") -> Outcome:
 
 # The name forwarders have used since the first version; one function, one table.
 classify_association_failure = classify_failure
+
+
+# --- DICOMweb STOW-RS (PS3.18 10.5): HTTP statuses and the response's per-instance reasons.
+# A FailureReason (0008,1197) / WarningReason (0008,1196) is a C-STORE status and goes through
+# classify_status; the HTTP status decides only where the body says nothing about an instance.
+# 401/403/407 and 429/502/503/504: the service as a whole refuses us or is down (like an
+# association rejection): UNAVAILABLE, no attempt spent. 409 (conflict) and other 4xx: this
+# request can never succeed as sent: PERMANENT. 408 and other 5xx: RETRY.
+_HTTP_UNAVAILABLE = frozenset({401, 403, 407, 429, 502, 503, 504})
+_HTTP_RETRY = frozenset({408})
+
+
+def classify_http_status(code: int) -> Outcome:
+    """The outcome of a STOW-RS request for an instance its response body does not mention."""
+    reason = f"http_{code}"
+    if 200 <= code < 300:
+        # accepted, yet the response does not list the instance as stored: not proof of storage
+        return Outcome(OutcomeKind.RETRY, None, f"{reason}:instance_not_acknowledged")
+    if code in _HTTP_UNAVAILABLE:
+        return Outcome(OutcomeKind.UNAVAILABLE, None, reason)
+    if code in _HTTP_RETRY or 500 <= code < 600:
+        return Outcome(OutcomeKind.RETRY, None, reason)
+    if 400 <= code < 500:
+        return Outcome(OutcomeKind.PERMANENT, None, reason)
+    return Outcome(OutcomeKind.RETRY, None, reason)  # 1xx/3xx: unexpected; conservative
+
+
+def classify_stow_instance(http_status: int, stored: bool, failure_reason: int | None,
+                           warning_reason: int | None) -> Outcome:
+    """One instance of a STOW-RS response: in FailedSOPSequence (``failure_reason``, None when the
+    item has none), in ReferencedSOPSequence (``stored``, with its ``warning_reason``), or neither."""
+    if failure_reason is not None:
+        return classify_status(failure_reason)
+    if stored and 200 <= http_status < 300:
+        if warning_reason:
+            return classify_status(warning_reason)
+        return Outcome(OutcomeKind.DELIVERED, None, "")
+    return classify_http_status(http_status)

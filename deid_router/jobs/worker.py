@@ -64,6 +64,7 @@ class Worker:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _unavailable: dict[str, int] = field(default_factory=dict)  # consecutive failures per destination
     _stop: threading.Event = field(default_factory=threading.Event)
+    profiles: Mapping[str, Deidentifier] = field(default_factory=dict)  # [profiles.NAME]; "" is deidentifier
 
     def run(self, stop: threading.Event) -> None:
         """Serve every destination until ``stop`` is set; then release whatever is still held."""
@@ -203,10 +204,15 @@ class Worker:
             # missing raw file was retried max_attempts times as "work_write_failed".
             log.error("job_raw_missing", job_id=job.job_id)
             return None, classify_failure(FailureKind.RAW_FILE_MISSING)
+        deidentifier = self.profiles.get(job.profile) if job.profile else self.deidentifier
+        if deidentifier is None:
+            # the job names a profile no longer configured: never fall back to another one
+            log.error("job_profile_unknown", job_id=job.job_id)
+            return None, classify_failure(FailureKind.DEID_REFUSED, "profile_not_configured")
         try:
             with self.holding.work_writer(slot) as fh:
                 fault_point("during_deid")
-                result = self.deidentifier.deidentify_file(src, fh)
+                result = deidentifier.deidentify_file(src, fh)
         except DeidError as exc:
             log.warning("job_deid_refused", job_id=job.job_id, reason=exc.reason, path=exc.path)
             return None, classify_failure(FailureKind.DEID_REFUSED, exc.reason)

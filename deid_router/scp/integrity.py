@@ -7,8 +7,9 @@ the element headers (tags, VRs, lengths) to the end of the file costs a few micr
 element and catches both, so the modality is told at once and keeps its copy.
 
 The same walk picks up the few top-level values the listener needs to route (SOP class and
-instance UIDs, modality), so the acknowledgement path reads the file once and builds no
-pydicom dataset. No other value is read.
+instance UIDs, modality, and exactly the attributes the configured routes name, see
+``routing.Router.captured_tags``), so the acknowledgement path reads the file once and builds
+no pydicom dataset. No other value is read.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ ROWS = 0x00280010
 PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, pixel data
 _CAPTURED = frozenset({SOP_CLASS_UID, SOP_INSTANCE_UID, MODALITY})
 _MAX_CAPTURED_LENGTH = 256  # a UID is at most 64 bytes; anything longer is not kept
+SPECIFIC_CHARACTER_SET = 0x00080005
+_MAX_ROUTED_LENGTH = 16384  # a routed attribute longer than this is not kept (matches as "")
 
 
 class Malformed(Exception):
@@ -44,23 +47,76 @@ class TopLevel:
 
     values: dict[int, bytes] = field(default_factory=dict)
     tags: set[int] = field(default_factory=set)
+    vrs: dict[int, str] = field(default_factory=dict)  # explicit VRs of captured values
+    little: bool = True
 
     def text(self, tag: int) -> str:
         """A captured value as text, without its padding ('' when absent)."""
         return self.values.get(tag, b"").decode("latin-1").rstrip("\0 ").strip()
+
+    def attribute_values(self, tags: frozenset[int]) -> dict[int, tuple[str, ...]]:
+        """The captured values of ``tags`` as text, one string per value (for routing only)."""
+        out: dict[int, tuple[str, ...]] = {}
+        charset = self.text(SPECIFIC_CHARACTER_SET)
+        for tag in tags:
+            if tag in self.values:
+                vr = self.vrs.get(tag, "UN")
+                vr = _dictionary_vr(tag) if vr == "UN" else vr
+                out[tag] = decode_values(self.values[tag], vr, charset, self.little)
+        return out
 
     @property
     def image_without_pixels(self) -> bool:
         return ROWS in self.tags and not (self.tags & PIXEL_DATA_TAGS)
 
 
+_NUMBER_FORMATS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
+_SINGLE_VALUED = frozenset({"LT", "ST", "UT", "UR"})
+
+
+def _dictionary_vr(tag: int) -> str:
+    from pydicom.datadict import dictionary_VR
+
+    try:
+        return dictionary_VR(tag).split(" or ")[0]
+    except KeyError:
+        return "LO"  # private or unknown: read as text
+
+
+def decode_values(raw: bytes, vr: str, charset: str, little: bool = True) -> tuple[str, ...]:
+    """One element's value bytes as text values: numbers formatted, text decoded in the data
+    set's character set and split at backslashes (never raises: odd bytes are replaced)."""
+    e = "<" if little else ">"
+    if vr == "AT":
+        n = len(raw) // 4
+        pairs = struct.unpack(f"{e}{2 * n}H", raw[: 4 * n])
+        return tuple(f"({pairs[i]:04X},{pairs[i + 1]:04X})" for i in range(0, len(pairs), 2))
+    fmt = _NUMBER_FORMATS.get(vr)
+    if fmt is not None:
+        size = struct.calcsize(fmt)
+        n = len(raw) // size
+        return tuple(f"{v:g}" if isinstance(v, float) else str(v) for v in struct.unpack(f"{e}{n}{fmt}", raw[: n * size]))
+    from pydicom.charset import convert_encodings, decode_bytes
+
+    try:
+        encodings = convert_encodings(charset.split("\\") if charset else ["ISO_IR 6"])
+        text = decode_bytes(raw, encodings, set())
+    except Exception:  # an unknown character set: route on what latin-1 shows
+        text = raw.decode("latin-1", errors="replace")
+    parts = [text] if vr in _SINGLE_VALUED else text.split("\\")
+    return tuple(p.rstrip("\0 ").strip() for p in parts)
+
+
 class _Walker:
-    def __init__(self, fp: BinaryIO, size: int, implicit: bool, little: bool) -> None:
+    def __init__(
+        self, fp: BinaryIO, size: int, implicit: bool, little: bool, capture: frozenset[int] = frozenset()
+    ) -> None:
         self.fp = fp
         self.size = size
         self.implicit = implicit
         self.e = "<" if little else ">"
-        self.top = TopLevel()
+        self.top = TopLevel(little=little)
+        self.capture = capture | {SPECIFIC_CHARACTER_SET} if capture else frozenset()
 
     def _read(self, pos: int, n: int) -> bytes:
         if pos + n > self.size:
@@ -103,6 +159,10 @@ class _Walker:
                 self.top.tags.add(tag)
                 if tag in _CAPTURED and length <= _MAX_CAPTURED_LENGTH:
                     self.top.values[tag] = self._read(pos, length) if length else b""
+                elif tag in self.capture and length <= _MAX_ROUTED_LENGTH:
+                    self.top.values[tag] = self._read(pos, length) if length else b""
+                    if vr:
+                        self.top.vrs[tag] = vr.decode("ascii")
             if length == _UNDEFINED:
                 if not implicit and vr not in (b"SQ", b"UN", b"OB", b"OW"):
                     raise Malformed("undefined length on a non-sequence element")
@@ -165,7 +225,9 @@ def read_meta(fp: BinaryIO, size: int) -> tuple[str, int]:
     return uid, pos
 
 
-def walk_top_level(fp: BinaryIO, start: int, size: int, implicit: bool, little: bool) -> TopLevel:
+def walk_top_level(
+    fp: BinaryIO, start: int, size: int, implicit: bool, little: bool, capture: frozenset[int] = frozenset()
+) -> TopLevel:
     """The top-level facts of the data set from ``start``; raises :class:`Malformed` unless its
     elements fill the data exactly to ``size``.
 
@@ -177,6 +239,6 @@ def walk_top_level(fp: BinaryIO, start: int, size: int, implicit: bool, little: 
         vr = fp.read(2)
         looks_explicit = len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90
         implicit = not looks_explicit
-    walker = _Walker(fp, size, implicit, little)
+    walker = _Walker(fp, size, implicit, little, capture)
     walker.elements(start, size, implicit, 0, in_item=False)
     return walker.top

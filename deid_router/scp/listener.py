@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
@@ -41,17 +42,36 @@ from deid_router.scp.receive import StoreRequest
 from deid_router.store.holding import Holding
 from deid_router.tls import server_context_for
 
-__all__ = ["Intake", "Listener", "StoreRequest", "read_complete_header"]
+__all__ = ["Header", "Intake", "Listener", "StoreRequest", "read_complete_header", "read_header"]
 
 log = get_logger("scp")
 
+@dataclass(frozen=True)
+class Header:
+    """What the acknowledgement path reads of a received file (the routed attributes may be
+    PHI: they are matched, never logged or stored)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    modality: str
+    attributes: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+
 def read_complete_header(path: Path) -> tuple[str, str, str]:
     """(SOP Class UID, SOP Instance UID, Modality) of a received file whose element structure
-    fills the file exactly; raises :class:`Malformed` for a truncated or inconsistent file.
+    fills the file exactly; raises :class:`Malformed` for a truncated or inconsistent file."""
+    h = read_header(path)
+    return h.sop_class_uid, h.sop_instance_uid, h.modality
+
+
+def read_header(path: Path, capture: frozenset[int] = frozenset()) -> Header:
+    """The routing header of a received file whose element structure fills the file exactly;
+    raises :class:`Malformed` for a truncated or inconsistent file.
 
     pydicom alone accepts a transfer cut short (it stops at the last byte) and never looks past
     the header, so a truncated instance would be acknowledged and fail only in the worker.
-    One walk of the element headers checks the structure and picks up the three values.
+    One walk of the element headers checks the structure and picks up the UIDs, the modality
+    and the top-level attributes in ``capture`` (those the routes name).
     """
     with open(path, "rb") as fp:
         size = os.fstat(fp.fileno()).st_size
@@ -59,17 +79,24 @@ def read_complete_header(path: Path) -> tuple[str, str, str]:
         if ts == DeflatedExplicitVRLittleEndian:  # the worker inflates and reads it whole
             fp.seek(0)
             header = dcmread(fp, stop_before_pixels=True)
-            facts = (str(header.SOPClassUID), str(header.SOPInstanceUID), str(header.get("Modality", "") or ""))
+            attributes: dict[int, tuple[str, ...]] = {}
+            for tag in capture:
+                elem = header.get(tag)
+                if elem is not None and elem.value is not None and elem.VR != "SQ":
+                    values = elem.value if elem.VM > 1 else [elem.value]
+                    attributes[tag] = tuple(str(v).strip() for v in values)
+            h = Header(str(header.SOPClassUID), str(header.SOPInstanceUID),
+                       str(header.get("Modality", "") or ""), attributes)
         else:
-            top = walk_top_level(fp, offset, size, ts == ImplicitVRLittleEndian, ts != ExplicitVRBigEndian)
+            top = walk_top_level(fp, offset, size, ts == ImplicitVRLittleEndian, ts != ExplicitVRBigEndian, capture)
             if top.image_without_pixels:
                 # an image whose transfer stopped at an element boundary before its pixel data
                 raise Malformed("image attributes without pixel data")
-            facts = (top.text(SOP_CLASS_UID), top.text(SOP_INSTANCE_UID), top.text(MODALITY))
-    sop_class, sop_instance, _modality = facts
-    if not (0 < len(sop_instance) <= 64 and 0 < len(sop_class) <= 64):
+            h = Header(top.text(SOP_CLASS_UID), top.text(SOP_INSTANCE_UID), top.text(MODALITY),
+                       top.attribute_values(capture))
+    if not (0 < len(h.sop_instance_uid) <= 64 and 0 < len(h.sop_class_uid) <= 64):
         raise Malformed("UID length out of range")
-    return facts
+    return h
 
 
 class Intake:
@@ -83,6 +110,7 @@ class Intake:
         self.router = router
         self.keys = keys
         self.min_free_bytes = min_free_bytes
+        self.capture = router.captured_tags()  # the attributes routes match on: read by the walk
         # Raw files whose enqueue failed with the commit outcome unknown (database unreachable
         # even for the check): kept until the database can say whether their row exists.
         self._unsure: set[str] = set()
@@ -102,7 +130,8 @@ class Intake:
             log.warning("instance_refused_low_disk", **ctx)
             return statuses.OUT_OF_RESOURCES
         try:
-            sop_class, sop_instance, modality = read_complete_header(req.raw.path)
+            header = read_header(req.raw.path, self.capture)
+            sop_class, sop_instance, modality = header.sop_class_uid, header.sop_instance_uid, header.modality
         except Malformed as exc:
             log.warning("instance_refused_malformed", reason=str(exc), **ctx)
             return statuses.CANNOT_UNDERSTAND
@@ -118,8 +147,8 @@ class Intake:
         if sop_instance != req.command_sop_instance_uid:
             log.warning("instance_refused_sop_instance_mismatch", **ctx)
             return statuses.CANNOT_UNDERSTAND
-        destinations = self.router.destinations_for(
-            RoutingFacts(req.calling_aet, req.called_aet, modality[:16], sop_class)
+        destinations = self.router.targets_for(
+            RoutingFacts(req.calling_aet, req.called_aet, modality[:16], sop_class, header.attributes)
         )
         if not destinations:
             log.warning("instance_refused_no_route", modality=modality[:16], **ctx)

@@ -33,6 +33,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
 LOCALHOST = "127.0.0.1"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian orthanc-dicomweb
 _EXTRA_DIRS = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin")
 _APT_HINT = "install it with: apt-get install -y dcmtk orthanc dicom3tools (or run scripts/run-tests)"
 
@@ -299,7 +300,8 @@ class Orthanc:
     """An Orthanc server in a temp directory with its own config, DICOM and HTTP ports.
 
     Accepts every transfer syntax and unknown SOP classes from any AE; no authentication,
-    loopback only, no plugins. Its REST API is read with urllib.
+    loopback only, no plugins unless ``dicomweb`` (Debian's orthanc-dicomweb: STOW-RS at
+    :attr:`dicomweb_url`). Its REST API is read with urllib.
     """
 
     def __init__(
@@ -310,7 +312,9 @@ class Orthanc:
         http_port: int | None = None,
         extra_config: dict[str, Any] | None = None,
         start: bool = True,
+        dicomweb: bool = False,
     ) -> None:
+        self.dicomweb = dicomweb
         self._own_dir = work_dir is None
         self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="orthanc-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -333,6 +337,11 @@ class Orthanc:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root of the plugin (STOW-RS: POST {root}/studies)."""
+        return f"{self.url}/dicom-web"
 
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {
@@ -369,6 +378,12 @@ class Orthanc:
             "HttpServerEnabled": True,
             "StableAge": 1,
         }
+        if self.dicomweb:
+            plugin = Path(DICOMWEB_PLUGIN)
+            if not plugin.is_file():
+                raise PeerError(f"{plugin} not found; apt-get install -y orthanc-dicomweb (or run scripts/run-tests)")
+            cfg["Plugins"] = [str(plugin)]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False}
         cfg.update(self.extra_config)
         return cfg
 

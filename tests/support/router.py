@@ -101,6 +101,7 @@ class RouterProcess:
     http: dict[str, Any] | None = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # more top-level tables ([storage_commitment], ...)
     env: dict[str, str] = field(default_factory=dict)
+    extra_toml: str = ""  # appended to the config as written (e.g. [profiles.NAME] tables)
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -144,7 +145,7 @@ class RouterProcess:
         }
         if self.http is not None:
             doc["http"] = {"host": "127.0.0.1", "port": 0, **self.http}  # off unless a test asks (never 8080)
-        self.config_path.write_text(render_toml(doc), encoding="utf-8")
+        self.config_path.write_text(render_toml(doc) + "\n" + self.extra_toml, encoding="utf-8")
 
     def start(self, timeout: float = 30.0) -> RouterProcess:
         env = {**os.environ, **self.env}
