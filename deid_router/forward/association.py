@@ -312,8 +312,14 @@ class RequestedAssociation:
             try:
                 self._sock.settimeout(self._timeouts.acse)
                 self._sock.sendall(wire.encode_release_rq())
-                while self._stream.read_pdu(MAX_RESPONSE_PDU_BYTES)[0] != wire.A_RELEASE_RP:
-                    pass
+                while True:
+                    pdu_type = self._stream.read_pdu(MAX_RESPONSE_PDU_BYTES)[0]
+                    if pdu_type == wire.A_RELEASE_RP or pdu_type == wire.A_ABORT:
+                        break
+                    if pdu_type == wire.A_RELEASE_RQ:
+                        # release collision (PS3.8 9.2.3): as requestor we answer first, then
+                        # wait for the acceptor's A-RELEASE-RP
+                        self._sock.sendall(wire.encode_release_rp())
             except (OSError, EOFError, wire.ProtocolError):
                 pass
         self._lost()

@@ -120,13 +120,16 @@ class Association:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock.settimeout(self.settings.network_timeout_seconds)
             if self._negotiate():
-                self._serve()
+                if self._serve():
+                    self._await_close()
         except wire.ProtocolError as exc:
             log.warning("association_aborted", reason=str(exc), calling_aet=self.calling_aet)
             self._send(wire.encode_abort(wire.ABORT_SOURCE_PROVIDER, exc.reason))
+            self._await_close()
         except TimeoutError:
             log.warning("association_timed_out", calling_aet=self.calling_aet, established=self.established)
             self._send(wire.encode_abort(wire.ABORT_SOURCE_PROVIDER, wire.REASON_NOT_SPECIFIED))
+            self._await_close()
         except (OSError, EOFError):
             pass  # the peer went away, or shutdown aborted us
         finally:
@@ -236,19 +239,35 @@ class Association:
 
     # -- data phase -------------------------------------------------------------------------
 
-    def _serve(self) -> None:
+    def _await_close(self) -> None:
+        """After A-RELEASE-RP or an A-ABORT we sent, the requestor closes the connection (PS3.8
+        Sta13): wait for that, bounded by ARTIM, so our close cannot cut off what we sent."""
+        self.established = False  # no transfer any more: a clean stop need not wait for it
+        try:
+            self.sock.settimeout(self.settings.artim_timeout_seconds)
+            while self.sock.recv(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+
+    def _serve(self) -> bool:
+        """The data phase; True when it ended with our A-RELEASE-RP (the peer closes next)."""
+        limit = self.settings.max_pdu_size
         while True:
             pdu_type, length = self._stream.read_header()
             if pdu_type == wire.P_DATA_TF:
+                if limit and length > limit:
+                    # larger than the Maximum Length we advertised (PS3.8 9.3.1, AA-8)
+                    raise wire.ProtocolError("P-DATA-TF longer than our maximum length", wire.REASON_INVALID_PARAMETER)
                 self._read_p_data(length)
             elif pdu_type == wire.A_RELEASE_RQ:
                 self._stream.read_body(length, MAX_CONTROL_PDU_BYTES)
                 self._drop_partial()
                 self._send(wire.encode_release_rp())
-                return
+                return True
             elif pdu_type == wire.A_ABORT:
                 self._stream.read_body(length, MAX_CONTROL_PDU_BYTES)
-                return
+                return False
             elif pdu_type in (wire.A_ASSOCIATE_RQ, wire.A_ASSOCIATE_AC, wire.A_ASSOCIATE_RJ, wire.A_RELEASE_RP):
                 raise wire.ProtocolError("unexpected PDU", wire.REASON_UNEXPECTED_PDU)
             else:
