@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +135,26 @@ def migrate_if_behind(engine: Engine) -> None:
         if current == heads:
             return
     migrate(engine)
+
+
+@contextmanager
+def write_tx(engine: Engine, op: str) -> Iterator[Connection]:
+    """One write transaction; driver errors become QueueError naming ``op`` only (the one
+    translation every store of the queue database uses)."""
+    try:
+        with engine.begin() as conn:
+            yield conn
+    except DBAPIError as exc:
+        raise QueueError(f"queue database error during {op}") from exc
+
+
+@contextmanager
+def read_tx(engine: Engine, op: str) -> Iterator[Connection]:
+    """A read-only transaction (plain BEGIN on SQLite: does not take the write lock)."""
+    try:
+        with engine.connect() as conn:
+            conn = conn.execution_options(**{READ_ONLY_OPTION: True})
+            with conn.begin():
+                yield conn
+    except DBAPIError as exc:
+        raise QueueError(f"queue database error during {op}") from exc

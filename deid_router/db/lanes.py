@@ -13,17 +13,16 @@ listener needs for every acknowledged instance), and only a free lane is written
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ColumnElement
 
-from deid_router.db.engine import READ_ONLY_OPTION
+from deid_router.db.engine import read_tx, write_tx
 from deid_router.db.models import LaneLease, utc_now
 from deid_router.errors import QueueError
 
@@ -39,23 +38,13 @@ class LaneLeases:
         self._pg = engine.dialect.name == "postgresql"
         self._made: set[tuple[str, int]] = set()
 
-    @contextmanager
-    def _tx(self, op: str) -> Iterator[Connection]:
-        try:
-            with self._engine.begin() as conn:
-                yield conn
-        except DBAPIError as exc:
-            raise QueueError(f"queue database error during {op}") from exc
+    def _tx(self, op: str) -> AbstractContextManager[Connection]:
+        """One write transaction (``db.engine.write_tx``)."""
+        return write_tx(self._engine, op)
 
-    @contextmanager
-    def _read(self, op: str) -> Iterator[Connection]:
-        try:
-            with self._engine.connect() as conn:
-                conn = conn.execution_options(**{READ_ONLY_OPTION: True})
-                with conn.begin():
-                    yield conn
-        except DBAPIError as exc:
-            raise QueueError(f"queue database error during {op}") from exc
+    def _read(self, op: str) -> AbstractContextManager[Connection]:
+        """A read-only transaction (``db.engine.read_tx``)."""
+        return read_tx(self._engine, op)
 
     def _free(self, destination: str, count: int, now: datetime) -> ColumnElement[bool]:
         return and_(

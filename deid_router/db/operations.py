@@ -8,8 +8,8 @@ a tag value (instances carry registered SOP class UIDs, modality codes and AE ti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -18,7 +18,7 @@ from sqlalchemy import Engine, and_, delete, exists, func, insert, select, updat
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from deid_router.db.engine import READ_ONLY_OPTION
+from deid_router.db.engine import read_tx, write_tx
 from deid_router.db.models import AuditEvent, DestinationState, Instance, Job, JobEvent, QuarantineRow, User, utc_now
 from deid_router.db.repository import JobRepository, StatusCounts
 from deid_router.errors import QueueError
@@ -33,23 +33,13 @@ class _Store:
         self._engine = engine
         self._clock = clock
 
-    @contextmanager
-    def _tx(self, op: str) -> Iterator[Connection]:
-        try:
-            with self._engine.begin() as conn:
-                yield conn
-        except DBAPIError as exc:
-            raise QueueError(f"queue database error during {op}") from exc
+    def _tx(self, op: str) -> AbstractContextManager[Connection]:
+        """One write transaction (``db.engine.write_tx``)."""
+        return write_tx(self._engine, op)
 
-    @contextmanager
-    def _read(self, op: str) -> Iterator[Connection]:
-        try:
-            with self._engine.connect() as conn:
-                conn = conn.execution_options(**{READ_ONLY_OPTION: True})
-                with conn.begin():
-                    yield conn
-        except DBAPIError as exc:
-            raise QueueError(f"queue database error during {op}") from exc
+    def _read(self, op: str) -> AbstractContextManager[Connection]:
+        """A read-only transaction (``db.engine.read_tx``)."""
+        return read_tx(self._engine, op)
 
 
 # --------------------------------------------------------------------------- users

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import cast, Any, TypedDict
@@ -27,10 +27,9 @@ from typing import cast, Any, TypedDict
 from sqlalchemy import Engine, Table, and_, bindparam, case, exists, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError
 
 from deid_router.db.driver import DriverStatement, driver_transaction
-from deid_router.db.engine import READ_ONLY_OPTION
+from deid_router.db.engine import read_tx, write_tx
 from deid_router.db.models import (
     AuditEvent, Crosswalk, DestinationState, Instance, Job, QuarantineRow, SecretFingerprint, utc_now,
 )
@@ -278,25 +277,13 @@ class JobRepository:
 
     # ------------------------------------------------------------------ plumbing
 
-    @contextmanager
-    def _tx(self, op: str) -> Iterator[Connection]:
-        """One write transaction; driver errors become QueueError naming ``op`` only."""
-        try:
-            with self._engine.begin() as conn:
-                yield conn
-        except DBAPIError as exc:
-            raise QueueError(f"queue database error during {op}") from exc
+    def _tx(self, op: str) -> AbstractContextManager[Connection]:
+        """One write transaction (``db.engine.write_tx``)."""
+        return write_tx(self._engine, op)
 
-    @contextmanager
-    def _read(self, op: str) -> Iterator[Connection]:
-        """A read-only transaction (plain BEGIN on SQLite: does not take the write lock)."""
-        try:
-            with self._engine.connect() as conn:
-                conn = conn.execution_options(**{READ_ONLY_OPTION: True})
-                with conn.begin():
-                    yield conn
-        except DBAPIError as exc:
-            raise QueueError(f"queue database error during {op}") from exc
+    def _read(self, op: str) -> AbstractContextManager[Connection]:
+        """A read-only transaction (``db.engine.read_tx``)."""
+        return read_tx(self._engine, op)
 
     @staticmethod
     def _event(
