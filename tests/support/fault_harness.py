@@ -118,8 +118,17 @@ def files_under(path: Path) -> list[Path]:
 
 def held_raw_files(var: Path) -> list[Path]:
     """Raw files holding received bytes. A running listener also keeps a few empty files in
-    raw/ ready for the next transfers (its reserve): they hold nothing and are not counted."""
-    return [p for p in files_under(var / "raw") if p.stat().st_size > 0]
+    raw/ ready for the next transfers (its reserve): they hold nothing and are not counted.
+    A running node may purge a file between the listing and its stat: it no longer holds
+    anything, so it is not counted either."""
+    held = []
+    for p in files_under(var / "raw"):
+        try:
+            if p.stat().st_size > 0:
+                held.append(p)
+        except FileNotFoundError:
+            continue
+    return held
 
 
 def assert_no_stray_files(router: RouterProcess, root: Path | None = None) -> None:
