@@ -39,6 +39,7 @@ from deid_router.forward.registry import handler_for
 from deid_router.forward.lanes import FreeLane, Lane, LeasedLane
 from deid_router.jobs.policy import RetryPolicy
 from deid_router.jobs.worker import Worker
+from deid_router.observability import process_metrics
 from deid_router.observability.logging import configure_logging, get_logger
 from deid_router.observability.systemd import notify as notify_systemd
 from deid_router.routing import Router
@@ -49,6 +50,8 @@ from deid_router.scp.commitment import Commitment, CommitmentPeer
 from deid_router.store.holding import Holding
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
     from deid_router.http.server import HttpServer
 
 log = get_logger("app")
@@ -188,7 +191,9 @@ def _child_stop_event() -> threading.Event:
     return stop
 
 
-def build_listener(ctx: Context) -> Listener:
+def build_listener(ctx: Context, metrics: process_metrics.Observer = process_metrics.NO_METRICS) -> Listener:
+    """The listener of the config; ``metrics`` counts its refusals (in an extra listener process:
+    the main process reads its own listener's counts, ``Listener.refusals``)."""
     config = ctx.config
     intake = Intake(
         ctx.holding, ctx.repo, Router(config.routes), ctx.keys, config.storage.min_free_mb * 1024 * 1024
@@ -198,7 +203,13 @@ def build_listener(ctx: Context) -> Listener:
         ctx.repo, ctx.keys, config.listener.ae_title, mode=sc.commitment, wait_seconds=sc.wait_seconds,
         peers=[CommitmentPeer(p.ae_title, p.host, p.port) for p in sc.peers],
     ) if sc.enabled else None
-    return Listener(config.listener, intake, commitment, on_refused=ctx.auditor.association_refused)
+    audit = ctx.auditor.association_refused
+
+    def on_refused(reason: str, calling_aet: str, peer: str) -> None:
+        metrics.refused(reason)
+        audit(reason, calling_aet, peer)
+
+    return Listener(config.listener, intake, commitment, on_refused=on_refused)
 
 
 def worker_process_main(config_path: str, index: int, log_level: str, parent_pid: int) -> None:
@@ -212,6 +223,9 @@ def worker_process_main(config_path: str, index: int, log_level: str, parent_pid
     os.nice(config.queue.worker_nice)
     ctx = build_context(config)
     owner = f"{socket.gethostname()}:{os.getpid()}:{index}:{uuid.uuid4().hex[:6]}"
+    metrics = process_metrics.for_this_process(
+        ctx.holding.process_metrics_dir, [d.name for d in config.destinations]
+    )
     worker = Worker(
         owner=owner,
         repo=ctx.repo,
@@ -225,6 +239,7 @@ def worker_process_main(config_path: str, index: int, log_level: str, parent_pid
         poll_seconds=config.queue.poll_seconds,
         work_prefix=f"w{index}",
         auditor=ctx.auditor,
+        metrics=metrics,
     )
     log.info("worker_started", owner=owner)
     try:
@@ -240,7 +255,7 @@ def listener_process_main(config_path: str, index: int, log_level: str, parent_p
     configure_logging(log_level)
     stop = _child_stop_event()
     ctx = build_context(load_config(config_path))
-    listener = build_listener(ctx)
+    listener = build_listener(ctx, process_metrics.for_this_process(ctx.holding.process_metrics_dir))
     listener.start()
     signal.signal(signal.SIGHUP, lambda signum, frame: listener.reload_tls())
     try:
@@ -250,7 +265,7 @@ def listener_process_main(config_path: str, index: int, log_level: str, parent_p
         ctx.close()
 
 
-def build_http(ctx: Context, listener: Listener) -> HttpServer | None:
+def build_http(ctx: Context, listener: Listener, children: Collector | None = None) -> HttpServer | None:
     """The console, API, health and metrics server of ``[http]`` (None when port is 0)."""
     if not ctx.config.http.port:
         return None
@@ -258,7 +273,9 @@ def build_http(ctx: Context, listener: Listener) -> HttpServer | None:
     from deid_router.http.server import HttpServer
     from deid_router.http.services import build_services
 
-    svc = build_services(ctx.config, ctx.repo, ctx.holding, ctx.keys, lambda: listener.listening, ctx.auditor)
+    svc = build_services(
+        ctx.config, ctx.repo, ctx.holding, ctx.keys, lambda: listener.listening, ctx.auditor, children
+    )
     return HttpServer(ctx.config.http, build_app(svc))
 
 
@@ -281,11 +298,16 @@ class Node:
         if removed:
             log.warning("partial_files_removed", count=removed)
         self.listener = build_listener(self.ctx)
+        names = [d.name for d in config.destinations]
+        # /metrics and the textfile: the children's histograms and counts, this listener's refusals
+        self.process_metrics = process_metrics.ProcessCollector(
+            self.ctx.holding.process_metrics_dir, names, self.listener.refusals
+        )
         self.housekeeping = Housekeeping(
             self.ctx.repo, self.ctx.holding, config.storage.keep_raw_hours, RetryPolicy.from_config(config.queue),
-            destinations=[d.name for d in config.destinations],
+            destinations=names, children=self.process_metrics,
         )
-        self.http = build_http(self.ctx, self.listener)
+        self.http = build_http(self.ctx, self.listener, self.process_metrics)
         self._children: list[_Child] = []
         self._mp = multiprocessing.get_context("spawn")
         self._scheduler: BackgroundScheduler | None = None
@@ -310,6 +332,7 @@ class Node:
                 log.warning("partial_outputs_removed", destination=cfg.name, count=removed)
 
     def start(self) -> None:
+        process_metrics.prepare_directory(self.process_metrics.directory)  # before the first child
         self._remove_partial_outputs()
         self.housekeeping.sweep_orphans()
         self.housekeeping.requeue_stale()
@@ -329,6 +352,7 @@ class Node:
             for i, child in enumerate(self._children):
                 if not child.proc.is_alive():
                     log.error("child_died", kind=child.kind, index=child.index, exitcode=child.proc.exitcode)
+                    process_metrics.mark_dead(self.process_metrics.directory, child.proc.pid)
                     if child.kind == "worker":
                         self._free_lanes_of(child)
                     self._children[i] = self._spawn(child.kind, child.index)
@@ -374,6 +398,8 @@ class Node:
         self.listener.shutdown(SHUTDOWN_GRACE_SECONDS)
         self._join(listeners, timeout=2.0)
         self._join(self._signal_children("worker"), timeout=6.0)
+        for child in self._children:
+            process_metrics.mark_dead(self.process_metrics.directory, child.proc.pid)
         if self.http is not None:
             self.http.stop()
         if self._scheduler is not None:

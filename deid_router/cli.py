@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--destination", required=True, metavar="NAME")
     _yes_arg(p)
 
+    p = sub.add_parser("audit", help="the audit trail: who did what, newest first")
+    _config_arg(p)
+    asub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    al = _leaf(asub, "list", "audit records (time, user, action, detail), newest first")
+    al.add_argument("--limit", type=int, default=50, help="at most this many (default 50; 0: all)")
+    _json_arg(al)
+
     p = sub.add_parser("crosswalk", help="re-identification for the data custodian (audited)")
     _config_arg(p)
     csub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -612,6 +619,27 @@ def cmd_resend(args: argparse.Namespace) -> int:
         ctx.close()
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from deid_router.db.operations import Reports
+    from deid_router.http.serialize import plain, when
+
+    if args.limit < 0:
+        return _usage("audit list: --limit must be >= 0")
+    ctx = _context(args)
+    try:
+        records = Reports(ctx.engine, ctx.repo).audit(args.limit or None)  # = GET /api/v1/audit
+    finally:
+        ctx.close()
+    if getattr(args, "json", False):
+        print(json.dumps(plain(records), sort_keys=True))
+        return EXIT_OK
+    if not records:
+        print("no audit records")
+    for r in records:
+        print(f"{when(r.at)}  {r.user:<12} {r.action:<20} {r.detail}")
+    return EXIT_OK
+
+
 def _private_text_file(path: Path) -> Any:
     """Open ``path`` for writing identified text, mode 0600 (also when it existed before)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -742,6 +770,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "crosswalk": cmd_crosswalk,
     "jobs": cmd_jobs,
     "resend": cmd_resend,
+    "audit": cmd_audit,
     "user": cmd_user,
 }
 

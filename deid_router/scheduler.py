@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client.registry import Collector
 
 from deid_router.db.operations import Reports
 from deid_router.db.repository import JobRepository
@@ -24,12 +25,14 @@ class Housekeeping:
     def __init__(
         self, repo: JobRepository, holding: Holding, keep_raw_hours: float, policy: RetryPolicy,
         destinations: Sequence[str] = (),
+        children: Collector | None = None,  # the node's process metrics (``/metrics`` renders it too)
     ) -> None:
         self.repo = repo
         self.holding = holding
         self.keep_raw = timedelta(hours=keep_raw_hours)
         self.policy = policy
-        self._registry = registry_for(QueueCollector(Reports(repo.engine, repo), holding.free_bytes, destinations))
+        queue = QueueCollector(Reports(repo.engine, repo), holding.free_bytes, destinations)
+        self._registry = registry_for(queue, children)
 
     def sweep_orphans(self) -> int:
         """Delete this node's raw files that never got committed (killed between fsync and commit).

@@ -177,6 +177,17 @@ class QuarantineRowView:
 
 
 @dataclass(frozen=True)
+class AuditRecord:
+    """One audit trail entry: who (``user``: a console/API user or the shell user of a
+    command) did what; ``detail`` holds ids, counts and names, never a tag value."""
+
+    at: datetime
+    action: str
+    user: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class DestinationSummary:
     last_error: str  # reason of the most recent retrying/failed job ("" when none)
     last_status: int | None
@@ -342,14 +353,15 @@ class Reports(_Store):
             ).scalars())
         return True, paths
 
-    def audit(self, limit: int = 200) -> list[tuple[datetime, str, str, str]]:
-        """The newest audit records, newest first."""
+    def audit(self, limit: int | None = 200) -> list[AuditRecord]:
+        """The newest audit records, newest first (``limit`` None: all): the console's audit
+        page, ``GET /api/v1/audit`` and ``deid-router audit list``."""
         with self._read("audit_recent") as conn:
             rows = conn.execute(
                 select(AuditEvent.at, AuditEvent.action, AuditEvent.actor, AuditEvent.detail)
                 .order_by(AuditEvent.id.desc()).limit(limit)
             ).all()
-        return [(r.at, r.action, r.actor, r.detail) for r in rows]
+        return [AuditRecord(r.at, r.action, r.actor, r.detail) for r in rows]
 
 
 def _utc(t: datetime) -> datetime:

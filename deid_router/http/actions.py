@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from deid_router.config import Config
 from deid_router.db.operations import DestinationStates, Reports
 from deid_router.db.repository import JobRepository
 from deid_router import operations
+from deid_router.deid.keys import Keys
 from deid_router.forward.echo import EchoResult, echo
 from deid_router.http.auth import Principal
 from deid_router.jobs.selection import Selection
@@ -40,6 +42,7 @@ class Actions:
     destinations: tuple[str, ...]
     auditor: Auditor | None = None  # DICOM audit messages ([audit] syslog_url): console logins
     config: Config | None = None  # for the operator actions' destination checks
+    keys: Keys | None = None  # for resend: a study or series given by its de-identified UID
 
     def _audit(self, who: Principal, action: str, detail: str) -> None:
         self.repo.audit(action, who.name, detail)
@@ -94,6 +97,23 @@ class Actions:
         outcome = "requeued" if requeued else f"unchanged_{state[0] if state else 'gone'}"
         self._note(who, "retry_job", f"job={job_id} outcome={outcome}", audited=bool(plan.take))
         return outcome
+
+    def resend(self, who: Principal, destination: str, study: str | None = None,
+               series: str | None = None) -> dict[str, Any]:
+        """Delivered instances of one study or series (either UID form) queued for
+        ``destination`` again, through the same plan and apply as ``deid-router resend``.
+        Ids and counts only: the UID given is neither returned nor logged."""
+        if destination not in self.destinations:
+            raise NotFound(f"no destination {destination!r}")
+        study, series = (u.strip() or None if u is not None else None for u in (study, series))
+        if (study is None) == (series is None):
+            raise ValueError("give exactly one of study_uid or series_uid")
+        assert self.keys is not None, "Actions needs the keys for resend"
+        plan = operations.plan_resend(self._ops(), self.keys, destination, study=study, series=series)
+        job_ids = operations.apply_resend(self._ops(), plan, who.name) if plan.instance_ids else []
+        self._note(who, "resend", f"destination={destination} jobs={len(job_ids)}", audited=bool(plan.instance_ids))
+        return {"destination": destination, "job_ids": job_ids, "already_queued": plan.already_queued,
+                "unreadable": plan.unreadable, "raw_deleted": plan.raw_deleted_elsewhere}
 
     def set_paused(self, who: Principal, destination: str, paused: bool, reason: str = "") -> None:
         if destination not in self.destinations:

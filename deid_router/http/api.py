@@ -171,8 +171,17 @@ def destination_echo(request: Request, svc: Services, who: Principal) -> Any:
     return {"destination": name, **svc.actions.echo(who, name, svc.config).__dict__}
 
 
+def resend(request: Request, svc: Services, who: Principal) -> Any:
+    """``{"destination": NAME, "study_uid": UID}`` (or ``"series_uid"``): what was queued."""
+    body = request.state.body or {}
+    fields = {k: body.get(k) for k in ("destination", "study_uid", "series_uid")}
+    if not all(v is None or isinstance(v, str) for v in fields.values()) or fields["destination"] is None:
+        raise ValueError("destination, and study_uid or series_uid, must be strings")
+    return svc.actions.resend(who, fields["destination"], study=fields["study_uid"], series=fields["series_uid"])
+
+
 def audit(request: Request, svc: Services, who: Principal) -> Any:
-    return {"events": [{"at": at, "action": a, "user": u, "detail": d} for at, a, u, d in svc.reports.audit()]}
+    return {"events": svc.reports.audit()}
 
 
 def routes(svc: Services) -> list[Route]:
@@ -190,5 +199,6 @@ def routes(svc: Services) -> list[Route]:
         Route(f"{p}/destinations/{{name}}/pause", endpoint(svc, _pause(True), write=True), methods=["POST"]),
         Route(f"{p}/destinations/{{name}}/resume", endpoint(svc, _pause(False), write=True), methods=["POST"]),
         Route(f"{p}/destinations/{{name}}/echo", endpoint(svc, destination_echo, write=True), methods=["POST"]),
+        Route(f"{p}/resend", endpoint(svc, resend, write=True), methods=["POST"]),
         Route(f"{p}/audit", endpoint(svc, audit)),
     ]

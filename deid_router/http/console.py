@@ -304,7 +304,7 @@ def quarantine_bulk(request: Request, svc: Services, who: Principal) -> Any:
     return RedirectResponse("/quarantine", status_code=303)
 
 
-def destinations(request: Request, svc: Services, who: Principal, echo: Any = None) -> Any:
+def destinations(request: Request, svc: Services, who: Principal, echo: Any = None, resent: Any = None) -> Any:
     states = svc.states.all()
     counts = svc.repo.status_counts(svc.destinations)["destinations"]
     rows = [
@@ -312,13 +312,26 @@ def destinations(request: Request, svc: Services, who: Principal, echo: Any = No
          "state": states.get(d.name), "counts": counts.get(d.name, {})}
         for d in svc.config.destinations
     ]
-    return "destinations.html", {"rows": rows, "echo": echo}
+    return "destinations.html", {"rows": rows, "echo": echo, "resent": resent}
 
 
 def destination_echo(request: Request, svc: Services, who: Principal) -> Any:
     name = str(request.path_params["name"])
     result = svc.actions.echo(who, name, svc.config)
     return destinations(request, svc, who, echo={"name": name, **result.__dict__})
+
+
+def destination_resend(request: Request, svc: Services, who: Principal) -> Any:
+    """The resend form: a study or series (either UID form) delivered to a destination, again."""
+    form = request.state.form
+    uid = form.get("uid", "")
+    level = form.get("level", "study")
+    try:
+        result = svc.actions.resend(who, form.get("destination", ""), study=uid if level == "study" else None,
+                                    series=uid if level == "series" else None)
+    except ValueError as exc:
+        result = {"error": str(exc)}
+    return destinations(request, svc, who, resent=result)
 
 
 def _pause(paused: bool) -> Page:
@@ -416,6 +429,7 @@ def routes(svc: Services) -> list[Route]:
         Route("/quarantine/{qid:int}/purge", page(svc, _confirm("purge")), methods=["GET"]),
         Route("/quarantine/{qid:int}/purge", page(svc, _do("purge"), write=True), methods=["POST"]),
         Route("/destinations", page(svc, destinations)),
+        Route("/destinations/resend", page(svc, destination_resend, write=True), methods=["POST"]),
         Route("/destinations/{name}/pause", page(svc, _pause(True), write=True), methods=["POST"]),
         Route("/destinations/{name}/resume", page(svc, _pause(False), write=True), methods=["POST"]),
         Route("/destinations/{name}/echo", page(svc, destination_echo, write=True), methods=["POST"]),

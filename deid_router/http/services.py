@@ -19,6 +19,7 @@ from deid_router.observability.metrics import QueueCollector, registry_for
 from deid_router.store.holding import Holding
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.registry import Collector
 
 
 @dataclass
@@ -47,8 +48,9 @@ class Services:
 
 def build_services(
     config: Config, repo: JobRepository, holding: Holding, keys: Keys, listener_up: Callable[[], bool],
-    auditor: Auditor | None = None,
+    auditor: Auditor | None = None, children: Collector | None = None,
 ) -> Services:
+    """``children``: the node's process metrics (latency histograms, refusals) for ``/metrics``."""
     session_secret = keys.token("http_session", "v1")
     engine = repo.engine
     reports = Reports(engine, repo)
@@ -63,10 +65,10 @@ def build_services(
         users=users,
         holding=holding,
         auth=Authenticator(users, session_secret.encode()),
-        actions=Actions(repo, reports, states, holding, names, auditor, config),
+        actions=Actions(repo, reports, states, holding, names, auditor, config, keys),
         readiness=Readiness(reports, config.queue.url, listener_up, holding.free_bytes,
                             config.storage.min_free_mb * 1024 * 1024),
-        metrics=registry_for(QueueCollector(reports, holding.free_bytes, names)),
+        metrics=registry_for(QueueCollector(reports, holding.free_bytes, names), children),
         session_secret=session_secret,
         keys=keys,
     )

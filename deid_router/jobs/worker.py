@@ -28,6 +28,7 @@ from deid_router.jobs.outcome import Outcome, OutcomeKind
 from deid_router.jobs.policy import Decision, RetryPolicy, decide
 from deid_router.observability.audit_messages import Auditor
 from deid_router.observability.logging import get_logger
+from deid_router.observability.process_metrics import NO_METRICS, Observer
 from deid_router.store.holding import Holding
 
 log = get_logger("worker")
@@ -65,6 +66,7 @@ class Worker:
     _unavailable: dict[str, int] = field(default_factory=dict)  # consecutive failures per destination
     _stop: threading.Event = field(default_factory=threading.Event)
     profiles: Mapping[str, Deidentifier] = field(default_factory=dict)  # [profiles.NAME]; "" is deidentifier
+    metrics: Observer = NO_METRICS  # the latency histograms of /metrics (observability.process_metrics)
 
     def run(self, stop: threading.Event) -> None:
         """Serve every destination until ``stop`` is set; then release whatever is still held."""
@@ -148,7 +150,9 @@ class Worker:
                     self.holding.release_work(slot)
                 return 0.0
             try:
+                started = time.perf_counter()
                 outcomes.update(lane.send(deliveries))
+                self.metrics.forwarded(name, time.perf_counter() - started)  # per batch
                 fault_point("after_send_before_done")
             finally:
                 lane.idle(due=True)  # an idle association must not hold up another worker's batch
@@ -209,6 +213,7 @@ class Worker:
             # the job names a profile no longer configured: never fall back to another one
             log.error("job_profile_unknown", job_id=job.job_id)
             return None, classify_failure(FailureKind.DEID_REFUSED, "profile_not_configured")
+        started = time.perf_counter()
         try:
             with self.holding.work_writer(slot) as fh:
                 fault_point("during_deid")
@@ -224,6 +229,8 @@ class Worker:
         except Exception as exc:  # a bug must cost retries, then quarantine; never a dead worker
             log.error("job_deid_crashed", job_id=job.job_id, error=type(exc).__name__)
             return None, classify_failure(FailureKind.INTERNAL_ERROR, type(exc).__name__)
+        finally:  # every run of the engine, a refusal as much as a success
+            self.metrics.deidentified(time.perf_counter() - started)
         return (
             Delivery(
                 job_id=job.job_id,

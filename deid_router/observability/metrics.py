@@ -3,7 +3,9 @@
 The listener and the workers run in other processes; the database is what they share, so the
 counters are counts of rows (instances received, jobs done, quarantine entries ever made):
 they survive restarts and agree between nodes sharing one database. ``/metrics`` and the
-node_exporter textfile (``scheduler.Housekeeping.report``) render this same collector.
+node_exporter textfile (``scheduler.Housekeeping.report``) render this same collector, next to
+the per-event latency histograms and refusal counts of the node's processes
+(:mod:`deid_router.observability.process_metrics`).
 """
 
 from __future__ import annotations
@@ -99,9 +101,12 @@ class QueueCollector(Collector):
         yield q
 
 
-def registry_for(collector: QueueCollector) -> CollectorRegistry:
+def registry_for(collector: QueueCollector, children: Collector | None = None) -> CollectorRegistry:
+    """One registry of the queue collector and, in a node, its process metrics (``children``)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    if children is not None:
+        registry.register(children)
     return registry
 
 

@@ -276,6 +276,11 @@ class Holding:
     def metrics_path(self) -> Path:
         return self.root / "metrics" / f"{self.node}.prom"
 
+    @property
+    def process_metrics_dir(self) -> Path:
+        """This node's prometheus_client multiprocess files (``observability.process_metrics``)."""
+        return self.root / "prometheus" / self.node
+
     def work_path(self, slot: str) -> Path:
         """The work file of a worker's slot (``<worker>-<lane>-<position in the batch>``)."""
         if not slot.replace("-", "").isalnum():

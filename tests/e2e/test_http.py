@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.corpus import make_series
-from tests.support.peers import StoreSCP, storescu, storescu_acknowledged
+from tests.support.peers import StoreSCP, echoscu, storescu, storescu_acknowledged
 from tests.support.router import RouterProcess, dicom_destination, free_port, wait_until
 from tests.support.tcp_proxy import proxy_for_url
 
@@ -48,9 +48,13 @@ def test_metrics_counters_move_as_instances_flow(tmp_path: Path, storescp: Store
     make_series(tmp_path / "in", 4, rows=16, cols=16)
     router = _router(tmp_path, storescp)
     pacs = (("destination", "pacs"),)
+    wrong_aet = ("deid_router_associations_rejected_total", (("reason", "called_aet_not_recognized"),))
     with router:
         before = _metrics(router)
         assert before[("deid_router_instances_received_total", ())] == 0
+        assert before[("deid_router_deidentify_seconds_count", ())] == 0
+        assert before[("deid_router_forward_seconds_count", pacs)] == 0
+        assert wrong_aet not in before
         assert before[("deid_router_instances_delivered_total", pacs)] == 0
         assert before[("deid_router_destination_paused", pacs)] == 0
         assert before[("deid_router_holding_free_bytes", ())] > 0
@@ -64,6 +68,17 @@ def test_metrics_counters_move_as_instances_flow(tmp_path: Path, storescp: Store
         assert after[("deid_router_oldest_job_age_seconds", pacs)] == 0
         assert after[("deid_router_quarantined", ())] == 0
         assert after[("deid_router_build_info", (("version", "0.1.0"),))] == 1
+        # the latency histograms, observed in the worker processes: one run per instance, one
+        # send per batch (the four may go in one batch or several)
+        assert after[("deid_router_deidentify_seconds_count", ())] == 4
+        assert after[("deid_router_deidentify_seconds_bucket", (("le", "+Inf"),))] == 4
+        assert 0 < after[("deid_router_deidentify_seconds_sum", ())] < 40
+        assert 1 <= after[("deid_router_forward_seconds_count", pacs)] <= 4
+        assert after[("deid_router_forward_seconds_sum", pacs)] > 0
+
+        # A modality configured with the wrong called AE title is refused, and counted by reason.
+        assert not echoscu("127.0.0.1", router.port, called_aet="WRONG")
+        assert _metrics(router)[wrong_aet] == 1
 
         echo = httpx.post(router.http_url + "/api/v1/destinations/pacs/echo", auth=ADMIN, json={}, timeout=30)
         assert echo.json() == {"destination": "pacs", "ok": True, "status": 0, "detail": "echo answered"}

@@ -350,3 +350,81 @@ def test_console_logins_and_logouts_go_to_the_audit_repository(tmp_path: Path) -
         users.append((root.findall("ActiveParticipant")[0].get("UserID"), event.get("EventOutcomeIndicator")))
     assert users == [("unknown", "4"), ("root", "4"), ("root", "0"), ("root", "0")]
     assert all(b"typo-secret" not in m.msg for m in msgs)
+
+
+def _delivered_study(svc: Services, directory: Path, n: int) -> tuple[str, str]:
+    """``n`` instances of one study held and delivered to outbox: (study UID, series UID)."""
+    import shutil
+
+    import pydicom
+
+    from deid_router.db.models import utc_now
+    from deid_router.db.repository import NewInstance, new_instance_id
+    from deid_router.jobs.outcome import Outcome, OutcomeKind
+    from deid_router.jobs.policy import RetryPolicy, decide
+    from tests.support.corpus import make_series
+
+    files = make_series(directory, n, rows=8, cols=8)
+    for i, src in enumerate(files):
+        iid = new_instance_id()
+        rel = svc.holding.raw_relative(iid)
+        path = svc.holding.absolute(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, path)
+        svc.repo.enqueue(NewInstance(iid, f"{i}" * 64, "a" * 64, rel, path.stat().st_size,
+                                     "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "MODALITY",
+                                     "DEID_ROUTER", "CT"), ["outbox"])
+    policy = RetryPolicy(1, 2, 1, jitter="none")
+    for job in svc.repo.claim("w", 60, 100):
+        svc.repo.finish(job.job_id, "w", decide(1, Outcome(OutcomeKind.DELIVERED, 0x0000, ""), policy, utc_now()))
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+
+
+def test_api_resend_queues_a_delivered_study_again_for_an_admin_only_and_audits_it(
+    svc: Services, client: TestClient, tmp_path: Path
+) -> None:
+    study, series = _delivered_study(svc, tmp_path / "in", 3)
+    body = {"destination": "outbox", "study_uid": study}
+    assert client.post("/api/v1/resend", json=body).status_code == 401
+    assert client.post("/api/v1/resend", auth=VIEWER, json=body).status_code == 403
+    assert svc.repo.list_jobs(states=["queued"]) == []
+
+    res = client.post("/api/v1/resend", auth=ADMIN, json=body)
+    assert res.status_code == 200, res.text
+    done = res.json()
+    queued = svc.repo.list_jobs(states=["queued"])
+    assert sorted(done["job_ids"]) == sorted(j.id for j in queued) and len(queued) == 3
+    assert {j.last_reason for j in queued} == {"operator_resend"}
+    assert study not in res.text  # the UID given is not echoed
+    events = client.get("/api/v1/audit", auth=VIEWER).json()["events"]
+    assert (events[0]["action"], events[0]["user"], events[0]["detail"]) == ("resend", "root", "destination=outbox jobs=3")
+
+    # the series by its de-identified UID (as the PACS shows it): already queued, nothing new
+    again = client.post("/api/v1/resend", auth=ADMIN, json={"destination": "outbox", "series_uid": svc.keys.uid(series)})
+    assert again.json()["job_ids"] == [] and again.json()["already_queued"] == 3
+    assert len(svc.repo.list_jobs(states=["queued"])) == 3
+    assert client.post("/api/v1/resend", auth=ADMIN, json={"destination": "nowhere", "study_uid": study}).status_code == 404
+    for bad in ({"destination": "outbox"}, {"destination": "outbox", "study_uid": study, "series_uid": series},
+                {"destination": "outbox", "study_uid": 5}, {"study_uid": study}):
+        assert client.post("/api/v1/resend", auth=ADMIN, json=bad).status_code == 400, bad
+
+
+def test_console_resend_form_is_for_admins_and_queues_the_study(svc: Services, tmp_path: Path) -> None:
+    study, _ = _delivered_study(svc, tmp_path / "in", 2)
+    viewer = TestClient(build_app(svc), base_url="http://127.0.0.1")
+    token = _login(viewer, VIEWER)
+    assert 'id="resend"' not in viewer.get("/destinations").text
+    form = {"csrf": token, "destination": "outbox", "level": "study", "uid": study}
+    assert viewer.post("/destinations/resend", data=form).status_code == 403
+    admin = TestClient(build_app(svc), base_url="http://127.0.0.1")
+    token = _login(admin, ADMIN)
+    assert 'id="resend"' in admin.get("/destinations").text
+    assert admin.post("/destinations/resend", data={**form, "csrf": "forged"}).status_code == 403
+    res = admin.post("/destinations/resend", data={**form, "csrf": token})
+    assert res.status_code == 200 and "2 instances queued for outbox" in res.text
+    assert study not in res.text
+    assert len(svc.repo.list_jobs(states=["queued"])) == 2
+    assert ("resend", "root") in [(a, u) for _, a, u, _ in svc.repo.audit_events()]
+    empty = admin.post("/destinations/resend", data={**form, "csrf": token, "uid": " "})
+    assert empty.status_code == 200 and "give exactly one of study_uid or series_uid" in empty.text
