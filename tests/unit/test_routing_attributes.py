@@ -47,30 +47,34 @@ def test_the_walk_captures_exactly_the_attributes_routes_name(tmp_path: Path) ->
     assert read_header(path).attributes == {}  # no route on attributes: nothing read
 
 
-def test_walk_values_are_pydicoms_on_its_test_files() -> None:
+@pytest.mark.parametrize("path", TEST_FILES, ids=lambda p: p.name)
+def test_walk_values_are_pydicoms_on_its_test_files(path: Path) -> None:
+    """Each of pydicom's test files: the walk's values of the routed attributes are pydicom's,
+    or the file is reported as skipped with the reason (never passed over in silence)."""
     tags = frozenset(attribute_tag(k) for k in ROUTED)
-    compared = 0
-    for path in TEST_FILES:
-        if path.read_bytes()[128:132] != b"DICM":
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                ds = dcmread(path, stop_before_pixels=True)
-            except Exception:
-                continue
+    if path.read_bytes()[128:132] != b"DICM":
+        pytest.skip("no Part 10 prefix: not a file a C-STORE receive could produce")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
-            header = read_header(path, tags)
-        except (Malformed, Exception):
+            ds = dcmread(path, stop_before_pixels=True)
+        except Exception:
+            pytest.skip("pydicom cannot read it either")
+    try:
+        header = read_header(path, tags)
+    except Malformed:
+        pytest.skip("refused as incomplete (the truncation and fuzz tests check refusals)")
+    compared = 0
+    for tag in tags:
+        elem = ds.get(tag)
+        if elem is None or elem.VR in ("SQ", "UN") or elem.value is None or elem.value == "":
+            assert tag not in header.attributes or elem is not None, hex(tag)
             continue
-        for tag in tags:
-            elem = ds.get(tag)
-            if elem is None or elem.VR in ("SQ", "UN") or elem.value is None or elem.value == "":
-                continue
-            values = elem.value if elem.VM > 1 else [elem.value]
-            assert header.attributes.get(tag) == tuple(str(v).strip() for v in values), (path.name, hex(tag))
-            compared += 1
-    assert compared >= 60, f"only {compared} values compared"
+        values = elem.value if elem.VM > 1 else [elem.value]
+        assert header.attributes.get(tag) == tuple(str(v).strip() for v in values), hex(tag)
+        compared += 1
+    if compared == 0:
+        pytest.skip("none of the routed attributes has a value in this file")
 
 
 @pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
