@@ -10,7 +10,10 @@ PostgreSQL claims in ONE statement, one round trip (procrastinate's
          events AS (INSERT INTO job_events (...) SELECT ... FROM claimed)
     SELECT claimed.*, instances.raw_path, ... FROM claimed JOIN instances ... ORDER BY run_after, id
 
-Rows another transaction holds are skipped, so two claimers never get the same job.
+Rows another transaction holds are skipped, so two claimers never get the same job. Measured
+on this kind of machine (2 cores, loopback PostgreSQL, 600 queued jobs drained 5 at a time):
+1.6 ms per claim, against 3.0-3.9 ms for the probe, select, update, event insert and read
+it replaces.
 
 SQLite has no data-modifying CTEs; there the same select-then-update runs inside the write
 transaction's ``BEGIN IMMEDIATE`` (``db.engine``), which the database serialises. A read-only
