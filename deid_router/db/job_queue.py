@@ -395,8 +395,8 @@ class JobQueue(Store):
 
     # ------------------------------------------------------------------ lost leases
 
-    def _let_go(self, conn: Connection, where: Any, decide: leases.LeaseDecision) -> int:
-        """Apply ``decide``'s decision to each running job matching ``where`` (rows another
+    def _let_go(self, conn: Connection, where: Any, decision_for: leases.LeaseDecision) -> int:
+        """Apply ``decision_for``'s decision to each running job matching ``where`` (rows another
         transaction holds are skipped: their worker is finishing them)."""
         now = self._clock()
         rows = conn.execute(
@@ -409,7 +409,7 @@ class JobQueue(Store):
         alike: dict[tuple[str, datetime, str, int], list[int]] = {}
         quarantined: list[NewEntry] = []
         for r in rows:
-            d = decide(r.attempts, now)
+            d = decision_for(r.attempts, now)
             attempts = max(r.attempts - 1, 0) if d.refund_attempt else r.attempts
             events.append(self._ev(r.id, now, r.state, d.to_state.value, attempts, None, d.reason))
             alike.setdefault((d.to_state.value, d.run_after or now, d.reason, attempts), []).append(r.id)
@@ -436,12 +436,12 @@ class JobQueue(Store):
                 where = and_(where, Job.id.in_(list(job_ids)))
             return self._let_go(conn, where, leases.released)
 
-    def expire_leases(self, decide: leases.LeaseDecision) -> int:
-        """Apply ``decide`` (``jobs.leases.on_expiry``) to every running job whose lease has
+    def expire_leases(self, decision_for: leases.LeaseDecision) -> int:
+        """Apply ``decision_for`` (``jobs.leases.on_expiry``) to every running job whose lease has
         expired; returns the number of stale jobs handled."""
         now = self._clock()
         with self._tx("requeue_stale") as conn:
-            return self._let_go(conn, Job.lease_expires_at < now, decide)
+            return self._let_go(conn, Job.lease_expires_at < now, decision_for)
 
     # ------------------------------------------------------------------ operator requeues
 
