@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 from deid_router.db.operations import Reports
 from deid_router.db.repository import JobRepository
 from deid_router.errors import QueueError, StorageError
+from deid_router.jobs.leases import on_expiry
 from deid_router.jobs.policy import RetryPolicy
 from deid_router.observability.logging import get_logger
 from deid_router.observability.metrics import QueueCollector, registry_for, render
@@ -51,7 +52,7 @@ class Housekeeping:
     def requeue_stale(self) -> int:
         """Jobs of dead workers back to the queue (or, out of attempts, to quarantine)."""
         try:
-            n = self.repo.requeue_stale(self.policy)
+            n = self.repo.expire_leases(on_expiry(self.policy))
         except QueueError:
             log.error("stale_lease_check_failed")
             return 0

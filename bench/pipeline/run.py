@@ -283,7 +283,7 @@ def run_router(corpus: str, parts: list[Path], n: int, senders: int, tmp: Path, 
 # (stage, substring of a frame) checked innermost-first against each sampled stack
 STAGES = [
     ("intake: fsync raw file + directory (commit)", "RawFile.commit"),
-    ("intake: queue commit (enqueue)", "JobRepository.enqueue"),
+    ("intake: queue commit (enqueue)", "JobQueue.enqueue"),
     ("intake: header walk (structure + UIDs)", "integrity"),
     ("listener: raw file write, hash, writeback", "RawFile.write"),
     ("intake: header parse + routing (accept)", "Intake.accept"),
@@ -295,9 +295,9 @@ STAGES = [
     ("worker: crosswalk record (db)", "DbCrosswalk.record"),
     ("worker: de-identify header", "Deidentifier.deidentify ("),
     ("worker: read header (dcmread)", "deidentify_file"),
-    ("worker: claim (db)", "JobRepository.claim"),
-    ("worker: finish, one transaction per batch (db)", "JobRepository.finish"),
-    ("worker: heartbeat (db)", "JobRepository.heartbeat"),
+    ("worker: claim (db)", "JobQueue.claim"),
+    ("worker: finish, one transaction per batch (db)", "JobQueue.finish"),
+    ("worker: heartbeat (db)", "JobQueue.heartbeat"),
 ]
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError
 
+from deid_router.db.models import utc_now
 from deid_router.errors import QueueError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -158,3 +160,26 @@ def read_tx(engine: Engine, op: str) -> Iterator[Connection]:
                 yield conn
     except DBAPIError as exc:
         raise QueueError(f"queue database error during {op}") from exc
+
+
+class Store:
+    """A store of the queue database: an engine, a clock, and its transactions through
+    :func:`write_tx` / :func:`read_tx` (the job queue, the quarantine, the crosswalk and
+    audit trail, the operator stores all start from here)."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], datetime] = utc_now) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._pg = engine.dialect.name == "postgresql"
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    def _tx(self, op: str) -> AbstractContextManager[Connection]:
+        """One write transaction (:func:`write_tx`)."""
+        return write_tx(self._engine, op)
+
+    def _read(self, op: str) -> AbstractContextManager[Connection]:
+        """A read-only transaction (:func:`read_tx`)."""
+        return read_tx(self._engine, op)

@@ -1,7 +1,7 @@
 """What operators read and change beside the job queue: console users, destination pause
 state, and the read-only reports behind ``status``, the console and ``/metrics``.
 
-Same rules as ``db.repository``: short transactions, database trouble leaves as
+Same rules as the job queue (``db.job_queue``): short transactions, database trouble leaves as
 :class:`deid_router.errors.QueueError` naming the operation only, and no column read here holds
 a tag value (instances carry registered SOP class UIDs, modality codes and AE titles only).
 """
@@ -9,37 +9,21 @@ a tag value (instances carry registered SOP class UIDs, modality codes and AE ti
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import Engine, and_, delete, exists, func, insert, select, update
-from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from deid_router.db.engine import read_tx, write_tx
+from deid_router.db.engine import Store
 from deid_router.db.models import AuditEvent, DestinationState, Instance, Job, JobEvent, QuarantineRow, User, utc_now
+from deid_router.db.predicates import OPEN_ENTRY, PENDING, RAW_HELD
 from deid_router.db.repository import JobRepository, StatusCounts
 from deid_router.errors import QueueError
 from deid_router.jobs.states import JobState
 
 ROLES = ("admin", "viewer")
-_PENDING = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRYING.value)
-
-
-class _Store:
-    def __init__(self, engine: Engine, clock: Callable[[], datetime] = utc_now) -> None:
-        self._engine = engine
-        self._clock = clock
-
-    def _tx(self, op: str) -> AbstractContextManager[Connection]:
-        """One write transaction (``db.engine.write_tx``)."""
-        return write_tx(self._engine, op)
-
-    def _read(self, op: str) -> AbstractContextManager[Connection]:
-        """A read-only transaction (``db.engine.read_tx``)."""
-        return read_tx(self._engine, op)
 
 
 # --------------------------------------------------------------------------- users
@@ -57,7 +41,7 @@ class UserExists(Exception):
     """``add`` of a name that is taken."""
 
 
-class UserStore(_Store):
+class UserStore(Store):
     """Console and API users (passwords arrive hashed: see ``http.passwords``)."""
 
     def add(self, name: str, role: str, password_hash: str) -> None:
@@ -103,8 +87,8 @@ class PauseState:
     updated_by: str
 
 
-class DestinationStates(_Store):
-    """Pause and resume; ``JobRepository.claim`` skips the jobs of a paused destination."""
+class DestinationStates(Store):
+    """Pause and resume; a claim (``db.predicates.due``) skips the jobs of a paused destination."""
 
     def set_paused(self, destination: str, paused: bool, actor: str, reason: str = "") -> None:
         now = self._clock()
@@ -194,7 +178,7 @@ class DestinationSummary:
     next_retry: datetime | None
 
 
-class Reports(_Store):
+class Reports(Store):
     """Read-only queries for the console, the API and the metrics."""
 
     def __init__(self, engine: Engine, repo: JobRepository, clock: Callable[[], datetime] = utc_now) -> None:
@@ -226,7 +210,7 @@ class Reports(_Store):
             ).all()
             oldest = conn.execute(
                 select(Job.destination, func.min(Job.created_at))
-                .where(Job.state.in_(_PENDING)).group_by(Job.destination)
+                .where(PENDING).group_by(Job.destination)
             ).all()
             paused = set(conn.execute(
                 select(DestinationState.destination).where(DestinationState.paused.is_(True))
@@ -278,7 +262,7 @@ class Reports(_Store):
         if qid is not None:
             q = q.where(QuarantineRow.id == qid)
         elif not include_closed:
-            q = q.where(QuarantineRow.released_at.is_(None), QuarantineRow.purged_at.is_(None))
+            q = q.where(OPEN_ENTRY)
         with self._read("quarantine_view") as conn:
             rows = [QuarantineRowView(**r._asdict()) for r in conn.execute(q).all()]
         if qid is not None and rows:
@@ -335,20 +319,16 @@ class Reports(_Store):
         now = self._clock()
         with self._tx("quarantine_purge_entry") as conn:
             q = conn.execute(
-                select(QuarantineRow.instance_id, QuarantineRow.released_at, QuarantineRow.purged_at)
-                .where(QuarantineRow.id == qid)
+                select(QuarantineRow.instance_id).where(QuarantineRow.id == qid, OPEN_ENTRY)
             ).first()
-            if q is None or q.purged_at is not None or q.released_at is not None:
+            if q is None:  # no such entry, or already released or purged
                 return False, []
             conn.execute(update(QuarantineRow).where(QuarantineRow.id == qid).values(purged_at=now))
-            pending = exists().where(Job.instance_id == Instance.id, Job.state.in_(_PENDING))
-            other_open = exists().where(
-                QuarantineRow.instance_id == Instance.id, QuarantineRow.released_at.is_(None),
-                QuarantineRow.purged_at.is_(None),
-            )
+            pending = exists().where(Job.instance_id == Instance.id, PENDING)
+            other_open = exists().where(QuarantineRow.instance_id == Instance.id, OPEN_ENTRY)
             paths = list(conn.execute(
                 select(Instance.raw_path).where(
-                    and_(Instance.id == q.instance_id, Instance.raw_deleted_at.is_(None), ~pending, ~other_open)
+                    and_(Instance.id == q.instance_id, RAW_HELD, ~pending, ~other_open)
                 )
             ).scalars())
         return True, paths

@@ -43,6 +43,8 @@ class JobState(str, Enum):
 ALL_STATES: tuple[JobState, ...] = tuple(s for s in JobState if s is not JobState.PURGED)
 TERMINAL_STATES: frozenset[JobState] = frozenset({JobState.DONE, JobState.FAILED, JobState.PURGED})
 CLOSED_STATES: frozenset[JobState] = frozenset({JobState.PURGED})
+# States of a job not yet finished: waiting, in flight or waiting to retry.
+PENDING_STATES: frozenset[JobState] = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.RETRYING})
 # States in which a job still represents pending or achieved work (a re-send is a duplicate).
 LIVE_STATES: frozenset[JobState] = frozenset(
     {JobState.QUEUED, JobState.RUNNING, JobState.RETRYING, JobState.DONE}
