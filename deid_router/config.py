@@ -7,6 +7,7 @@ paths resolve against the directory of the config file.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -14,7 +15,23 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+)
+from pydantic_core import PydanticCustomError
 
 from deid_router.errors import ConfigError, TlsError
 
@@ -150,9 +167,6 @@ class DestinationConfig:
     instances_per_request: int = 16  # (ca_file above: also the STOW-RS server's CA)
 
 
-DICOMWEB_KEYS = ("url", "username", "password_file", "token_file", "ca_file", "instances_per_request")
-
-
 @dataclass(frozen=True)
 class AuditConfig:
     syslog_url: str = ""  # udp://host:port, tcp://host:port or tls://host:port; empty: no audit messages
@@ -239,6 +253,255 @@ class Config:
         raise KeyError(name)
 
 
+# --------------------------------------------------------------------------- the TOML schema
+# pydantic models of the TOML tables (extra="forbid": a typo is an error, never a silently
+# ignored key). Their errors become today's (file, key, reason) lines in _lines(); the
+# validated tables build the frozen dataclasses above, which are what the node uses.
+
+PROBLEM = "deid_router_config"  # the error type of Problems: reasons written for operators
+
+
+@dataclass(frozen=True)
+class Site:
+    """The validation context: where relative paths resolve, and the names other tables may
+    refer to (as written, so that a route naming a destination that has its own mistake is
+    not also reported as naming an unknown one)."""
+
+    base: Path
+    destinations: tuple[str, ...] | None = None  # None: references are not checked
+    profiles: tuple[str, ...] | None = None
+    queue_url: str = ""  # DEID_ROUTER_QUEUE_URL, when set
+
+
+def site(info: ValidationInfo) -> Site:
+    """The context of this validation (the current folder when a table is validated alone)."""
+    return info.context if isinstance(info.context, Site) else Site(Path.cwd())
+
+
+class Problems:
+    """The problems one validator finds, raised together as one pydantic error that _lines()
+    splits again: ``at`` is appended to the key of the value being validated (".port")."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[str, str]] = []
+
+    def add(self, reason: str, at: str = "") -> None:
+        self.found.append((at, reason))
+
+    def check(self) -> None:
+        if self.found:
+            raise _error(tuple(self.found))
+
+
+def problem(reason: str, at: str = "") -> PydanticCustomError:
+    """One problem with the value being validated (raise it)."""
+    return _error(((at, reason),))
+
+
+def _error(found: tuple[tuple[str, str], ...]) -> PydanticCustomError:
+    summary = "; ".join(f"{at}: {reason}" if at else reason for at, reason in found)
+    return PydanticCustomError(PROBLEM, "{summary}", {"summary": summary, "problems": found})
+
+
+class Table(BaseModel):
+    """A TOML table: unknown keys are errors; values are never converted from another type
+    (``port = "11112"`` is a mistake, not a port)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def extra_reason(cls, key: str) -> str:
+        """What is wrong with ``key``, which this table does not have."""
+        return f"unknown key (allowed: {', '.join(cls.model_fields)})"
+
+    @classmethod
+    def missing_reason(cls, key: str) -> str:
+        return "is required"
+
+    def fields(self, *without: str) -> dict[str, Any]:
+        """The validated values by key (to build the dataclass of the same fields)."""
+        return {k: getattr(self, k) for k in type(self).model_fields if k not in without}
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise problem(f"must be a str, got {type(value).__name__}")
+    return value
+
+
+def resolve(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return Path(os.path.normpath(p if p.is_absolute() else base / p))
+
+
+def _path(value: Any, info: ValidationInfo) -> Path:
+    return resolve(site(info).base, _text(value))
+
+
+def _optional_path(value: Any, info: ValidationInfo) -> Path | None:
+    return _path(value, info) if value != "" else None
+
+
+def _readable_file(path: Path | None) -> Path | None:
+    if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
+        raise problem(f"{path} is not a readable file")
+    return path
+
+
+def writable_dir_problem(path: Path) -> str | None:
+    """The directory must exist and be writable, or be creatable under a writable parent."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{path} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{path} is not writable"
+    return None
+
+
+def _writable_dir(path: Path) -> Path:
+    reason = writable_dir_problem(path)
+    if reason:
+        raise problem(reason)
+    return path
+
+
+def _ae_title(value: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise problem("must be 1-16 printable characters without backslash")
+    return value
+
+
+def _optional_ae_title(value: str) -> str:
+    return _ae_title(value) if value else value
+
+
+def one_of(*choices: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise problem(f"must be one of {', '.join(choices)}")
+        return value
+
+    return AfterValidator(check)
+
+
+# Relative paths resolve against the config file's folder; "" is "not given" where optional.
+ConfigPath = Annotated[Path, BeforeValidator(_path)]
+ReadableFile = Annotated[Path, BeforeValidator(_path), AfterValidator(_readable_file)]
+OptionalFile = Annotated[Path | None, BeforeValidator(_optional_path), AfterValidator(_readable_file)]
+WritableDir = Annotated[Path, BeforeValidator(_path), AfterValidator(_writable_dir)]
+AeTitle = Annotated[StrictStr, AfterValidator(_ae_title)]
+OptionalAeTitle = Annotated[StrictStr, AfterValidator(_optional_ae_title)]
+Port = Annotated[StrictInt, Field(ge=0, le=65535)]
+Seconds = Annotated[StrictFloat, Field(ge=0.1)]
+Count = Annotated[StrictInt, Field(ge=0)]
+Positive = Annotated[StrictInt, Field(ge=1)]
+
+_TYPE_ERRORS = {"int_type": "int", "string_type": "str", "bool_type": "bool", "float_type": "float"}
+
+
+def _unwrap(tp: Any) -> Any:
+    """``X`` of ``Annotated[X, ...]`` and of ``X | None``."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif get_origin(tp) in (Union, UnionType) and type(None) in get_args(tp):
+            rest = [a for a in get_args(tp) if a is not type(None)]
+            tp = rest[0] if len(rest) == 1 else Union[tuple(rest)]
+        else:
+            return tp
+
+
+def _is_table(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _tagged(tp: Any) -> tuple[Any, ...]:
+    """The members of a union of tables told apart by ``type`` (destinations); () otherwise."""
+    if get_origin(tp) in (Union, UnionType) and all(_is_table(a) for a in get_args(tp)):
+        return get_args(tp)
+    return ()
+
+
+def _walk(root: Any, loc: tuple[str | int, ...], prefix: str) -> tuple[str, Any, str, Any]:
+    """Follow a pydantic error location through the schema: the key as operators write it
+    (``destinations[0].port``), the table holding its last part, that part, and its type."""
+    key, table, last, tp = prefix, None, "", root
+    for part in loc:
+        tp = _unwrap(tp)
+        if part == "[key]":  # the key of a dict entry was wrong, not its value
+            continue
+        if isinstance(part, int):
+            key += f"[{part}]"
+            args = get_args(tp)
+            tp = args[0] if args else None
+            continue
+        members = _tagged(tp)
+        if members:  # a tagged union: the location names the member, not a key
+            tp = next((m for m in members if part in get_args(m.model_fields["type"].annotation)), None)
+            continue
+        key = f"{key}.{part}" if key else part
+        last = part
+        if _is_table(tp):
+            table = tp
+            field = tp.model_fields.get(part)
+            tp = field.annotation if field is not None else None
+        elif get_origin(tp) is dict:
+            tp = get_args(tp)[1]
+        else:
+            tp = None
+    return key, table, last, _unwrap(tp)
+
+
+def _tags(tp: Any) -> str:
+    return ", ".join(repr(a) for m in _tagged(tp) for a in get_args(m.model_fields["type"].annotation))
+
+
+@functools.cache
+def _destination_schema() -> tuple[Any, TypeAdapter[Any]]:
+    """One [[destinations]] table: the union of the registered types' models (registry.py)."""
+    from deid_router.forward.registry import destination_table
+
+    schema = destination_table()
+    return schema, TypeAdapter(schema)
+
+
+def _lines(exc: ValidationError, root: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """pydantic's errors as (key, reason), in the words check-config has always used."""
+    out: list[tuple[str, str]] = []
+    for err in exc.errors(include_url=False):
+        key, table, last, tp = _walk(root, err["loc"], prefix)
+        kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+        if kind == PROBLEM:
+            out.extend((key + at, reason) for at, reason in ctx["problems"])
+            continue
+        if kind == "extra_forbidden":
+            reason = table.extra_reason(last) if table is not None else "unknown key"
+        elif kind == "missing":
+            reason = table.missing_reason(last) if table is not None else "is required"
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            key, reason = f"{key}.type", f"must be one of {_tags(tp)}"
+        elif kind in _TYPE_ERRORS:
+            reason = f"must be a {_TYPE_ERRORS[kind]}, got {type(value).__name__}"
+        elif kind == "greater_than_equal":
+            reason = f"must be >= {ctx['ge']}"
+        elif kind == "less_than_equal":
+            reason = f"must be <= {ctx['le']}"
+        elif kind in ("model_type", "model_attributes_type", "dict_type"):
+            reason = "must be a table"
+        elif kind in ("tuple_type", "list_type"):
+            items = _unwrap(get_args(tp)[0]) if get_args(tp) else None
+            tables = _is_table(items) or bool(_tagged(items))
+            reason = f"must be an array of tables ([[{key}]])" if tables else "must be a list of strings"
+        else:
+            reason = str(err["msg"])
+        out.append((key, reason))
+    return out
+
+
 class _Reader:
     """Collects problems while pulling typed values out of nested TOML tables."""
 
@@ -295,22 +558,10 @@ class _Reader:
             self.problem(where, "must be 1-16 printable characters without backslash")
 
 
-def _resolve(base: Path, value: str) -> Path:
-    p = Path(value).expanduser()
-    return Path(os.path.normpath(p if p.is_absolute() else base / p))
-
-
-def _writable_dir(r: _Reader, where: str, path: Path) -> None:
-    """The directory must exist and be writable, or be creatable under a writable parent."""
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        r.problem(where, f"{path} is not a directory")
-    elif not os.access(probe, os.W_OK | os.X_OK):
-        r.problem(where, f"{path} is not writable")
+def _check_writable_dir(r: _Reader, where: str, path: Path) -> None:
+    reason = writable_dir_problem(path)
+    if reason:
+        r.problem(where, reason)
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -368,13 +619,13 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     # [storage]
     st = r.table(raw, "storage")
     r.unknown(st, "storage", tuple(StorageConfig.__dataclass_fields__))
-    root = _resolve(base, r.get(st, "storage", "root", str, "var"))
+    root = resolve(base, r.get(st, "storage", "root", str, "var"))
     storage = StorageConfig(
         root=root,
         keep_raw_hours=r.number(st, "storage", "keep_raw_hours", float, 0.0, 0),
         min_free_mb=r.number(st, "storage", "min_free_mb", int, 512, 0),
     )
-    _writable_dir(r, "storage.root", root)
+    _check_writable_dir(r, "storage.root", root)
 
     # [queue]
     qu = r.table(raw, "queue")
@@ -411,70 +662,21 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
         r.problem("destinations", "must be an array of tables ([[destinations]])")
         raw_dests = []
     seen: set[str] = set()
+    schema, tables = _destination_schema()
     for i, dest in enumerate(raw_dests):
         where = f"destinations[{i}]"
-        if not isinstance(dest, dict):
-            r.problem(where, "must be a table")
-            continue
-        r.unknown(dest, where, tuple(DestinationConfig.__dataclass_fields__))
-        name = r.get(dest, where, "name", str, "")
-        if not name:
-            r.problem(f"{where}.name", "is required")
-        elif name in seen:
-            r.problem(f"{where}.name", f"duplicate destination name {name!r}")
-        seen.add(name)
-        kind = r.get(dest, where, "type", str, "")
-        dc = DestinationConfig(name=name, type=kind)
-        common: dict[str, Any] = dict(
-            name=name,
-            type=kind,
-            max_associations=r.number(dest, where, "max_associations", int, 1, 1),
-            connect_timeout_seconds=r.number(dest, where, "connect_timeout_seconds", float, dc.connect_timeout_seconds, 0.1),
-            acse_timeout_seconds=r.number(dest, where, "acse_timeout_seconds", float, dc.acse_timeout_seconds, 0.1),
-            dimse_timeout_seconds=r.number(dest, where, "dimse_timeout_seconds", float, dc.dimse_timeout_seconds, 0.1),
-            network_timeout_seconds=r.number(dest, where, "network_timeout_seconds", float, dc.network_timeout_seconds, 0.1),
-            max_pdu_size=r.number(dest, where, "max_pdu_size", int, 0, 0),
-        )
-        if kind != "dicomweb":
-            for key in DICOMWEB_KEYS:
-                if key in dest and key != "ca_file":  # ca_file: also DICOM TLS (type "dicom")
-                    r.problem(f"{where}.{key}", "is only allowed for type 'dicomweb'")
-        if kind == "dicomweb":
-            destinations.append(_parse_dicomweb(r, dest, where, base, common))
-        elif kind == "dicom":
-            for key in ("ae_title", "host", "port"):
-                if key not in dest:
-                    r.problem(f"{where}.{key}", "is required for type 'dicom'")
-            if "path" in dest:
-                r.problem(f"{where}.path", "is only allowed for type 'folder'")
-            ae = r.get(dest, where, "ae_title", str, "")
-            calling = r.get(dest, where, "calling_ae_title", str, "")
-            if "ae_title" in dest:
-                r.ae_title(ae, f"{where}.ae_title")
-            if calling:
-                r.ae_title(calling, f"{where}.calling_ae_title")
-            port = r.number(dest, where, "port", int, 0, 1)
-            if port > 65535:
-                r.problem(f"{where}.port", "must be <= 65535")
-            destinations.append(
-                DestinationConfig(
-                    ae_title=ae, host=r.get(dest, where, "host", str, ""), port=port,
-                    calling_ae_title=calling, **common, **_destination_tls(r, dest, where, base),
-                )
-            )
-        elif kind == "folder":
-            if "path" not in dest:
-                r.problem(f"{where}.path", "is required for type 'folder'")
-            for key in ("ae_title", "host", "port", "calling_ae_title", *_DESTINATION_TLS_KEYS):
-                if key in dest:
-                    r.problem(f"{where}.{key}", "is only allowed for type 'dicom'")
-            p = _resolve(base, r.get(dest, where, "path", str, "."))
-            _writable_dir(r, f"{where}.path", p)
-            destinations.append(DestinationConfig(path=p, **common))
+        name = dest.get("name") if isinstance(dest, dict) else None
+        try:
+            table = tables.validate_python(dest, context=Site(base))
+        except ValidationError as exc:
+            for key, reason in _lines(exc, schema, where):
+                r.problem(key, reason)
         else:
-            from deid_router.forward.registry import type_names
-
-            r.problem(f"{where}.type", "must be one of " + ", ".join(repr(t) for t in type_names()))
+            destinations.append(table.to_config())
+        if isinstance(name, str) and name:
+            if name in seen:
+                r.problem(f"{where}.name", f"duplicate destination name {name!r}")
+            seen.add(name)
 
     # [[routes]]
     routes: list[RouteConfig] = []
@@ -542,7 +744,7 @@ def _audit(r: _Reader, au: dict[str, Any], base: Path) -> AuditConfig:
     if url and not re.match(r"^(udp|tcp|tls)://[^/:]+:\d{1,5}$", url):
         r.problem("audit.syslog_url", "must be udp://host:port, tcp://host:port or tls://host:port (or empty: off)")
     ca_raw = r.get(au, "audit", "ca_file", str, "")
-    ca_file = _resolve(base, ca_raw) if ca_raw else None
+    ca_file = resolve(base, ca_raw) if ca_raw else None
     if ca_file is not None and not (ca_file.is_file() and os.access(ca_file, os.R_OK)):
         r.problem("audit.ca_file", f"{ca_file} is not a readable file")
     return AuditConfig(syslog_url=url, ca_file=ca_file, source_id=r.get(au, "audit", "source_id", str, ""))
@@ -585,36 +787,6 @@ def _storage_commitment(r: _Reader, sc: dict[str, Any]) -> StorageCommitmentConf
     )
 
 
-def _parse_dicomweb(r: _Reader, dest: dict[str, Any], where: str, base: Path, common: dict[str, Any]) -> DestinationConfig:
-    """A STOW-RS destination: url, optional basic (username + password_file) or bearer
-    (token_file) auth, ca_file for TLS verification."""
-    for key in ("ae_title", "host", "port", "calling_ae_title", "path", *_DESTINATION_TLS_KEYS):
-        if key in dest and key != "ca_file":
-            r.problem(f"{where}.{key}", "is not allowed for type 'dicomweb' (it takes url, and ca_file for https)")
-    url = r.get(dest, where, "url", str, "")
-    if not url:
-        r.problem(f"{where}.url", "is required for type 'dicomweb' (the DICOMweb root, e.g. http://host:8042/dicom-web)")
-    elif not re.match(r"^https?://[^/\s]+", url):
-        r.problem(f"{where}.url", "must be an http:// or https:// URL")
-    files: dict[str, Path | None] = {}
-    for key in ("password_file", "token_file", "ca_file"):
-        value = r.get(dest, where, key, str, "")
-        files[key] = _resolve(base, value) if value else None
-        p = files[key]
-        if p is not None and not (p.is_file() and os.access(p, os.R_OK)):
-            r.problem(f"{where}.{key}", f"{p} is not a readable file")
-    username = r.get(dest, where, "username", str, "")
-    if bool(username) != bool(files["password_file"]):
-        r.problem(f"{where}.username", "basic auth needs both username and password_file")
-    if files["token_file"] is not None and username:
-        r.problem(f"{where}.token_file", "give either token_file (bearer) or username + password_file (basic)")
-    if files["ca_file"] is not None and not url.startswith("https://"):
-        r.problem(f"{where}.ca_file", "is only used with an https:// url")
-    return DestinationConfig(
-        url=url.rstrip("/"), username=username, password_file=files["password_file"],
-        token_file=files["token_file"], ca_file=files["ca_file"],
-        instances_per_request=r.number(dest, where, "instances_per_request", int, 16, 1), **common,
-    )
 
 
 def _route_attribute(r: _Reader, where: str, key: str) -> bool:
@@ -678,12 +850,12 @@ def _parse_deid(r: _Reader, raw: dict[str, Any], base: Path) -> DeidConfig:
     burned = r.get(de, "deid", "burned_in_annotation", str, "quarantine")
     if burned not in BURNED_IN_CHOICES:
         r.problem("deid.burned_in_annotation", f"must be one of {', '.join(BURNED_IN_CHOICES)}")
-    secret_file = _resolve(base, r.get(de, "deid", "secret_file", str, "var/secret.key"))
+    secret_file = resolve(base, r.get(de, "deid", "secret_file", str, "var/secret.key"))
     if secret_file.exists():
         if not os.access(secret_file, os.R_OK):
             r.problem("deid.secret_file", f"{secret_file} is not readable")
     else:
-        _writable_dir(r, "deid.secret_file", secret_file.parent)
+        _check_writable_dir(r, "deid.secret_file", secret_file.parent)
     rules: list[DeidRule] = []
     raw_rules = de.get("rules", [])
     if not isinstance(raw_rules, list):
@@ -710,7 +882,7 @@ def _parse_deid(r: _Reader, raw: dict[str, Any], base: Path) -> DeidConfig:
             r.problem(f"{where}.value", "is only allowed with action 'replace'")
         rules.append(DeidRule(tag=tag, action=action, value=value if isinstance(value, str) else None))
     mapping_raw = r.get(de, "deid", "patient_mapping_csv", str, "")
-    mapping = _resolve(base, mapping_raw) if mapping_raw else None
+    mapping = resolve(base, mapping_raw) if mapping_raw else None
     if mapping is not None and not (mapping.is_file() and os.access(mapping, os.R_OK)):
         r.problem("deid.patient_mapping_csv", f"{mapping} is not a readable file")
     dd = DeidConfig(secret_file=secret_file)
@@ -737,9 +909,6 @@ def _parse_deid(r: _Reader, raw: dict[str, Any], base: Path) -> DeidConfig:
 
 
 # -- network security ("Network security" in the contract) -----------------------------------
-
-_DESTINATION_TLS_KEYS = ("tls", "ca_file", "cert_file", "key_file", "server_name")
-
 
 def _cidrs(r: _Reader, values: tuple[str, ...], where: str) -> tuple[str, ...]:
     out: list[str] = []
@@ -787,9 +956,9 @@ def _listener_network(r: _Reader, li: dict[str, Any], base: Path, d: ListenerCon
         cert_raw, key_raw = r.get(tl, where, "cert_file", str, ""), r.get(tl, where, "key_file", str, "")
         tls = built = ListenerTlsConfig(
             port=port,
-            cert_file=_resolve(base, cert_raw),
-            key_file=_resolve(base, key_raw),
-            ca_file=_resolve(base, ca_raw) if ca_raw else None,
+            cert_file=resolve(base, cert_raw),
+            key_file=resolve(base, key_raw),
+            ca_file=resolve(base, ca_raw) if ca_raw else None,
             require_client_cert=require,
         )
         if cert_raw and key_raw and (ca_raw or not require):
@@ -810,28 +979,6 @@ def _listener_network(r: _Reader, li: dict[str, Any], base: Path, d: ListenerCon
     )
 
 
-def _destination_tls(r: _Reader, dest: dict[str, Any], where: str, base: Path) -> dict[str, Any]:
-    """The TLS keys of a type "dicom" destination."""
-    tls = r.get(dest, where, "tls", bool, False)
-    paths: dict[str, Path | None] = {}
-    for key in ("ca_file", "cert_file", "key_file"):
-        raw = r.get(dest, where, key, str, "")
-        paths[key] = _resolve(base, raw) if raw else None
-    server_name = r.get(dest, where, "server_name", str, "")
-    if not tls:
-        for key in ("ca_file", "cert_file", "key_file", "server_name"):
-            if key in dest:
-                r.problem(f"{where}.{key}", "is only used with tls = true")
-    elif (paths["cert_file"] is None) != (paths["key_file"] is None):
-        missing = "key_file" if paths["key_file"] is None else "cert_file"
-        r.problem(f"{where}.{missing}", "cert_file and key_file go together (our client certificate)")
-    else:
-        from deid_router.tls import client_context
-
-        _tls_problems(r, where, paths, lambda: client_context(paths["ca_file"], paths["cert_file"], paths["key_file"]))
-    return dict(tls=tls, server_name=server_name, **paths)
-
-
 def _pixel_keys(r: _Reader, de: dict[str, Any], base: Path) -> dict[str, Any]:
     """deid.pixel_rules_file, deid.pixel_ocr and deid.pixel_no_rule, validated."""
     import shutil
@@ -839,7 +986,7 @@ def _pixel_keys(r: _Reader, de: dict[str, Any], base: Path) -> dict[str, Any]:
     from deid_router.deid.pixel_rules import read_rules_file
 
     raw = r.get(de, "deid", "pixel_rules_file", str, "")
-    rules_file = _resolve(base, raw) if raw else None
+    rules_file = resolve(base, raw) if raw else None
     if rules_file is not None:
         _, problems = read_rules_file(rules_file)
         for file, key, reason in problems:
@@ -868,7 +1015,7 @@ def _parse_http(r: _Reader, raw: dict[str, Any], base: Path) -> HttpConfig:
     files: dict[str, Path | None] = {}
     for key in ("cert_file", "key_file"):
         value = r.get(tls, "http.tls", key, str, "")
-        files[key] = _resolve(base, value) if value else None
+        files[key] = resolve(base, value) if value else None
         path = files[key]
         if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
             r.problem(f"http.tls.{key}", f"{path} is not a readable file")
