@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, Self, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -24,12 +24,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -460,6 +462,185 @@ def _tags(tp: Any) -> str:
     return ", ".join(repr(a) for m in _tagged(tp) for a in get_args(m.model_fields["type"].annotation))
 
 
+# --------------------------------------------------------------------------- [deid], [profiles.NAME]
+
+
+def _known_keyword(name: str) -> bool:
+    from pydicom.datadict import tag_for_keyword
+
+    return tag_for_keyword(name) is not None
+
+
+def _rule_tag(tag: str) -> str:
+    if not tag:
+        raise problem("is required")
+    if not _TAG_RE.match(tag) and not _known_keyword(tag):
+        raise problem(f"{tag!r} is neither a DICOM keyword nor (gggg,eeee)")
+    return tag
+
+
+def _value_for_action(value: str | None, info: ValidationInfo) -> str | None:
+    action = info.data.get("action")  # absent when the action itself is wrong
+    if action == "replace" and value is None:
+        raise problem("is required (a string) for action 'replace'")
+    if action not in (None, "replace") and value is not None:
+        raise problem("is only allowed with action 'replace'")
+    return value
+
+
+class RuleTable(Table):
+    """``[[deid.rules]]``: an override applied after the profile.
+
+    Checks between keys are field validators on the later key (``info.data`` holds the
+    earlier ones): they run, and are reported, even when another key of the table is wrong.
+    """
+
+    tag: Annotated[StrictStr, AfterValidator(_rule_tag)]  # keyword or "(gggg,eeee)", as written
+    action: Annotated[StrictStr, one_of(*RULE_ACTIONS)]
+    value: Annotated[StrictStr | None, AfterValidator(_value_for_action)] = Field(default=None, validate_default=True)
+
+    def to_config(self) -> DeidRule:
+        return DeidRule(**self.fields())
+
+
+def _options(options: tuple[str, ...]) -> tuple[str, ...]:
+    problems = Problems()
+    for opt in options:
+        if opt not in DEID_OPTIONS:
+            problems.add(f"unknown option {opt!r} (known: {', '.join(DEID_OPTIONS)})")
+    if "retain_long_full_dates" in options and "retain_long_modified_dates" in options:
+        problems.add("retain_long_full_dates and retain_long_modified_dates exclude each other")
+    problems.check()
+    return options
+
+
+def _name_pattern(pattern: str) -> str:
+    if "{pseudonym}" not in pattern:
+        raise problem("must contain {pseudonym}")
+    return pattern
+
+
+def _pixel_rules(path: Path | None) -> Path | None:
+    """Read the extra pixel rules now: a bad rule is named by check-config, not by a worker."""
+    if path is None:
+        return None
+    from deid_router.deid.pixel_rules import read_rules_file
+
+    _, found = read_rules_file(path)
+    problems = Problems()
+    for file, key, reason in found:
+        problems.add(f"{reason} ({file})", "" if key == "-" else f" {key}")
+    problems.check()
+    return path
+
+
+def _tesseract(ocr: bool) -> bool:
+    import shutil
+
+    if ocr and shutil.which("tesseract") is None:
+        raise problem("tesseract is not installed (Debian: apt-get install tesseract-ocr)")
+    return ocr
+
+
+def _after_min_days(days: int, info: ValidationInfo) -> int:
+    if days < info.data.get("date_shift_min_days", days):
+        raise problem("must be >= date_shift_min_days")
+    return days
+
+
+def _fits_patient_id(length: int, info: ValidationInfo) -> int:
+    if len(info.data.get("pseudonym_prefix", "")) + length > 64:
+        raise problem("prefix plus length must fit PatientID (64 characters)")
+    return length
+
+
+def _no_rule_choice(choice: str, info: ValidationInfo) -> str:
+    if choice == "ocr_clear" and info.data.get("pixel_ocr") is False:
+        raise problem("'ocr_clear' needs pixel_ocr = true")
+    return choice
+
+
+_DD = DeidConfig  # the defaults are the dataclass's
+
+
+class DeidKeys(Table):
+    """The keys of ``[deid]`` that a ``[profiles.NAME]`` may set too (all but secret_file).
+
+    A check between keys sits on the later key and reads the earlier ones from ``info.data``,
+    so it is reported together with any other mistake in the table.
+    """
+
+    options: Annotated[tuple[StrictStr, ...], AfterValidator(_options)] = _DD.options
+    burned_in_annotation: Annotated[StrictStr, one_of(*BURNED_IN_CHOICES)] = _DD.burned_in_annotation
+    rules: tuple[RuleTable, ...] = ()
+    pseudonym_prefix: StrictStr = _DD.pseudonym_prefix
+    pseudonym_length: Annotated[StrictInt, Field(ge=6), AfterValidator(_fits_patient_id)] = Field(
+        default=_DD.pseudonym_length, validate_default=True
+    )
+    patient_name_pattern: Annotated[StrictStr, AfterValidator(_name_pattern)] = _DD.patient_name_pattern
+    date_shift_min_days: StrictInt = _DD.date_shift_min_days
+    date_shift_max_days: Annotated[StrictInt, AfterValidator(_after_min_days)] = Field(
+        default=_DD.date_shift_max_days, validate_default=True
+    )
+    patient_mapping_csv: OptionalFile = None
+    pixel_rules_file: Annotated[Path | None, BeforeValidator(_optional_path), AfterValidator(_pixel_rules)] = None
+    pixel_ocr: Annotated[StrictBool, AfterValidator(_tesseract)] = _DD.pixel_ocr
+    pixel_no_rule: Annotated[StrictStr, one_of(*PIXEL_NO_RULE_CHOICES), AfterValidator(_no_rule_choice)] = Field(
+        default=_DD.pixel_no_rule, validate_default=True
+    )
+
+    def to_config(self, secret_file: Path) -> DeidConfig:
+        rules = tuple(rule.to_config() for rule in self.rules)
+        return DeidConfig(secret_file=secret_file, rules=rules, **self.fields("rules", "secret_file", "scope"))
+
+
+def _secret_file(path: Path) -> Path:
+    """Readable when it exists; else creatable (serve creates it, mode 0600)."""
+    if path.exists():
+        if not os.access(path, os.R_OK):
+            raise problem(f"{path} is not readable")
+    elif reason := writable_dir_problem(path.parent):
+        raise problem(reason)
+    return path
+
+
+class DeidTable(DeidKeys):
+    """``[deid]``: the profile of routes without one, in the default scope."""
+
+    # the HMAC key of every scope (each derives its own with HKDF): created if missing
+    secret_file: Annotated[Path, BeforeValidator(_path), AfterValidator(_secret_file)] = Field(
+        default="var/secret.key", validate_default=True
+    )
+
+
+def _scope_name(what: str) -> AfterValidator:
+    def check(name: str) -> str:
+        if not _NAME_RE.match(name):
+            raise problem(f"a {what} is 1-64 letters, digits, '.', '_' or '-'")
+        return name
+
+    return AfterValidator(check)
+
+
+ProfileName = Annotated[str, _scope_name("profile name")]
+
+
+class ProfileTable(DeidKeys):
+    """``[profiles.NAME]``: any key of [deid] but secret_file, plus the scope that keys its
+    UIDs, pseudonyms, date shifts and crosswalk (default: the profile's name)."""
+
+    scope: Annotated[StrictStr, _scope_name("scope")] | None = None
+
+    @classmethod
+    def extra_reason(cls, key: str) -> str:
+        if key == "secret_file":
+            return "not allowed: every scope's keys derive from deid.secret_file"
+        return super().extra_reason(key)
+
+    def to_profile(self, name: str, secret_file: Path) -> ProfileConfig:
+        return ProfileConfig(name, self.scope or name, self.to_config(secret_file))
+
+
 @functools.cache
 def _destination_schema() -> tuple[Any, TypeAdapter[Any]]:
     """One [[destinations]] table: the union of the registered types' models (registry.py)."""
@@ -467,6 +648,15 @@ def _destination_schema() -> tuple[Any, TypeAdapter[Any]]:
 
     schema = destination_table()
     return schema, TypeAdapter(schema)
+
+
+def _validate(r: _Reader, schema: Any, data: Any, prefix: str, ctx: Site) -> Any:
+    try:
+        return TypeAdapter(schema).validate_python(data, context=ctx)
+    except ValidationError as exc:
+        for key, reason in _lines(exc, schema, prefix):
+            r.problem(key, reason)
+        return None
 
 
 def _lines(exc: ValidationError, root: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -652,8 +842,11 @@ def parse_config(raw: dict[str, Any], file: Path) -> Config:
     if queue.retry_max_seconds < queue.retry_initial_seconds:
         r.problem("queue.retry_max_seconds", "must be >= queue.retry_initial_seconds")
 
-    deid = _parse_deid(r, raw, base)
-    profiles = _parse_profiles(r, raw, base, deid)
+    ctx = Site(base)
+    deid_table = _validate(r, DeidTable, r.table(raw, "deid"), "deid", ctx)
+    deid = deid_table.to_config(deid_table.secret_file) if deid_table else DeidConfig(resolve(base, "var/secret.key"))
+    profile_tables = _validate(r, dict[ProfileName, ProfileTable], r.table(raw, "profiles"), "profiles", ctx) or {}
+    profiles = tuple(p.to_profile(name, deid.secret_file) for name, p in profile_tables.items())
 
     # [[destinations]]
     destinations: list[DestinationConfig] = []
@@ -804,110 +997,6 @@ def _route_attribute(r: _Reader, where: str, key: str) -> bool:
     return True
 
 
-def _parse_profiles(r: _Reader, raw: dict[str, Any], base: Path, deid: DeidConfig) -> tuple[ProfileConfig, ...]:
-    """[profiles.NAME]: the keys of [deid] (parsed by the same code) plus scope; one secret."""
-    tables = r.table(raw, "profiles")
-    out: list[ProfileConfig] = []
-    for name, table in tables.items():
-        where = f"profiles.{name}"
-        if not _NAME_RE.match(name):
-            r.problem(where, "a profile name is 1-64 letters, digits, '.', '_' or '-'")
-            continue
-        if not isinstance(table, dict):
-            r.problem(where, "must be a table")
-            continue
-        body = {k: v for k, v in table.items() if k not in ("scope", "secret_file")}
-        body["secret_file"] = str(deid.secret_file)  # checked once, under deid.secret_file
-        if "secret_file" in table:
-            r.problem(f"{where}.secret_file", "not allowed: every scope's keys derive from deid.secret_file")
-        scope = r.get(table, where, "scope", str, name)
-        if not _NAME_RE.match(scope):
-            r.problem(f"{where}.scope", "a scope is 1-64 letters, digits, '.', '_' or '-'")
-        sub = _Reader(r.file)
-        parsed = _parse_deid(sub, {"deid": body}, base)
-        allowed = ", ".join(k for k in (*DeidConfig.__dataclass_fields__, "scope") if k != "secret_file")
-        for _file, key, reason in sub.problems:
-            if key == "deid.secret_file":
-                continue
-            if reason.startswith("unknown key"):
-                reason = f"unknown key (allowed: {allowed})"
-            r.problem(where + key.removeprefix("deid"), reason.replace("deid.", f"{where}."))
-        out.append(ProfileConfig(name, scope, replace(parsed, secret_file=deid.secret_file)))
-    return tuple(out)
-
-
-def _parse_deid(r: _Reader, raw: dict[str, Any], base: Path) -> DeidConfig:
-    """The [deid] table (also each [profiles.NAME], through :func:`_parse_profiles`)."""
-    # [deid]
-    de = r.table(raw, "deid")
-    r.unknown(de, "deid", tuple(f for f in DeidConfig.__dataclass_fields__))
-    options = r.strings(de, "deid", "options")
-    for opt in options:
-        if opt not in DEID_OPTIONS:
-            r.problem("deid.options", f"unknown option {opt!r} (known: {', '.join(DEID_OPTIONS)})")
-    if "retain_long_full_dates" in options and "retain_long_modified_dates" in options:
-        r.problem("deid.options", "retain_long_full_dates and retain_long_modified_dates exclude each other")
-    burned = r.get(de, "deid", "burned_in_annotation", str, "quarantine")
-    if burned not in BURNED_IN_CHOICES:
-        r.problem("deid.burned_in_annotation", f"must be one of {', '.join(BURNED_IN_CHOICES)}")
-    secret_file = resolve(base, r.get(de, "deid", "secret_file", str, "var/secret.key"))
-    if secret_file.exists():
-        if not os.access(secret_file, os.R_OK):
-            r.problem("deid.secret_file", f"{secret_file} is not readable")
-    else:
-        _check_writable_dir(r, "deid.secret_file", secret_file.parent)
-    rules: list[DeidRule] = []
-    raw_rules = de.get("rules", [])
-    if not isinstance(raw_rules, list):
-        r.problem("deid.rules", "must be an array of tables ([[deid.rules]])")
-        raw_rules = []
-    for i, rule in enumerate(raw_rules):
-        where = f"deid.rules[{i}]"
-        if not isinstance(rule, dict):
-            r.problem(where, "must be a table")
-            continue
-        r.unknown(rule, where, ("tag", "action", "value"))
-        tag = r.get(rule, where, "tag", str, "")
-        action = r.get(rule, where, "action", str, "")
-        value = rule.get("value")
-        if not tag:
-            r.problem(f"{where}.tag", "is required")
-        elif not _TAG_RE.match(tag) and not _known_keyword(tag):
-            r.problem(f"{where}.tag", f"{tag!r} is neither a DICOM keyword nor (gggg,eeee)")
-        if action not in RULE_ACTIONS:
-            r.problem(f"{where}.action", f"must be one of {', '.join(RULE_ACTIONS)}")
-        if action == "replace" and not isinstance(value, str):
-            r.problem(f"{where}.value", "is required (a string) for action 'replace'")
-        elif action != "replace" and value is not None:
-            r.problem(f"{where}.value", "is only allowed with action 'replace'")
-        rules.append(DeidRule(tag=tag, action=action, value=value if isinstance(value, str) else None))
-    mapping_raw = r.get(de, "deid", "patient_mapping_csv", str, "")
-    mapping = resolve(base, mapping_raw) if mapping_raw else None
-    if mapping is not None and not (mapping.is_file() and os.access(mapping, os.R_OK)):
-        r.problem("deid.patient_mapping_csv", f"{mapping} is not a readable file")
-    dd = DeidConfig(secret_file=secret_file)
-    deid = DeidConfig(
-        secret_file=secret_file,
-        options=options,
-        burned_in_annotation=burned,
-        rules=tuple(rules),
-        pseudonym_prefix=r.get(de, "deid", "pseudonym_prefix", str, dd.pseudonym_prefix),
-        pseudonym_length=r.number(de, "deid", "pseudonym_length", int, dd.pseudonym_length, 6),
-        patient_name_pattern=r.get(de, "deid", "patient_name_pattern", str, dd.patient_name_pattern),
-        date_shift_min_days=r.get(de, "deid", "date_shift_min_days", int, dd.date_shift_min_days),
-        date_shift_max_days=r.get(de, "deid", "date_shift_max_days", int, dd.date_shift_max_days),
-        patient_mapping_csv=mapping,
-        **_pixel_keys(r, de, base),
-    )
-    if deid.date_shift_min_days > deid.date_shift_max_days:
-        r.problem("deid.date_shift_max_days", "must be >= deid.date_shift_min_days")
-    if "{pseudonym}" not in deid.patient_name_pattern:
-        r.problem("deid.patient_name_pattern", "must contain {pseudonym}")
-    if len(deid.pseudonym_prefix) + deid.pseudonym_length > 64:
-        r.problem("deid.pseudonym_length", "prefix plus length must fit PatientID (64 characters)")
-    return deid
-
-
 # -- network security ("Network security" in the contract) -----------------------------------
 
 def _cidrs(r: _Reader, values: tuple[str, ...], where: str) -> tuple[str, ...]:
@@ -979,29 +1068,6 @@ def _listener_network(r: _Reader, li: dict[str, Any], base: Path, d: ListenerCon
     )
 
 
-def _pixel_keys(r: _Reader, de: dict[str, Any], base: Path) -> dict[str, Any]:
-    """deid.pixel_rules_file, deid.pixel_ocr and deid.pixel_no_rule, validated."""
-    import shutil
-
-    from deid_router.deid.pixel_rules import read_rules_file
-
-    raw = r.get(de, "deid", "pixel_rules_file", str, "")
-    rules_file = resolve(base, raw) if raw else None
-    if rules_file is not None:
-        _, problems = read_rules_file(rules_file)
-        for file, key, reason in problems:
-            r.problem("deid.pixel_rules_file" if key == "-" else f"deid.pixel_rules_file {key}", f"{reason} ({file})")
-    ocr = r.get(de, "deid", "pixel_ocr", bool, False)
-    if ocr and shutil.which("tesseract") is None:
-        r.problem("deid.pixel_ocr", "tesseract is not installed (Debian: apt-get install tesseract-ocr)")
-    no_rule = r.get(de, "deid", "pixel_no_rule", str, "quarantine")
-    if no_rule not in PIXEL_NO_RULE_CHOICES:
-        r.problem("deid.pixel_no_rule", f"must be one of {', '.join(PIXEL_NO_RULE_CHOICES)}")
-    elif no_rule == "ocr_clear" and not ocr:
-        r.problem("deid.pixel_no_rule", "'ocr_clear' needs deid.pixel_ocr = true")
-    return {"pixel_rules_file": rules_file, "pixel_ocr": ocr, "pixel_no_rule": no_rule}
-
-
 def _parse_http(r: _Reader, raw: dict[str, Any], base: Path) -> HttpConfig:
     """``[http]`` host, port and the optional ``[http.tls]`` cert_file / key_file."""
     ht = r.table(raw, "http")
@@ -1026,8 +1092,3 @@ def _parse_http(r: _Reader, raw: dict[str, Any], base: Path) -> HttpConfig:
         cert_file=files["cert_file"], key_file=files["key_file"],
     )
 
-
-def _known_keyword(name: str) -> bool:
-    from pydicom.datadict import tag_for_keyword
-
-    return tag_for_keyword(name) is not None
