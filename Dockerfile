@@ -13,6 +13,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /build
 COPY pyproject.toml README.md ./
 COPY deid_router ./deid_router
+COPY migrations ./migrations
 RUN pip install ".[codecs]" \
     && rm -rf /build
 

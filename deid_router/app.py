@@ -106,7 +106,7 @@ class Context:
             lanes[d.name] = []
             for _ in range(d.max_associations):
                 dest = build_destination(d, calling)
-                if d.type in ("dicom", "dicomweb"):  # connections to a remote service: bounded
+                if handler_for(d.type).leased:  # connections to a remote service: bounded
                     lane: Lane = LeasedLane(dest, leases, d.max_associations, f"{owner}/{k}",
                                             self.config.queue.lease_seconds)
                 else:

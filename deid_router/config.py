@@ -1,22 +1,47 @@
 """Typed, validated configuration (see ../shared/contract.md).
 
-Every problem is collected (file, key, reason) so that ``check-config`` can print them all at
-once. Unknown keys are errors: a typo must never silently weaken de-identification. Relative
-paths resolve against the directory of the config file.
+The TOML document is validated by pydantic models, one per table (``Table``: extra="forbid",
+no conversion between types), whose errors become the (file, key, reason) lines that
+``check-config`` prints, all at once. Unknown keys are errors: a typo must never silently
+weaken de-identification. Relative paths resolve against the directory of the config file.
+The validated tables build the frozen dataclasses (``Config`` and its parts) the node uses.
+``[[destinations]]`` tables are the models each destination type registers in
+``forward/registry.py``, told apart by ``type``.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Any, Self, Union, get_args, get_origin
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from deid_router.errors import ConfigError, TlsError
+
+if TYPE_CHECKING:
+    from deid_router.forward.targets import DestinationTable
 
 ENV_CONFIG = "DEID_ROUTER_CONFIG"
 ENV_QUEUE_URL = "DEID_ROUTER_QUEUE_URL"
@@ -124,7 +149,7 @@ class DeidConfig:
 @dataclass(frozen=True)
 class DestinationConfig:
     name: str
-    type: str  # "dicom" | "folder"
+    type: str  # a registered type (forward/registry.py): "dicom" | "folder" | "dicomweb"
     ae_title: str = ""
     host: str = ""
     port: int = 0
@@ -148,9 +173,6 @@ class DestinationConfig:
     password_file: Path | None = None
     token_file: Path | None = None
     instances_per_request: int = 16  # (ca_file above: also the STOW-RS server's CA)
-
-
-DICOMWEB_KEYS = ("url", "username", "password_file", "token_file", "ca_file", "instances_per_request")
 
 
 @dataclass(frozen=True)
@@ -239,68 +261,103 @@ class Config:
         raise KeyError(name)
 
 
-class _Reader:
-    """Collects problems while pulling typed values out of nested TOML tables."""
+# --------------------------------------------------------------------------- the TOML schema
+# pydantic models of the TOML tables (extra="forbid": a typo is an error, never a silently
+# ignored key). Their errors become today's (file, key, reason) lines in _lines(); the
+# validated tables build the frozen dataclasses above, which are what the node uses.
 
-    def __init__(self, file: str) -> None:
-        self.file = file
-        self.problems: list[tuple[str, str, str]] = []
-
-    def problem(self, key: str, reason: str) -> None:
-        self.problems.append((self.file, key, reason))
-
-    def table(self, data: dict[str, Any], key: str) -> dict[str, Any]:
-        value = data.get(key, {})
-        if not isinstance(value, dict):
-            self.problem(key, "must be a table")
-            return {}
-        return value
-
-    def unknown(self, data: dict[str, Any], prefix: str, allowed: tuple[str, ...]) -> None:
-        for k in data:
-            if k not in allowed:
-                where = f"{prefix}.{k}" if prefix else k
-                self.problem(where, f"unknown key (allowed: {', '.join(allowed)})")
-
-    def get(self, data: dict[str, Any], prefix: str, key: str, kind: type, default: Any) -> Any:
-        where = f"{prefix}.{key}"
-        if key not in data:
-            return default
-        value = data[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
-            self.problem(where, f"must be a {kind.__name__}, got {type(value).__name__}")
-            return default
-        return value
-
-    def number(
-        self, data: dict[str, Any], prefix: str, key: str, kind: type, default: Any, minimum: float
-    ) -> Any:
-        value = self.get(data, prefix, key, kind, default)
-        if value < minimum:
-            self.problem(f"{prefix}.{key}", f"must be >= {minimum}")
-            return default
-        return value
-
-    def strings(self, data: dict[str, Any], prefix: str, key: str) -> tuple[str, ...]:
-        value = data.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            self.problem(f"{prefix}.{key}", "must be a list of strings")
-            return ()
-        return tuple(value)
-
-    def ae_title(self, value: str, where: str) -> None:
-        if not _AE_RE.match(value) or not value.strip():
-            self.problem(where, "must be 1-16 printable characters without backslash")
+PROBLEM = "deid_router_config"  # the error type of Problems: reasons written for operators
 
 
-def _resolve(base: Path, value: str) -> Path:
+@dataclass(frozen=True)
+class Site:
+    """The validation context: where relative paths resolve, and the names other tables may
+    refer to (as written, so that a route naming a destination that has its own mistake is
+    not also reported as naming an unknown one)."""
+
+    base: Path
+    destinations: tuple[str, ...] | None = None  # None: references are not checked
+    profiles: tuple[str, ...] | None = None
+    queue_url: str = ""  # DEID_ROUTER_QUEUE_URL, when set
+
+
+def site(info: ValidationInfo) -> Site:
+    """The context of this validation (the current folder when a table is validated alone)."""
+    return info.context if isinstance(info.context, Site) else Site(Path.cwd())
+
+
+class Problems:
+    """The problems one validator finds, raised together as one pydantic error that _lines()
+    splits again: ``at`` is appended to the key of the value being validated (".port"), and
+    ``{table}`` in a reason becomes the key of the table holding it ("deid", "profiles.x")."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[str, str]] = []
+
+    def add(self, reason: str, at: str = "") -> None:
+        self.found.append((at, reason))
+
+    def check(self) -> None:
+        if self.found:
+            raise _error(tuple(self.found))
+
+
+def problem(reason: str, at: str = "") -> PydanticCustomError:
+    """One problem with the value being validated (raise it)."""
+    return _error(((at, reason),))
+
+
+def _error(found: tuple[tuple[str, str], ...]) -> PydanticCustomError:
+    summary = "; ".join(f"{at}: {reason}" if at else reason for at, reason in found)
+    return PydanticCustomError(PROBLEM, "{summary}", {"summary": summary, "problems": found})
+
+
+class Table(BaseModel):
+    """A TOML table: unknown keys are errors; values are never converted from another type
+    (``port = "11112"`` is a mistake, not a port)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def extra_reason(cls, key: str) -> str:
+        """What is wrong with ``key``, which this table does not have."""
+        return f"unknown key (allowed: {', '.join(cls.model_fields)})"
+
+    @classmethod
+    def missing_reason(cls, key: str) -> str:
+        return "is required"
+
+    def fields(self, *without: str) -> dict[str, Any]:
+        """The validated values by key (to build the dataclass of the same fields)."""
+        return {k: getattr(self, k) for k in type(self).model_fields if k not in without}
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise problem(f"must be a str, got {type(value).__name__}")
+    return value
+
+
+def resolve(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return Path(os.path.normpath(p if p.is_absolute() else base / p))
 
 
-def _writable_dir(r: _Reader, where: str, path: Path) -> None:
+def _path(value: Any, info: ValidationInfo) -> Path:
+    return resolve(site(info).base, _text(value))
+
+
+def _optional_path(value: Any, info: ValidationInfo) -> Path | None:
+    return _path(value, info) if value != "" else None
+
+
+def _readable_file(path: Path | None) -> Path | None:
+    if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
+        raise problem(f"{path} is not a readable file")
+    return path
+
+
+def writable_dir_problem(path: Path) -> str | None:
     """The directory must exist and be writable, or be creatable under a writable parent."""
     probe = path
     while not probe.exists():
@@ -308,9 +365,664 @@ def _writable_dir(r: _Reader, where: str, path: Path) -> None:
             break
         probe = probe.parent
     if not probe.is_dir():
-        r.problem(where, f"{path} is not a directory")
-    elif not os.access(probe, os.W_OK | os.X_OK):
-        r.problem(where, f"{path} is not writable")
+        return f"{path} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{path} is not writable"
+    return None
+
+
+def _writable_dir(path: Path) -> Path:
+    reason = writable_dir_problem(path)
+    if reason:
+        raise problem(reason)
+    return path
+
+
+def _ae_title(value: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise problem("must be 1-16 printable characters without backslash")
+    return value
+
+
+def _optional_ae_title(value: str) -> str:
+    return _ae_title(value) if value else value
+
+
+def one_of(*choices: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise problem(f"must be one of {', '.join(choices)}")
+        return value
+
+    return AfterValidator(check)
+
+
+# Relative paths resolve against the config file's folder; "" is "not given" where optional.
+ReadableFile = Annotated[Path, BeforeValidator(_path), AfterValidator(_readable_file)]
+OptionalFile = Annotated[Path | None, BeforeValidator(_optional_path), AfterValidator(_readable_file)]
+WritableDir = Annotated[Path, BeforeValidator(_path), AfterValidator(_writable_dir)]
+AeTitle = Annotated[StrictStr, AfterValidator(_ae_title)]
+OptionalAeTitle = Annotated[StrictStr, AfterValidator(_optional_ae_title)]
+Port = Annotated[StrictInt, Field(ge=0, le=65535)]
+Seconds = Annotated[StrictFloat, Field(ge=0.1)]
+Count = Annotated[StrictInt, Field(ge=0)]
+Positive = Annotated[StrictInt, Field(ge=1)]
+
+_TYPE_ERRORS = {"int_type": "int", "string_type": "str", "bool_type": "bool", "float_type": "float"}
+
+
+def _unwrap(tp: Any) -> Any:
+    """``X`` of ``Annotated[X, ...]`` and of ``X | None``."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif get_origin(tp) in (Union, UnionType) and type(None) in get_args(tp):
+            rest = [a for a in get_args(tp) if a is not type(None)]
+            tp = rest[0] if len(rest) == 1 else Union[tuple(rest)]
+        else:
+            return tp
+
+
+def _is_table(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _tagged(tp: Any) -> tuple[Any, ...]:
+    """The members of a union of tables told apart by ``type`` (destinations); () otherwise."""
+    if get_origin(tp) in (Union, UnionType) and all(_is_table(a) for a in get_args(tp)):
+        return get_args(tp)
+    return ()
+
+
+def _walk(root: Any, loc: tuple[str | int, ...]) -> tuple[str, Any, str, Any]:
+    """Follow a pydantic error location through the schema: the key as operators write it
+    (``destinations[0].port``), the table holding its last part, that part, and its type."""
+    key, table, last, tp = "", None, "", root
+    for part in loc:
+        tp = _unwrap(tp)
+        if part == "[key]":  # the key of a dict entry was wrong, not its value
+            continue
+        if isinstance(part, int):
+            key += f"[{part}]"
+            args = get_args(tp)
+            tp = args[0] if args else None
+            continue
+        members = _tagged(tp)
+        if members:  # a tagged union: the location names the member, not a key
+            tp = next((m for m in members if part in get_args(m.model_fields["type"].annotation)), None)
+            continue
+        key = f"{key}.{part}" if key else part
+        last = part
+        if _is_table(tp):
+            table = tp
+            declared = tp.model_fields.get(part)
+            tp = declared.annotation if declared is not None else None
+        elif get_origin(tp) is dict:
+            tp = get_args(tp)[1]
+        else:
+            tp = None
+    return key, table, last, _unwrap(tp)
+
+
+def _tags(tp: Any) -> str:
+    return ", ".join(repr(a) for m in _tagged(tp) for a in get_args(m.model_fields["type"].annotation))
+
+
+def _bound(limit: float) -> str:
+    """A limit as written in the model: ``0`` for a float field's 0.0, ``0.1`` as is."""
+    return str(int(limit)) if float(limit).is_integer() else str(limit)
+
+
+def _lines(exc: ValidationError, root: Any) -> list[tuple[str, str]]:
+    """pydantic's errors as (key, reason), in the words check-config has always used."""
+    out: list[tuple[str, str]] = []
+    for err in exc.errors(include_url=False):
+        key, table, last, tp = _walk(root, err["loc"])
+        kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+        if kind == PROBLEM:  # "{table}" in a reason: the table holding the key ("deid", "profiles.x")
+            holder = key if _is_table(tp) else key.rpartition(".")[0]
+            out.extend((key + at, reason.replace("{table}", holder)) for at, reason in ctx["problems"])
+            continue
+        if kind == "extra_forbidden":
+            reason = table.extra_reason(last) if table is not None else "unknown key"
+        elif kind == "missing":
+            reason = table.missing_reason(last) if table is not None else "is required"
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            key, reason = f"{key}.type", f"must be one of {_tags(tp)}"
+        elif kind in _TYPE_ERRORS:
+            reason = f"must be a {_TYPE_ERRORS[kind]}, got {type(value).__name__}"
+        elif kind == "greater_than_equal":
+            reason = f"must be >= {_bound(ctx['ge'])}"
+        elif kind == "less_than_equal":
+            reason = f"must be <= {_bound(ctx['le'])}"
+        elif kind in ("model_type", "model_attributes_type", "dict_type"):
+            reason = "must be a table"
+        elif kind in ("tuple_type", "list_type"):
+            items = _unwrap(get_args(tp)[0]) if get_args(tp) else None
+            tables = _is_table(items) or bool(_tagged(items))
+            reason = f"must be an array of tables ([[{key}]])" if tables else "must be a list of strings"
+        else:
+            reason = str(err["msg"])
+        out.append((key, reason))
+    return out
+
+
+# --------------------------------------------------------------------------- [deid], [profiles.NAME]
+
+
+def _known_keyword(name: str) -> bool:
+    from pydicom.datadict import tag_for_keyword
+
+    return tag_for_keyword(name) is not None
+
+
+def _rule_tag(tag: str) -> str:
+    if not tag:
+        raise problem("is required")
+    if not _TAG_RE.match(tag) and not _known_keyword(tag):
+        raise problem(f"{tag!r} is neither a DICOM keyword nor (gggg,eeee)")
+    return tag
+
+
+def _value_for_action(value: str | None, info: ValidationInfo) -> str | None:
+    action = info.data.get("action")  # absent when the action itself is wrong
+    if action == "replace" and value is None:
+        raise problem("is required (a string) for action 'replace'")
+    if action not in (None, "replace") and value is not None:
+        raise problem("is only allowed with action 'replace'")
+    return value
+
+
+class RuleTable(Table):
+    """``[[deid.rules]]``: an override applied after the profile.
+
+    Checks between keys are field validators on the later key (``info.data`` holds the
+    earlier ones): they run, and are reported, even when another key of the table is wrong.
+    """
+
+    tag: Annotated[StrictStr, AfterValidator(_rule_tag)]  # keyword or "(gggg,eeee)", as written
+    action: Annotated[StrictStr, one_of(*RULE_ACTIONS)]
+    value: Annotated[StrictStr | None, AfterValidator(_value_for_action)] = Field(default=None, validate_default=True)
+
+    def to_config(self) -> DeidRule:
+        return DeidRule(**self.fields())
+
+
+def _options(options: tuple[str, ...]) -> tuple[str, ...]:
+    problems = Problems()
+    for opt in options:
+        if opt not in DEID_OPTIONS:
+            problems.add(f"unknown option {opt!r} (known: {', '.join(DEID_OPTIONS)})")
+    if "retain_long_full_dates" in options and "retain_long_modified_dates" in options:
+        problems.add("retain_long_full_dates and retain_long_modified_dates exclude each other")
+    problems.check()
+    return options
+
+
+def _name_pattern(pattern: str) -> str:
+    if "{pseudonym}" not in pattern:
+        raise problem("must contain {pseudonym}")
+    return pattern
+
+
+def _pixel_rules(path: Path | None) -> Path | None:
+    """Read the extra pixel rules now: a bad rule is named by check-config, not by a worker."""
+    if path is None:
+        return None
+    from deid_router.deid.pixel_rules import read_rules_file
+
+    _, found = read_rules_file(path)
+    problems = Problems()
+    for file, key, reason in found:
+        problems.add(f"{reason} ({file})", "" if key == "-" else f" {key}")
+    problems.check()
+    return path
+
+
+def _tesseract(ocr: bool) -> bool:
+    import shutil
+
+    if ocr and shutil.which("tesseract") is None:
+        raise problem("tesseract is not installed (Debian: apt-get install tesseract-ocr)")
+    return ocr
+
+
+def _after_min_days(days: int, info: ValidationInfo) -> int:
+    if days < info.data.get("date_shift_min_days", days):
+        raise problem("must be >= {table}.date_shift_min_days")
+    return days
+
+
+def _fits_patient_id(length: int, info: ValidationInfo) -> int:
+    if len(info.data.get("pseudonym_prefix", "")) + length > 64:
+        raise problem("prefix plus length must fit PatientID (64 characters)")
+    return length
+
+
+def _no_rule_choice(choice: str, info: ValidationInfo) -> str:
+    if choice == "ocr_clear" and info.data.get("pixel_ocr") is False:
+        raise problem("'ocr_clear' needs {table}.pixel_ocr = true")
+    return choice
+
+
+_DD = DeidConfig  # the defaults are the dataclass's
+
+
+class DeidKeys(Table):
+    """The keys of ``[deid]`` that a ``[profiles.NAME]`` may set too (all but secret_file).
+
+    A check between keys sits on the later key and reads the earlier ones from ``info.data``,
+    so it is reported together with any other mistake in the table.
+    """
+
+    options: Annotated[tuple[StrictStr, ...], AfterValidator(_options)] = _DD.options
+    burned_in_annotation: Annotated[StrictStr, one_of(*BURNED_IN_CHOICES)] = _DD.burned_in_annotation
+    rules: tuple[RuleTable, ...] = ()
+    pseudonym_prefix: StrictStr = _DD.pseudonym_prefix
+    pseudonym_length: Annotated[StrictInt, Field(ge=6), AfterValidator(_fits_patient_id)] = Field(
+        default=_DD.pseudonym_length, validate_default=True
+    )
+    patient_name_pattern: Annotated[StrictStr, AfterValidator(_name_pattern)] = _DD.patient_name_pattern
+    date_shift_min_days: StrictInt = _DD.date_shift_min_days
+    date_shift_max_days: Annotated[StrictInt, AfterValidator(_after_min_days)] = Field(
+        default=_DD.date_shift_max_days, validate_default=True
+    )
+    patient_mapping_csv: OptionalFile = None
+    pixel_rules_file: Annotated[Path | None, BeforeValidator(_optional_path), AfterValidator(_pixel_rules)] = None
+    pixel_ocr: Annotated[StrictBool, AfterValidator(_tesseract)] = _DD.pixel_ocr
+    pixel_no_rule: Annotated[StrictStr, one_of(*PIXEL_NO_RULE_CHOICES), AfterValidator(_no_rule_choice)] = Field(
+        default=_DD.pixel_no_rule, validate_default=True
+    )
+
+    def to_config(self, secret_file: Path) -> DeidConfig:
+        rules = tuple(rule.to_config() for rule in self.rules)
+        return DeidConfig(secret_file=secret_file, rules=rules, **self.fields("rules", "secret_file", "scope"))
+
+
+def _secret_file(path: Path) -> Path:
+    """Readable when it exists; else creatable (serve creates it, mode 0600)."""
+    if path.exists():
+        if not os.access(path, os.R_OK):
+            raise problem(f"{path} is not readable")
+    elif reason := writable_dir_problem(path.parent):
+        raise problem(reason)
+    return path
+
+
+class DeidTable(DeidKeys):
+    """``[deid]``: the profile of routes without one, in the default scope."""
+
+    # the HMAC key of every scope (each derives its own with HKDF): created if missing
+    secret_file: Annotated[Path, BeforeValidator(_path), AfterValidator(_secret_file)] = Field(
+        default="var/secret.key", validate_default=True
+    )
+
+
+def _scope_name(what: str) -> AfterValidator:
+    def check(name: str) -> str:
+        if not _NAME_RE.match(name):
+            raise problem(f"a {what} is 1-64 letters, digits, '.', '_' or '-'")
+        return name
+
+    return AfterValidator(check)
+
+
+ProfileName = Annotated[str, _scope_name("profile name")]
+
+
+class ProfileTable(DeidKeys):
+    """``[profiles.NAME]``: any key of [deid] but secret_file, plus the scope that keys its
+    UIDs, pseudonyms, date shifts and crosswalk (default: the profile's name)."""
+
+    scope: Annotated[StrictStr, _scope_name("scope")] | None = None
+
+    @classmethod
+    def extra_reason(cls, key: str) -> str:
+        if key == "secret_file":
+            return "not allowed: every scope's keys derive from deid.secret_file"
+        return super().extra_reason(key)
+
+    def to_profile(self, name: str, secret_file: Path) -> ProfileConfig:
+        return ProfileConfig(name, self.scope or name, self.to_config(secret_file))
+
+
+# --------------------------------------------------------------------------- [listener], [storage], [queue]
+
+
+def _cidr(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=True))
+    except ValueError as exc:
+        raise problem(f"{value!r} is not a CIDR network ({exc})") from None
+
+
+_LD = ListenerConfig  # the defaults are the dataclass's
+
+
+class ListenerTlsTable(Table):
+    """``[listener.tls]``: DICOM TLS on its own port (PS3.15 B.1, BCP 195)."""
+
+    port: Port
+    cert_file: ReadableFile
+    key_file: ReadableFile
+    ca_file: OptionalFile = None  # peers' certificates are verified against it
+    require_client_cert: StrictBool = True
+
+    @model_validator(mode="after")
+    def _context(self) -> Self:
+        """Load the files into a real context: a bad PEM or a key of another certificate is
+        found by check-config, not by the first modality."""
+        if self.require_client_cert and self.ca_file is None:
+            raise problem("is required while require_client_cert = true", ".ca_file")
+        from deid_router.tls import server_context_for
+
+        try:
+            server_context_for(self.to_config())
+        except TlsError as exc:
+            raise problem(exc.reason, f".{exc.key}") from None
+        return self
+
+    def to_config(self) -> ListenerTlsConfig:
+        return ListenerTlsConfig(**self.fields())
+
+
+class ListenerTable(Table):
+    """``[listener]``, with the network front door (allowed hosts, the plain port on or off,
+    ``[listener.tls]``, the bounds on connections before A-ASSOCIATE)."""
+
+    ae_title: AeTitle = _LD.ae_title
+    host: StrictStr = _LD.host
+    port: Port = _LD.port
+    allowed_calling_aets: tuple[AeTitle, ...] = _LD.allowed_calling_aets
+    max_associations: Positive = _LD.max_associations
+    processes: Count = _LD.processes
+    max_pdu_size: Count = _LD.max_pdu_size
+    network_timeout_seconds: Seconds = _LD.network_timeout_seconds
+    dimse_timeout_seconds: Seconds = _LD.dimse_timeout_seconds
+    allowed_hosts: tuple[Annotated[StrictStr, AfterValidator(_cidr)], ...] = _LD.allowed_hosts
+    plain: StrictBool = _LD.plain
+    tls: ListenerTlsTable | None = None
+    artim_timeout_seconds: Seconds = _LD.artim_timeout_seconds
+    max_pending_connections: Positive = _LD.max_pending_connections
+    max_pending_per_host: Positive = _LD.max_pending_per_host
+
+    @model_validator(mode="after")
+    def _something_listens(self) -> Self:
+        if not self.plain and self.tls is None:
+            raise problem("false needs a [listener.tls] table, or nothing would listen", ".plain")
+        if self.tls is not None and self.plain and self.tls.port == self.port and self.port:
+            raise problem("must differ from listener.port", ".tls.port")
+        return self
+
+    def to_config(self) -> ListenerConfig:
+        return ListenerConfig(**self.fields("tls"), tls=self.tls.to_config() if self.tls else None)
+
+
+class StorageTable(Table):
+    """``[storage]``: the holding area, quarantine and the default database live under root."""
+
+    root: WritableDir = Field(default="var", validate_default=True)
+    keep_raw_hours: Annotated[StrictFloat, Field(ge=0)] = StorageConfig.keep_raw_hours
+    min_free_mb: Count = StorageConfig.min_free_mb  # below this free space, new associations are refused
+
+    def to_config(self) -> StorageConfig:
+        return StorageConfig(**self.fields())
+
+
+def _queue_url(url: str, info: ValidationInfo) -> str:
+    url = site(info).queue_url or url  # DEID_ROUTER_QUEUE_URL overrides
+    if url and not (url.startswith("sqlite:") or url.startswith("postgresql")):
+        raise problem("must be empty (SQLite under storage.root), sqlite:///PATH or postgresql+psycopg://...")
+    return url
+
+
+def _not_below_initial(seconds: float, info: ValidationInfo) -> float:
+    if seconds < info.data.get("retry_initial_seconds", seconds):
+        raise problem("must be >= queue.retry_initial_seconds")
+    return seconds
+
+
+_QD = QueueConfig  # the defaults are the dataclass's
+
+
+class QueueTable(Table):
+    """``[queue]``: the job database and the workers (url "": SQLite under storage.root)."""
+
+    url: Annotated[StrictStr, AfterValidator(_queue_url)] = Field(default="", validate_default=True)
+    max_attempts: Positive = _QD.max_attempts
+    retry_initial_seconds: Annotated[StrictFloat, Field(ge=0)] = _QD.retry_initial_seconds
+    retry_max_seconds: Annotated[StrictFloat, Field(ge=0), AfterValidator(_not_below_initial)] = Field(
+        default=_QD.retry_max_seconds, validate_default=True
+    )
+    workers: Count = _QD.workers
+    lease_seconds: Annotated[StrictFloat, Field(ge=1)] = _QD.lease_seconds
+    batch_size: Positive = _QD.batch_size
+    poll_seconds: Annotated[StrictFloat, Field(ge=0.01)] = _QD.poll_seconds
+    busy_timeout_seconds: Seconds = _QD.busy_timeout_seconds
+    worker_nice: Annotated[StrictInt, Field(ge=0, le=19)] = _QD.worker_nice
+
+    def to_config(self, root: Path) -> QueueConfig:
+        return QueueConfig(**self.fields("url"), url=self.url or f"sqlite:///{root / 'queue.sqlite3'}")
+
+
+# --------------------------------------------------------------------------- [[routes]]
+
+
+def _route_destinations(names: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+    problems = Problems()
+    if not names:
+        problems.add("must name at least one destination")
+    known = site(info).destinations
+    for name in names:
+        if known is not None and name not in known:
+            problems.add(f"names unknown destination {name!r}")
+    problems.check()
+    return names
+
+
+def _route_match(match: dict[str, Any]) -> dict[str, Any]:
+    """v1 keys, or a top-level text or number attribute (keyword or "(gggg,eeee)"): a glob each."""
+    from deid_router.routing import attribute_tag
+
+    problems = Problems()
+    for key, glob in match.items():
+        if key not in MATCH_KEYS:
+            try:
+                attribute_tag(key)
+            except ValueError as exc:
+                reason = str(exc)
+                if reason.startswith("unknown key"):
+                    reason = f"unknown key (allowed: {', '.join(MATCH_KEYS)}, a DICOM keyword or (gggg,eeee))"
+                problems.add(reason, f".{key}")
+                continue
+        if not isinstance(glob, str):
+            problems.add("must be a string (a glob)", f".{key}")
+    problems.check()
+    return match
+
+
+def _route_profile(name: str, info: ValidationInfo) -> str:
+    known = site(info).profiles
+    if name and known is not None and name not in known:
+        raise problem(f"names unknown profile {name!r} (defined [profiles.*]: {', '.join(known) or 'none'})")
+    return name
+
+
+class RouteTable(Table):
+    """``[[routes]]``: every instance goes to the destinations of every route that matches it."""
+
+    name: StrictStr | None = None  # default: route<index>
+    destinations: Annotated[tuple[StrictStr, ...], AfterValidator(_route_destinations)] = Field(
+        default=(), validate_default=True
+    )
+    match: Annotated[dict[str, Any], AfterValidator(_route_match)] = Field(default_factory=dict)
+    profile: Annotated[StrictStr, AfterValidator(_route_profile)] = ""  # "": the [deid] table
+
+    def to_config(self, index: int) -> RouteConfig:
+        name = self.name if self.name is not None else f"route{index}"
+        return RouteConfig(name=name, destinations=self.destinations, match=dict(self.match), profile=self.profile)
+
+
+# --------------------------------------------------------------------------- [storage_commitment], [audit], [http]
+
+
+class PeerTable(Table):
+    """``[[storage_commitment.peers]]``: where to report when the association is gone."""
+
+    ae_title: AeTitle
+    host: StrictStr
+    port: Annotated[StrictInt, Field(ge=1, le=65535)]
+
+    def to_config(self) -> CommitmentPeerConfig:
+        return CommitmentPeerConfig(**self.fields())
+
+
+def _commitment(mode: str) -> str:
+    if mode not in ("held", "delivered"):
+        raise problem("must be 'held' (durably held) or 'delivered' (every destination has it)")
+    return mode
+
+
+_SD = StorageCommitmentConfig  # the defaults are the dataclass's
+
+
+class StorageCommitmentTable(Table):
+    """``[storage_commitment]``: the Storage Commitment Push Model SCP (PS3.4 J)."""
+
+    enabled: StrictBool = _SD.enabled
+    commitment: Annotated[StrictStr, AfterValidator(_commitment)] = _SD.commitment
+    wait_seconds: Annotated[StrictFloat, Field(ge=0)] = _SD.wait_seconds
+    peers: tuple[PeerTable, ...] = ()
+
+    def to_config(self) -> StorageCommitmentConfig:
+        return StorageCommitmentConfig(**self.fields("peers"), peers=tuple(p.to_config() for p in self.peers))
+
+
+def _syslog_url(url: str) -> str:
+    if url and not re.match(r"^(udp|tcp|tls)://[^/:]+:\d{1,5}$", url):
+        raise problem("must be udp://host:port, tcp://host:port or tls://host:port (or empty: off)")
+    return url
+
+
+class AuditTable(Table):
+    """``[audit]``: DICOM audit messages (PS3.15 A.5) to a syslog collector (RFC 5424)."""
+
+    syslog_url: Annotated[StrictStr, AfterValidator(_syslog_url)] = AuditConfig.syslog_url
+    ca_file: OptionalFile = None  # tls: the collector's CA
+    source_id: StrictStr = AuditConfig.source_id
+
+    def to_config(self) -> AuditConfig:
+        return AuditConfig(**self.fields())
+
+
+class HttpTlsTable(Table):
+    """``[http.tls]``: both files or neither."""
+
+    cert_file: OptionalFile = None
+    key_file: OptionalFile = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> Self:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise problem("cert_file and key_file go together")
+        return self
+
+
+class HttpTable(Table):
+    """``[http]``: console, API, health and metrics (port 0: no HTTP server)."""
+
+    host: StrictStr = HttpConfig.host
+    port: Port = HttpConfig.port
+    tls: HttpTlsTable | None = None
+
+    def to_config(self) -> HttpConfig:
+        tls = self.tls or HttpTlsTable()
+        return HttpConfig(host=self.host, port=self.port, cert_file=tls.cert_file, key_file=tls.key_file)
+
+
+# --------------------------------------------------------------------------- the document
+
+
+def _unique_names(destinations: tuple[DestinationTable, ...]) -> tuple[DestinationTable, ...]:
+    problems = Problems()
+    if not destinations:
+        problems.add("at least one [[destinations]] is required")
+    seen: set[str] = set()
+    for i, dest in enumerate(destinations):
+        if dest.name in seen:
+            problems.add(f"duplicate destination name {dest.name!r}", f"[{i}].name")
+        seen.add(dest.name)
+    problems.check()
+    return destinations
+
+
+def _some_route(routes: tuple[RouteTable, ...]) -> tuple[RouteTable, ...]:
+    if not routes:
+        raise problem("at least one [[routes]] is required, or nothing would be forwarded")
+    return routes
+
+
+def _table() -> Any:
+    """A section: absent is an empty table, validated like a written one (defaults, paths)."""
+    return Field(default_factory=dict, validate_default=True)
+
+
+class DocumentTable(Table):
+    """The whole file. ``destinations`` is typed here by the base of the registered models;
+    :func:`_document` makes the model that validates it, with their union by ``type``."""
+
+    listener: ListenerTable = _table()
+    storage: StorageTable = _table()
+    queue: QueueTable = _table()
+    deid: DeidTable = _table()
+    destinations: tuple[DestinationTable, ...] = ()
+    routes: Annotated[tuple[RouteTable, ...], AfterValidator(_some_route)] = Field(default=(), validate_default=True)
+    storage_commitment: StorageCommitmentTable = _table()
+    audit: AuditTable = _table()
+    http: HttpTable = _table()
+    profiles: dict[ProfileName, ProfileTable] = Field(default_factory=dict)
+
+    def to_config(self, file: Path) -> Config:
+        deid = self.deid.to_config(self.deid.secret_file)
+        return Config(
+            path=file,
+            listener=self.listener.to_config(),
+            storage=self.storage.to_config(),
+            queue=self.queue.to_config(self.storage.root),
+            deid=deid,
+            destinations=tuple(d.to_config() for d in self.destinations),
+            routes=tuple(route.to_config(i) for i, route in enumerate(self.routes)),
+            http=self.http.to_config(),
+            storage_commitment=self.storage_commitment.to_config(),
+            audit=self.audit.to_config(),
+            profiles=tuple(p.to_profile(name, deid.secret_file) for name, p in self.profiles.items()),
+        )
+
+
+@functools.cache
+def _document() -> type[DocumentTable]:
+    """The model of the whole file, with ``destinations`` a tuple of the registered types'
+    models told apart by ``type`` (registry.py imports this module: hence built on first use)."""
+    from deid_router.forward.registry import destination_table
+
+    entries: Any = Annotated[tuple[destination_table(), ...], AfterValidator(_unique_names)]  # type: ignore[misc]
+    return create_model(
+        "Document", __base__=DocumentTable, destinations=(entries, Field(default=(), validate_default=True))
+    )
+
+
+def _site(raw: dict[str, Any], base: Path) -> Site:
+    """The validation context: the names routes may refer to, as written."""
+    dests = raw.get("destinations")
+    names = tuple(
+        d["name"] for d in (dests if isinstance(dests, list) else [])
+        if isinstance(d, dict) and isinstance(d.get("name"), str)
+    )
+    profiles = raw.get("profiles")
+    return Site(
+        base, destinations=names, profiles=tuple(profiles) if isinstance(profiles, dict) else (),
+        queue_url=os.environ.get(ENV_QUEUE_URL, ""),
+    )
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -333,554 +1045,10 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 
 
 def parse_config(raw: dict[str, Any], file: Path) -> Config:
-    """Validate an already-parsed TOML document."""
-    r = _Reader(str(file))
-    base = file.parent
-    warnings: list[str] = []
-    r.unknown(raw, "", ("listener", "storage", "queue", "deid", "destinations", "routes", "storage_commitment", "audit",
-                     "http", "profiles"))
-
-    # [listener]
-    li = r.table(raw, "listener")
-    r.unknown(li, "listener", tuple(ListenerConfig.__dataclass_fields__))
-    d = ListenerConfig()
-    listener_net = _listener_network(r, li, base, d)
-    listener = ListenerConfig(
-        **listener_net,
-        ae_title=r.get(li, "listener", "ae_title", str, d.ae_title),
-        host=r.get(li, "listener", "host", str, d.host),
-        port=r.number(li, "listener", "port", int, d.port, 0),
-        allowed_calling_aets=r.strings(li, "listener", "allowed_calling_aets"),
-        max_associations=r.number(li, "listener", "max_associations", int, d.max_associations, 1),
-        processes=r.number(li, "listener", "processes", int, d.processes, 0),
-        max_pdu_size=r.number(li, "listener", "max_pdu_size", int, d.max_pdu_size, 0),
-        network_timeout_seconds=r.number(li, "listener", "network_timeout_seconds", float, 60.0, 0.1),
-        dimse_timeout_seconds=r.number(li, "listener", "dimse_timeout_seconds", float, 60.0, 0.1),
-    )
-    r.ae_title(listener.ae_title, "listener.ae_title")
-    for i, aet in enumerate(listener.allowed_calling_aets):
-        r.ae_title(aet, f"listener.allowed_calling_aets[{i}]")
-    if listener.port > 65535:
-        r.problem("listener.port", "must be <= 65535")
-    if listener.tls is not None and listener.plain and listener.tls.port == listener.port and listener.port:
-        r.problem("listener.tls.port", "must differ from listener.port")
-
-    # [storage]
-    st = r.table(raw, "storage")
-    r.unknown(st, "storage", tuple(StorageConfig.__dataclass_fields__))
-    root = _resolve(base, r.get(st, "storage", "root", str, "var"))
-    storage = StorageConfig(
-        root=root,
-        keep_raw_hours=r.number(st, "storage", "keep_raw_hours", float, 0.0, 0),
-        min_free_mb=r.number(st, "storage", "min_free_mb", int, 512, 0),
-    )
-    _writable_dir(r, "storage.root", root)
-
-    # [queue]
-    qu = r.table(raw, "queue")
-    r.unknown(qu, "queue", tuple(QueueConfig.__dataclass_fields__))
-    url = os.environ.get(ENV_QUEUE_URL) or r.get(qu, "queue", "url", str, "")
-    if not url:
-        url = f"sqlite:///{root / 'queue.sqlite3'}"
-    elif not (url.startswith("sqlite:") or url.startswith("postgresql")):
-        r.problem("queue.url", "must be empty (SQLite under storage.root), sqlite:///PATH or postgresql+psycopg://...")
-    queue = QueueConfig(
-        url=url,
-        max_attempts=r.number(qu, "queue", "max_attempts", int, 10, 1),
-        retry_initial_seconds=r.number(qu, "queue", "retry_initial_seconds", float, 2.0, 0),
-        retry_max_seconds=r.number(qu, "queue", "retry_max_seconds", float, 600.0, 0),
-        workers=r.number(qu, "queue", "workers", int, 0, 0),
-        lease_seconds=r.number(qu, "queue", "lease_seconds", float, 60.0, 1),
-        batch_size=r.number(qu, "queue", "batch_size", int, 32, 1),
-        poll_seconds=r.number(qu, "queue", "poll_seconds", float, 0.5, 0.01),
-        busy_timeout_seconds=r.number(qu, "queue", "busy_timeout_seconds", float, 30.0, 0.1),
-        worker_nice=r.number(qu, "queue", "worker_nice", int, 19, 0),
-    )
-    if queue.worker_nice > 19:
-        r.problem("queue.worker_nice", "must be <= 19")
-    if queue.retry_max_seconds < queue.retry_initial_seconds:
-        r.problem("queue.retry_max_seconds", "must be >= queue.retry_initial_seconds")
-
-    deid = _parse_deid(r, raw, base)
-    profiles = _parse_profiles(r, raw, base, deid)
-
-    # [[destinations]]
-    destinations: list[DestinationConfig] = []
-    raw_dests = raw.get("destinations", [])
-    if not isinstance(raw_dests, list):
-        r.problem("destinations", "must be an array of tables ([[destinations]])")
-        raw_dests = []
-    seen: set[str] = set()
-    for i, dest in enumerate(raw_dests):
-        where = f"destinations[{i}]"
-        if not isinstance(dest, dict):
-            r.problem(where, "must be a table")
-            continue
-        r.unknown(dest, where, tuple(DestinationConfig.__dataclass_fields__))
-        name = r.get(dest, where, "name", str, "")
-        if not name:
-            r.problem(f"{where}.name", "is required")
-        elif name in seen:
-            r.problem(f"{where}.name", f"duplicate destination name {name!r}")
-        seen.add(name)
-        kind = r.get(dest, where, "type", str, "")
-        dc = DestinationConfig(name=name, type=kind)
-        common: dict[str, Any] = dict(
-            name=name,
-            type=kind,
-            max_associations=r.number(dest, where, "max_associations", int, 1, 1),
-            connect_timeout_seconds=r.number(dest, where, "connect_timeout_seconds", float, dc.connect_timeout_seconds, 0.1),
-            acse_timeout_seconds=r.number(dest, where, "acse_timeout_seconds", float, dc.acse_timeout_seconds, 0.1),
-            dimse_timeout_seconds=r.number(dest, where, "dimse_timeout_seconds", float, dc.dimse_timeout_seconds, 0.1),
-            network_timeout_seconds=r.number(dest, where, "network_timeout_seconds", float, dc.network_timeout_seconds, 0.1),
-            max_pdu_size=r.number(dest, where, "max_pdu_size", int, 0, 0),
-        )
-        if kind != "dicomweb":
-            for key in DICOMWEB_KEYS:
-                if key in dest and key != "ca_file":  # ca_file: also DICOM TLS (type "dicom")
-                    r.problem(f"{where}.{key}", "is only allowed for type 'dicomweb'")
-        if kind == "dicomweb":
-            destinations.append(_parse_dicomweb(r, dest, where, base, common))
-        elif kind == "dicom":
-            for key in ("ae_title", "host", "port"):
-                if key not in dest:
-                    r.problem(f"{where}.{key}", "is required for type 'dicom'")
-            if "path" in dest:
-                r.problem(f"{where}.path", "is only allowed for type 'folder'")
-            ae = r.get(dest, where, "ae_title", str, "")
-            calling = r.get(dest, where, "calling_ae_title", str, "")
-            if "ae_title" in dest:
-                r.ae_title(ae, f"{where}.ae_title")
-            if calling:
-                r.ae_title(calling, f"{where}.calling_ae_title")
-            port = r.number(dest, where, "port", int, 0, 1)
-            if port > 65535:
-                r.problem(f"{where}.port", "must be <= 65535")
-            destinations.append(
-                DestinationConfig(
-                    ae_title=ae, host=r.get(dest, where, "host", str, ""), port=port,
-                    calling_ae_title=calling, **common, **_destination_tls(r, dest, where, base),
-                )
-            )
-        elif kind == "folder":
-            if "path" not in dest:
-                r.problem(f"{where}.path", "is required for type 'folder'")
-            for key in ("ae_title", "host", "port", "calling_ae_title", *_DESTINATION_TLS_KEYS):
-                if key in dest:
-                    r.problem(f"{where}.{key}", "is only allowed for type 'dicom'")
-            p = _resolve(base, r.get(dest, where, "path", str, "."))
-            _writable_dir(r, f"{where}.path", p)
-            destinations.append(DestinationConfig(path=p, **common))
-        else:
-            from deid_router.forward.registry import type_names
-
-            r.problem(f"{where}.type", "must be one of " + ", ".join(repr(t) for t in type_names()))
-
-    # [[routes]]
-    routes: list[RouteConfig] = []
-    raw_routes = raw.get("routes", [])
-    if not isinstance(raw_routes, list):
-        r.problem("routes", "must be an array of tables ([[routes]])")
-        raw_routes = []
-    for i, route in enumerate(raw_routes):
-        where = f"routes[{i}]"
-        if not isinstance(route, dict):
-            r.problem(where, "must be a table")
-            continue
-        r.unknown(route, where, ("name", "destinations", "match", "profile"))
-        name = r.get(route, where, "name", str, f"route{i}")
-        dests = r.strings(route, where, "destinations")
-        if not dests:
-            r.problem(f"{where}.destinations", "must name at least one destination")
-        for dn in dests:
-            if dn not in seen:
-                r.problem(f"{where}.destinations", f"names unknown destination {dn!r}")
-        match = r.table(route, "match") if "match" in route else {}
-        clean_match: dict[str, str] = {}
-        for k, v in match.items():
-            if k not in MATCH_KEYS and not _route_attribute(r, f"{where}.match.{k}", k):
-                continue
-            if isinstance(v, str):
-                clean_match[k] = v
-            else:
-                r.problem(f"{where}.match.{k}", "must be a string (a glob)")
-        profile = r.get(route, where, "profile", str, "")
-        if profile and profile not in {p.name for p in profiles}:
-            known = ", ".join(p.name for p in profiles) or "none"
-            r.problem(f"{where}.profile", f"names unknown profile {profile!r} (defined [profiles.*]: {known})")
-        routes.append(RouteConfig(name=name, destinations=dests, match=clean_match, profile=profile))
-    if not destinations:
-        r.problem("destinations", "at least one [[destinations]] is required")
-    if not routes:
-        r.problem("routes", "at least one [[routes]] is required, or nothing would be forwarded")
-    storage_commitment = _storage_commitment(r, r.table(raw, "storage_commitment"))
-    audit = _audit(r, r.table(raw, "audit"), base)
-    http = _parse_http(r, raw, base)
-
-    if r.problems:
-        raise ConfigError(r.problems)
-    return Config(
-        path=file,
-        listener=listener,
-        storage=storage,
-        queue=queue,
-        deid=deid,
-        http=http,
-        destinations=tuple(destinations),
-        routes=tuple(routes),
-        warnings=tuple(warnings),
-        storage_commitment=storage_commitment,
-        audit=audit,
-        profiles=profiles,
-    )
-
-
-def _audit(r: _Reader, au: dict[str, Any], base: Path) -> AuditConfig:
-    """[audit]: DICOM audit messages (PS3.15 A.5) to a syslog collector (RFC 5424)."""
-    r.unknown(au, "audit", tuple(AuditConfig.__dataclass_fields__))
-    url = r.get(au, "audit", "syslog_url", str, "")
-    if url and not re.match(r"^(udp|tcp|tls)://[^/:]+:\d{1,5}$", url):
-        r.problem("audit.syslog_url", "must be udp://host:port, tcp://host:port or tls://host:port (or empty: off)")
-    ca_raw = r.get(au, "audit", "ca_file", str, "")
-    ca_file = _resolve(base, ca_raw) if ca_raw else None
-    if ca_file is not None and not (ca_file.is_file() and os.access(ca_file, os.R_OK)):
-        r.problem("audit.ca_file", f"{ca_file} is not a readable file")
-    return AuditConfig(syslog_url=url, ca_file=ca_file, source_id=r.get(au, "audit", "source_id", str, ""))
-
-
-def _storage_commitment(r: _Reader, sc: dict[str, Any]) -> StorageCommitmentConfig:
-    """[storage_commitment]: the Storage Commitment Push Model SCP (PS3.4 J)."""
-    where = "storage_commitment"
-    r.unknown(sc, where, tuple(StorageCommitmentConfig.__dataclass_fields__))
-    d = StorageCommitmentConfig()
-    mode = r.get(sc, where, "commitment", str, d.commitment)
-    if mode not in ("held", "delivered"):
-        r.problem(f"{where}.commitment", "must be 'held' (durably held) or 'delivered' (every destination has it)")
-    peers: list[CommitmentPeerConfig] = []
-    raw_peers = sc.get("peers", [])
-    if not isinstance(raw_peers, list):
-        r.problem(f"{where}.peers", "must be an array of tables ([[storage_commitment.peers]])")
-        raw_peers = []
-    for i, peer in enumerate(raw_peers):
-        pw = f"{where}.peers[{i}]"
-        if not isinstance(peer, dict):
-            r.problem(pw, "must be a table")
-            continue
-        r.unknown(peer, pw, ("ae_title", "host", "port"))
-        for key in ("ae_title", "host", "port"):
-            if key not in peer:
-                r.problem(f"{pw}.{key}", "is required")
-        ae = r.get(peer, pw, "ae_title", str, "")
-        if ae:
-            r.ae_title(ae, f"{pw}.ae_title")
-        port = r.number(peer, pw, "port", int, 0, 1)
-        if port > 65535:
-            r.problem(f"{pw}.port", "must be <= 65535")
-        peers.append(CommitmentPeerConfig(ae_title=ae, host=r.get(peer, pw, "host", str, ""), port=port))
-    return StorageCommitmentConfig(
-        enabled=r.get(sc, where, "enabled", bool, d.enabled),
-        commitment=mode,
-        wait_seconds=r.number(sc, where, "wait_seconds", float, d.wait_seconds, 0),
-        peers=tuple(peers),
-    )
-
-
-def _parse_dicomweb(r: _Reader, dest: dict[str, Any], where: str, base: Path, common: dict[str, Any]) -> DestinationConfig:
-    """A STOW-RS destination: url, optional basic (username + password_file) or bearer
-    (token_file) auth, ca_file for TLS verification."""
-    for key in ("ae_title", "host", "port", "calling_ae_title", "path", *_DESTINATION_TLS_KEYS):
-        if key in dest and key != "ca_file":
-            r.problem(f"{where}.{key}", "is not allowed for type 'dicomweb' (it takes url, and ca_file for https)")
-    url = r.get(dest, where, "url", str, "")
-    if not url:
-        r.problem(f"{where}.url", "is required for type 'dicomweb' (the DICOMweb root, e.g. http://host:8042/dicom-web)")
-    elif not re.match(r"^https?://[^/\s]+", url):
-        r.problem(f"{where}.url", "must be an http:// or https:// URL")
-    files: dict[str, Path | None] = {}
-    for key in ("password_file", "token_file", "ca_file"):
-        value = r.get(dest, where, key, str, "")
-        files[key] = _resolve(base, value) if value else None
-        p = files[key]
-        if p is not None and not (p.is_file() and os.access(p, os.R_OK)):
-            r.problem(f"{where}.{key}", f"{p} is not a readable file")
-    username = r.get(dest, where, "username", str, "")
-    if bool(username) != bool(files["password_file"]):
-        r.problem(f"{where}.username", "basic auth needs both username and password_file")
-    if files["token_file"] is not None and username:
-        r.problem(f"{where}.token_file", "give either token_file (bearer) or username + password_file (basic)")
-    if files["ca_file"] is not None and not url.startswith("https://"):
-        r.problem(f"{where}.ca_file", "is only used with an https:// url")
-    return DestinationConfig(
-        url=url.rstrip("/"), username=username, password_file=files["password_file"],
-        token_file=files["token_file"], ca_file=files["ca_file"],
-        instances_per_request=r.number(dest, where, "instances_per_request", int, 16, 1), **common,
-    )
-
-
-def _route_attribute(r: _Reader, where: str, key: str) -> bool:
-    """A non-v1 match key must name a top-level text or number attribute."""
-    from deid_router.routing import attribute_tag
-
+    """Validate an already-parsed TOML document (relative paths against ``file``'s folder)."""
+    document = _document()
     try:
-        attribute_tag(key)
-    except ValueError as exc:
-        reason = str(exc)
-        if reason.startswith("unknown key"):
-            reason = f"unknown key (allowed: {', '.join(MATCH_KEYS)}, a DICOM keyword or (gggg,eeee))"
-        r.problem(where, reason)
-        return False
-    return True
-
-
-def _parse_profiles(r: _Reader, raw: dict[str, Any], base: Path, deid: DeidConfig) -> tuple[ProfileConfig, ...]:
-    """[profiles.NAME]: the keys of [deid] (parsed by the same code) plus scope; one secret."""
-    tables = r.table(raw, "profiles")
-    out: list[ProfileConfig] = []
-    for name, table in tables.items():
-        where = f"profiles.{name}"
-        if not _NAME_RE.match(name):
-            r.problem(where, "a profile name is 1-64 letters, digits, '.', '_' or '-'")
-            continue
-        if not isinstance(table, dict):
-            r.problem(where, "must be a table")
-            continue
-        body = {k: v for k, v in table.items() if k not in ("scope", "secret_file")}
-        body["secret_file"] = str(deid.secret_file)  # checked once, under deid.secret_file
-        if "secret_file" in table:
-            r.problem(f"{where}.secret_file", "not allowed: every scope's keys derive from deid.secret_file")
-        scope = r.get(table, where, "scope", str, name)
-        if not _NAME_RE.match(scope):
-            r.problem(f"{where}.scope", "a scope is 1-64 letters, digits, '.', '_' or '-'")
-        sub = _Reader(r.file)
-        parsed = _parse_deid(sub, {"deid": body}, base)
-        allowed = ", ".join(k for k in (*DeidConfig.__dataclass_fields__, "scope") if k != "secret_file")
-        for _file, key, reason in sub.problems:
-            if key == "deid.secret_file":
-                continue
-            if reason.startswith("unknown key"):
-                reason = f"unknown key (allowed: {allowed})"
-            r.problem(where + key.removeprefix("deid"), reason.replace("deid.", f"{where}."))
-        out.append(ProfileConfig(name, scope, replace(parsed, secret_file=deid.secret_file)))
-    return tuple(out)
-
-
-def _parse_deid(r: _Reader, raw: dict[str, Any], base: Path) -> DeidConfig:
-    """The [deid] table (also each [profiles.NAME], through :func:`_parse_profiles`)."""
-    # [deid]
-    de = r.table(raw, "deid")
-    r.unknown(de, "deid", tuple(f for f in DeidConfig.__dataclass_fields__))
-    options = r.strings(de, "deid", "options")
-    for opt in options:
-        if opt not in DEID_OPTIONS:
-            r.problem("deid.options", f"unknown option {opt!r} (known: {', '.join(DEID_OPTIONS)})")
-    if "retain_long_full_dates" in options and "retain_long_modified_dates" in options:
-        r.problem("deid.options", "retain_long_full_dates and retain_long_modified_dates exclude each other")
-    burned = r.get(de, "deid", "burned_in_annotation", str, "quarantine")
-    if burned not in BURNED_IN_CHOICES:
-        r.problem("deid.burned_in_annotation", f"must be one of {', '.join(BURNED_IN_CHOICES)}")
-    secret_file = _resolve(base, r.get(de, "deid", "secret_file", str, "var/secret.key"))
-    if secret_file.exists():
-        if not os.access(secret_file, os.R_OK):
-            r.problem("deid.secret_file", f"{secret_file} is not readable")
-    else:
-        _writable_dir(r, "deid.secret_file", secret_file.parent)
-    rules: list[DeidRule] = []
-    raw_rules = de.get("rules", [])
-    if not isinstance(raw_rules, list):
-        r.problem("deid.rules", "must be an array of tables ([[deid.rules]])")
-        raw_rules = []
-    for i, rule in enumerate(raw_rules):
-        where = f"deid.rules[{i}]"
-        if not isinstance(rule, dict):
-            r.problem(where, "must be a table")
-            continue
-        r.unknown(rule, where, ("tag", "action", "value"))
-        tag = r.get(rule, where, "tag", str, "")
-        action = r.get(rule, where, "action", str, "")
-        value = rule.get("value")
-        if not tag:
-            r.problem(f"{where}.tag", "is required")
-        elif not _TAG_RE.match(tag) and not _known_keyword(tag):
-            r.problem(f"{where}.tag", f"{tag!r} is neither a DICOM keyword nor (gggg,eeee)")
-        if action not in RULE_ACTIONS:
-            r.problem(f"{where}.action", f"must be one of {', '.join(RULE_ACTIONS)}")
-        if action == "replace" and not isinstance(value, str):
-            r.problem(f"{where}.value", "is required (a string) for action 'replace'")
-        elif action != "replace" and value is not None:
-            r.problem(f"{where}.value", "is only allowed with action 'replace'")
-        rules.append(DeidRule(tag=tag, action=action, value=value if isinstance(value, str) else None))
-    mapping_raw = r.get(de, "deid", "patient_mapping_csv", str, "")
-    mapping = _resolve(base, mapping_raw) if mapping_raw else None
-    if mapping is not None and not (mapping.is_file() and os.access(mapping, os.R_OK)):
-        r.problem("deid.patient_mapping_csv", f"{mapping} is not a readable file")
-    dd = DeidConfig(secret_file=secret_file)
-    deid = DeidConfig(
-        secret_file=secret_file,
-        options=options,
-        burned_in_annotation=burned,
-        rules=tuple(rules),
-        pseudonym_prefix=r.get(de, "deid", "pseudonym_prefix", str, dd.pseudonym_prefix),
-        pseudonym_length=r.number(de, "deid", "pseudonym_length", int, dd.pseudonym_length, 6),
-        patient_name_pattern=r.get(de, "deid", "patient_name_pattern", str, dd.patient_name_pattern),
-        date_shift_min_days=r.get(de, "deid", "date_shift_min_days", int, dd.date_shift_min_days),
-        date_shift_max_days=r.get(de, "deid", "date_shift_max_days", int, dd.date_shift_max_days),
-        patient_mapping_csv=mapping,
-        **_pixel_keys(r, de, base),
-    )
-    if deid.date_shift_min_days > deid.date_shift_max_days:
-        r.problem("deid.date_shift_max_days", "must be >= deid.date_shift_min_days")
-    if "{pseudonym}" not in deid.patient_name_pattern:
-        r.problem("deid.patient_name_pattern", "must contain {pseudonym}")
-    if len(deid.pseudonym_prefix) + deid.pseudonym_length > 64:
-        r.problem("deid.pseudonym_length", "prefix plus length must fit PatientID (64 characters)")
-    return deid
-
-
-# -- network security ("Network security" in the contract) -----------------------------------
-
-_DESTINATION_TLS_KEYS = ("tls", "ca_file", "cert_file", "key_file", "server_name")
-
-
-def _cidrs(r: _Reader, values: tuple[str, ...], where: str) -> tuple[str, ...]:
-    out: list[str] = []
-    for i, value in enumerate(values):
-        try:
-            out.append(str(ipaddress.ip_network(value.strip(), strict=True)))
-        except ValueError as exc:
-            r.problem(f"{where}[{i}]", f"{value!r} is not a CIDR network ({exc})")
-    return tuple(out)
-
-
-def _tls_problems(r: _Reader, where: str, files: dict[str, Path | None], build: Callable[[], object]) -> None:
-    """Every file must be readable; then load them into a real context: a bad PEM or a key
-    of another certificate is found by check-config, not by the first modality."""
-    unreadable = False
-    for key, path in files.items():
-        if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
-            r.problem(f"{where}.{key}", f"{path} is not a readable file")
-            unreadable = True
-    if unreadable:
-        return
-    try:
-        build()
-    except TlsError as exc:
-        r.problem(f"{where}.{exc.key}", exc.reason)
-
-
-def _listener_network(r: _Reader, li: dict[str, Any], base: Path, d: ListenerConfig) -> dict[str, Any]:
-    """The front-door keys of [listener] and its [listener.tls] table."""
-    tls: ListenerTlsConfig | None = None
-    if "tls" in li:
-        tl = r.table(li, "tls")
-        where = "listener.tls"
-        r.unknown(tl, where, tuple(ListenerTlsConfig.__dataclass_fields__))
-        for key in ("port", "cert_file", "key_file"):
-            if key not in tl:
-                r.problem(f"{where}.{key}", "is required in [listener.tls]")
-        port = r.number(tl, where, "port", int, 0, 0)
-        if port > 65535:
-            r.problem(f"{where}.port", "must be <= 65535")
-        require = r.get(tl, where, "require_client_cert", bool, True)
-        ca_raw = r.get(tl, where, "ca_file", str, "")
-        if require and not ca_raw:
-            r.problem(f"{where}.ca_file", "is required while require_client_cert = true")
-        cert_raw, key_raw = r.get(tl, where, "cert_file", str, ""), r.get(tl, where, "key_file", str, "")
-        tls = built = ListenerTlsConfig(
-            port=port,
-            cert_file=_resolve(base, cert_raw),
-            key_file=_resolve(base, key_raw),
-            ca_file=_resolve(base, ca_raw) if ca_raw else None,
-            require_client_cert=require,
-        )
-        if cert_raw and key_raw and (ca_raw or not require):
-            from deid_router.tls import server_context_for
-
-            files = {"cert_file": built.cert_file, "key_file": built.key_file, "ca_file": built.ca_file}
-            _tls_problems(r, where, files, lambda: server_context_for(built))
-    plain = r.get(li, "listener", "plain", bool, True)
-    if not plain and tls is None:
-        r.problem("listener.plain", "false needs a [listener.tls] table, or nothing would listen")
-    return dict(
-        allowed_hosts=_cidrs(r, r.strings(li, "listener", "allowed_hosts"), "listener.allowed_hosts"),
-        plain=plain,
-        tls=tls,
-        artim_timeout_seconds=r.number(li, "listener", "artim_timeout_seconds", float, d.artim_timeout_seconds, 0.1),
-        max_pending_connections=r.number(li, "listener", "max_pending_connections", int, d.max_pending_connections, 1),
-        max_pending_per_host=r.number(li, "listener", "max_pending_per_host", int, d.max_pending_per_host, 1),
-    )
-
-
-def _destination_tls(r: _Reader, dest: dict[str, Any], where: str, base: Path) -> dict[str, Any]:
-    """The TLS keys of a type "dicom" destination."""
-    tls = r.get(dest, where, "tls", bool, False)
-    paths: dict[str, Path | None] = {}
-    for key in ("ca_file", "cert_file", "key_file"):
-        raw = r.get(dest, where, key, str, "")
-        paths[key] = _resolve(base, raw) if raw else None
-    server_name = r.get(dest, where, "server_name", str, "")
-    if not tls:
-        for key in ("ca_file", "cert_file", "key_file", "server_name"):
-            if key in dest:
-                r.problem(f"{where}.{key}", "is only used with tls = true")
-    elif (paths["cert_file"] is None) != (paths["key_file"] is None):
-        missing = "key_file" if paths["key_file"] is None else "cert_file"
-        r.problem(f"{where}.{missing}", "cert_file and key_file go together (our client certificate)")
-    else:
-        from deid_router.tls import client_context
-
-        _tls_problems(r, where, paths, lambda: client_context(paths["ca_file"], paths["cert_file"], paths["key_file"]))
-    return dict(tls=tls, server_name=server_name, **paths)
-
-
-def _pixel_keys(r: _Reader, de: dict[str, Any], base: Path) -> dict[str, Any]:
-    """deid.pixel_rules_file, deid.pixel_ocr and deid.pixel_no_rule, validated."""
-    import shutil
-
-    from deid_router.deid.pixel_rules import read_rules_file
-
-    raw = r.get(de, "deid", "pixel_rules_file", str, "")
-    rules_file = _resolve(base, raw) if raw else None
-    if rules_file is not None:
-        _, problems = read_rules_file(rules_file)
-        for file, key, reason in problems:
-            r.problem("deid.pixel_rules_file" if key == "-" else f"deid.pixel_rules_file {key}", f"{reason} ({file})")
-    ocr = r.get(de, "deid", "pixel_ocr", bool, False)
-    if ocr and shutil.which("tesseract") is None:
-        r.problem("deid.pixel_ocr", "tesseract is not installed (Debian: apt-get install tesseract-ocr)")
-    no_rule = r.get(de, "deid", "pixel_no_rule", str, "quarantine")
-    if no_rule not in PIXEL_NO_RULE_CHOICES:
-        r.problem("deid.pixel_no_rule", f"must be one of {', '.join(PIXEL_NO_RULE_CHOICES)}")
-    elif no_rule == "ocr_clear" and not ocr:
-        r.problem("deid.pixel_no_rule", "'ocr_clear' needs deid.pixel_ocr = true")
-    return {"pixel_rules_file": rules_file, "pixel_ocr": ocr, "pixel_no_rule": no_rule}
-
-
-def _parse_http(r: _Reader, raw: dict[str, Any], base: Path) -> HttpConfig:
-    """``[http]`` host, port and the optional ``[http.tls]`` cert_file / key_file."""
-    ht = r.table(raw, "http")
-    r.unknown(ht, "http", ("host", "port", "tls"))
-    d = HttpConfig()
-    port = r.number(ht, "http", "port", int, d.port, 0)
-    if port > 65535:
-        r.problem("http.port", "must be <= 65535")
-    tls = r.table(ht, "tls") if "tls" in ht else {}
-    r.unknown(tls, "http.tls", ("cert_file", "key_file"))
-    files: dict[str, Path | None] = {}
-    for key in ("cert_file", "key_file"):
-        value = r.get(tls, "http.tls", key, str, "")
-        files[key] = _resolve(base, value) if value else None
-        path = files[key]
-        if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
-            r.problem(f"http.tls.{key}", f"{path} is not a readable file")
-    if (files["cert_file"] is None) != (files["key_file"] is None):
-        r.problem("http.tls", "cert_file and key_file go together")
-    return HttpConfig(
-        host=r.get(ht, "http", "host", str, d.host), port=port,
-        cert_file=files["cert_file"], key_file=files["key_file"],
-    )
-
-
-def _known_keyword(name: str) -> bool:
-    from pydicom.datadict import tag_for_keyword
-
-    return tag_for_keyword(name) is not None
+        table = document.model_validate(raw, context=_site(raw, file.parent))
+    except ValidationError as exc:
+        raise ConfigError([(str(file), key, reason) for key, reason in _lines(exc, document)]) from None
+    return table.to_config(file)

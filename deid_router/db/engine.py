@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
+from functools import cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,28 @@ from sqlalchemy.exc import DBAPIError
 from deid_router.db.models import utc_now
 from deid_router.errors import QueueError
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_PACKAGE = "deid_router.migrations"  # the top-level migrations/ folder, installed under this name
 READ_ONLY_OPTION = "deid_router_read_only"
 _REVISION_LINE = re.compile(r"^(down_)?revision\b[^=\n]*=\s*(.+?)\s*$", re.M)
 SQLITE_BUSY_TIMEOUT_MS = 30000
+
+
+@cache
+def migrations_dir() -> Path:
+    """The Alembic scripts, wherever the install put them.
+
+    The source tree keeps them in the top-level ``migrations/`` folder; pyproject.toml installs
+    that folder as the package ``deid_router.migrations`` (in a wheel as in an editable
+    install), so the import system, not a path relative to this file, finds them.
+    """
+    try:
+        where = files(MIGRATIONS_PACKAGE)
+    except ModuleNotFoundError as exc:
+        raise QueueError(f"the database migrations ({MIGRATIONS_PACKAGE}) are missing: reinstall deid-router") from exc
+    path = Path(str(where))
+    if not (path / "env.py").is_file():
+        raise QueueError(f"the database migrations ({MIGRATIONS_PACKAGE}) are not a folder on disk: {path}")
+    return path
 
 
 def make_engine(url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, **kwargs: Any) -> Engine:
@@ -89,7 +109,7 @@ def migrate(engine: Engine) -> None:
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     try:
         with engine.begin() as conn:
             if conn.dialect.name == "postgresql":
@@ -104,7 +124,7 @@ def _script_heads() -> set[str] | None:
     """Head revisions of the migration scripts, read from their text (None: not sure)."""
     revisions: set[str] = set()
     downs: set[str] = set()
-    for script in (MIGRATIONS_DIR / "versions").glob("*.py"):
+    for script in (migrations_dir() / "versions").glob("*.py"):
         if script.name == "__init__.py":
             continue
         found = {m.group(1) or "": m.group(2) for m in _REVISION_LINE.finditer(script.read_text(encoding="utf-8"))}

@@ -18,7 +18,7 @@ from sqlalchemy import Engine, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from deid_router.db.engine import MIGRATIONS_DIR, make_engine
+from deid_router.db.engine import make_engine, migrations_dir
 from deid_router.db.repository import JobRepository
 from deid_router.deid.keys import Keys
 from deid_router.errors import ConfigError, MissingDatabaseError, QueueError, SecretMismatchError
@@ -58,7 +58,7 @@ def _head_revisions() -> set[str]:
     from alembic.script import ScriptDirectory
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     return set(ScriptDirectory.from_config(cfg).get_heads())
 
 
