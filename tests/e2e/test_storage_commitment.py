@@ -123,18 +123,30 @@ def test_commitment_reported_on_a_new_association_when_the_modality_left(tmp_pat
     port = free_port()
     server = modality.start_server(("127.0.0.1", port), block=False,
                                    evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)])
+    require_tool("storescp")
+    pacs_port = free_port()
     try:
-        router = RouterProcess(tmp_path / "router", [{"name": "out", "type": "folder", "path": "out"}])
-        router.extra = {"storage_commitment": {"peers": [{"ae_title": "MODALITY", "host": "127.0.0.1", "port": port}]}}
+        # "delivered" with the PACS down: the result cannot be known while the modality is still
+        # there (a report on the same association would race its release), only once it left
+        router = RouterProcess(
+            tmp_path / "router", [dicom_destination("pacs", pacs_port, "PACS", connect_timeout_seconds=1)],
+        )
+        router.extra = {"storage_commitment": {
+            "commitment": "delivered", "wait_seconds": 120,
+            "peers": [{"ae_title": "MODALITY", "host": "127.0.0.1", "port": port}],
+        }}
         router.write_config()
         with router:
             refs = _sent(tmp_path, router)
-            assert _ask(router, refs, _Reports(), keep_open=0) == 0x0000  # releases at once
-            assert reports.arrived.wait(30), router.log_text()[-2000:]
-            event_type, info = reports.got[0]
-            assert event_type == 1
-            assert _committed(info) == {inst for _c, inst in refs}
-            wait_until(lambda: '"via": "new_association"' in router.log_text(), 10, 0.1, "the report to be logged")
+            same = _Reports()
+            assert _ask(router, refs, same, keep_open=0) == 0x0000  # releases at once
+            assert not same.got
+            with StoreSCP(tmp_path / "pacs", ae_title="PACS", port=pacs_port):
+                assert reports.arrived.wait(90), router.log_text()[-2000:]
+                event_type, info = reports.got[0]
+                assert event_type == 1
+                assert _committed(info) == {inst for _c, inst in refs}
+                wait_until(lambda: '"via": "new_association"' in router.log_text(), 10, 0.1, "the report to be logged")
     finally:
         server.shutdown()
 
