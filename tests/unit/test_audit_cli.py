@@ -9,26 +9,14 @@ from pathlib import Path
 import pytest
 
 from deid_router.cli import main
+from tests.support.configs import FOLDER_NODE
 
-CONFIG = """
-[storage]
-root = "var"
-[deid]
-secret_file = "var/secret.key"
-[[destinations]]
-name = "outbox"
-type = "folder"
-path = "var/outbox"
-[[routes]]
-name = "all"
-destinations = ["outbox"]
-"""
 
 
 def _config(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "router.toml"
-    path.write_text(CONFIG, encoding="utf-8")
+    path.write_text(FOLDER_NODE, encoding="utf-8")
     return path
 
 

@@ -7,25 +7,13 @@ from pathlib import Path
 import pytest
 
 from deid_router.cli import main
+from tests.support.configs import FOLDER_NODE
 
-CONFIG = """
-[storage]
-root = "var"
-[deid]
-secret_file = "var/secret.key"
-[[destinations]]
-name = "outbox"
-type = "folder"
-path = "var/outbox"
-[[routes]]
-name = "all"
-destinations = ["outbox"]
-"""
 
 
 def test_user_add_list_remove_before_the_first_serve(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "router.toml"
-    config.write_text(CONFIG, encoding="utf-8")
+    config.write_text(FOLDER_NODE, encoding="utf-8")
     pw = tmp_path / "pw"
     pw.write_text("correct horse battery\n", encoding="utf-8")
     assert not (tmp_path / "var").exists()
@@ -46,7 +34,7 @@ def test_user_add_refuses_a_short_password_and_a_missing_terminal(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "router.toml"
-    config.write_text(CONFIG, encoding="utf-8")
+    config.write_text(FOLDER_NODE, encoding="utf-8")
     pw = tmp_path / "pw"
     pw.write_text("short\n", encoding="utf-8")
     assert main(["user", "add", "alice", "--role", "admin", "--password-file", str(pw), "--config", str(config)]) == 2
