@@ -12,7 +12,6 @@ from deid_router.cli import main
 from tests.support.configs import FOLDER_NODE
 
 
-
 def _config(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "router.toml"

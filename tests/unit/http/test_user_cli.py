@@ -10,7 +10,6 @@ from deid_router.cli import main
 from tests.support.configs import FOLDER_NODE
 
 
-
 def test_user_add_list_remove_before_the_first_serve(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "router.toml"
     config.write_text(FOLDER_NODE, encoding="utf-8")
