@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce = _leaf(csub, "export")
     ce.add_argument("--out", type=Path, help="CSV file to write (default: standard output)")
     for sp in (cl, ce):
-        sp.add_argument("--actor", default=os.environ.get("USER", "unknown"), help="who asks (audited)")
+        sp.add_argument("--actor", default=None, help="who asks (audited; default: the login name)")
         sp.add_argument("--scope", default="default", help="pseudonym scope of a profile (default: [deid]'s)")
 
     p = sub.add_parser("user", help="console and API users (add, remove, list)")
@@ -195,7 +195,14 @@ def _context(args: argparse.Namespace) -> Any:
 
 
 def _actor() -> str:
-    return os.environ.get("USER", "unknown")
+    """Who runs this command, for the audit trail: the login name (LOGNAME, USER, ... then the
+    password database), so that a shell or a service without USER still names its user."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no such variable and no passwd entry for the uid
+        return "unknown"
 
 
 def _interactive() -> bool:
@@ -651,6 +658,7 @@ def cmd_crosswalk(args: argparse.Namespace) -> int:
     from deid_router.db.crosswalk import export_crosswalk, lookup_pseudonym
 
     config = _load(args)
+    args.actor = args.actor or _actor()
     if args.scope not in config.scopes():
         raise ConfigError([(str(config.path), "--scope", f"unknown scope {args.scope!r} (configured: {', '.join(config.scopes())})")])
     ctx = _context(args)
@@ -706,8 +714,13 @@ def _read_password(args: argparse.Namespace) -> str | None:
         return None
     import getpass
 
-    first = getpass.getpass(f"password for {args.name}: ")
-    if getpass.getpass("again: ") != first:
+    try:
+        first = getpass.getpass(f"password for {args.name}: ")
+        again = getpass.getpass("again: ")
+    except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: nothing is added
+        print("\ndeid-router: no password given; no user added", file=sys.stderr)
+        return None
+    if again != first:
         print("deid-router: the passwords differ", file=sys.stderr)
         return None
     return first
@@ -732,7 +745,7 @@ def cmd_user(args: argparse.Namespace) -> int:
         ctx = build_context(config, run_migrations=True)  # works before the first serve
         try:
             UserStore(ctx.engine).add(args.name, args.role, hashed)
-            ctx.repo.audit("user_add", os.environ.get("USER", "unknown"), f"user={args.name} role={args.role}")
+            ctx.repo.audit("user_add", _actor(), f"user={args.name} role={args.role}")
         except UserExists:
             print(f"deid-router: user {args.name!r} exists (deid-router user remove {args.name} first)", file=sys.stderr)
             return EXIT_ERROR
@@ -747,7 +760,7 @@ def cmd_user(args: argparse.Namespace) -> int:
             if not store.remove(args.name):
                 print(f"deid-router: no user {args.name!r} (see: deid-router user list)", file=sys.stderr)
                 return EXIT_ERROR
-            ctx.repo.audit("user_remove", os.environ.get("USER", "unknown"), f"user={args.name}")
+            ctx.repo.audit("user_remove", _actor(), f"user={args.name}")
             print(f"user {args.name} removed")
             return EXIT_OK
         users = store.list()

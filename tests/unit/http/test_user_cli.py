@@ -43,3 +43,32 @@ def test_user_add_refuses_a_short_password_and_a_missing_terminal(
     with pytest.raises(SystemExit) as usage:
         main(["user", "add", "x", "--role", "root", "--config", str(config)])
     assert usage.value.code == 2
+
+
+def test_ctrl_d_at_the_password_prompt_adds_no_one_and_the_audit_names_the_login(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import getpass
+    import sys
+
+    config = tmp_path / "router.toml"
+    config.write_text(FOLDER_NODE, encoding="utf-8")
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+
+    def eof(prompt: str = "") -> str:
+        raise EOFError
+
+    monkeypatch.setattr(getpass, "getpass", eof)
+    assert main(["user", "add", "carol", "--role", "admin", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "no password given; no user added" in err and "Traceback" not in err
+
+    # a service or a root shell without USER: the audit still names the login (LOGNAME, passwd)
+    monkeypatch.delenv("USER", raising=False)
+    monkeypatch.setenv("LOGNAME", "pacsadmin")
+    pw = tmp_path / "pw"
+    pw.write_text("correct horse battery\n", encoding="utf-8")
+    assert main(["user", "add", "dave", "--role", "viewer", "--password-file", str(pw), "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["audit", "list", "--config", str(config)]) == 0
+    assert "pacsadmin" in capsys.readouterr().out
