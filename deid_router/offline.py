@@ -214,12 +214,11 @@ def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry
     with ExitStack() as stack:
         from deid_router.db.crosswalk_rows import crosswalk_store
         from deid_router.db.guard import database_label, keys_for_serve
-        from deid_router.db.repository import JobRepository
 
         store = crosswalk_store(config)  # the crosswalk table must exist before anything is written
-        stack.callback(store.close)
+        stack.callback(store.engine.dispose)
         # as for serve: the secret is checked against (or recorded in) the database before use
-        keys_for_serve(JobRepository(store.engine), config.deid.secret_file, database_label(config.queue.url))
+        keys_for_serve(store, config.deid.secret_file, database_label(config.queue.url))
         scope = config.profile(profile).scope
         _init_worker(config, profile)  # built once here: forked workers inherit it
         out.mkdir(parents=True, exist_ok=True)
@@ -234,7 +233,7 @@ def run_offline(config: Config, inputs: list[Path], out: Path, workers: int, dry
         seen: set[tuple[str, str]] = set()
         for chunk in results:
             rows = [r for r in chunk.crosswalk if (r[0], r[1]) not in seen]
-            store.record_many(rows, scope)
+            store.crosswalk_record_many(rows, scope)
             seen.update((r[0], r[1]) for r in rows)
             for res in chunk.results:
                 counts[res.status] += 1

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from deid_router.config import Config
 from deid_router.db.guard import database_label, keys_for_reading, open_existing
-from deid_router.db.models import utc_now
+from deid_router.db.engine import utc_now
 from deid_router.db.repository import JobRepository, JobSummary, QuarantineEntry
 from deid_router.deid.keys import Keys
 from deid_router.errors import ConfigError, StorageError

@@ -2,27 +2,27 @@
 looked, and the fingerprint of the secret everything keyed was made with.
 
 Recording a mapping is idempotent (unique on kind + keyed token), so concurrent first
-sightings on any worker or node leave one row; the batch insert lives in
-``db.crosswalk_rows`` (the offline tool uses it without this module).
+sightings on any worker or node leave one row; the batch insert and the fingerprint live in
+``db.crosswalk_rows`` (the offline tool uses them without this module).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from deid_router.db.engine import Store
-from deid_router.db.models import AuditEvent, Crosswalk, Instance, SecretFingerprint
+from deid_router.db.crosswalk_rows import CrosswalkRows
+from deid_router.db.models import AuditEvent, Crosswalk
 
 __all__ = ["CrosswalkAuditStore"]
 
 
-class CrosswalkAuditStore(Store):
-    """Crosswalk rows, audit records and the secret's fingerprint."""
+class CrosswalkAuditStore(CrosswalkRows):
+    """Crosswalk rows, audit records and (inherited, Core only) the batch insert and the secret's fingerprint."""
 
     def _insert_ignoring(self, model: Any, values: dict[str, Any], keys: list[str]) -> Any:
         """``INSERT ... ON CONFLICT (keys) DO NOTHING`` in the engine's dialect."""
@@ -43,14 +43,6 @@ class CrosswalkAuditStore(Store):
         with self._tx("crosswalk_record") as conn:
             # Explicit RETURNING: rowcount is unreliable once the dialect adds implicit RETURNING.
             return conn.execute(stmt.returning(Crosswalk.id)).first() is not None
-
-    def crosswalk_record_many(self, rows: Sequence[tuple[str, str, str, bytes]], scope: str = "default") -> None:
-        """``crosswalk_record`` for many ``(kind, token, pseudonym, original_encrypted)`` rows of
-        ``scope`` in one transaction; repeats are no-ops (the insert lives in ``db/crosswalk_rows.py``)."""
-        from deid_router.db.crosswalk_rows import insert_rows
-
-        with self._tx("crosswalk_record_many") as conn:
-            insert_rows(conn, rows, self._clock(), scope)
 
     def crosswalk_lookup(self, pseudonym: str, scope: str = "default") -> list[tuple[str, bytes]]:
         """``(kind, original_encrypted)`` for a pseudonym of ``scope`` (callers audit the lookup)."""
@@ -93,29 +85,3 @@ class CrosswalkAuditStore(Store):
                 select(AuditEvent.at, AuditEvent.action, AuditEvent.actor, AuditEvent.detail).order_by(AuditEvent.id)
             ).all()
         return [(r.at, r.action, r.actor, r.detail) for r in rows]
-
-    # ------------------------------------------------------------------ secret fingerprint
-
-    def secret_fingerprint(self) -> str | None:
-        """The fingerprint of the secret this database was first started with, if recorded."""
-        with self._read("secret_fingerprint") as conn:
-            return conn.execute(select(SecretFingerprint.fingerprint).where(SecretFingerprint.id == 1)).scalar()
-
-    def record_secret_fingerprint(self, fingerprint: str) -> str:
-        """Record ``fingerprint`` unless one is recorded; return the one now recorded.
-
-        Nodes starting together agree: the first insert wins, the others read it back.
-        """
-        values = {"id": 1, "fingerprint": fingerprint, "created_at": self._clock()}
-        stmt = self._insert_ignoring(SecretFingerprint, values, ["id"])
-        with self._tx("record_secret_fingerprint") as conn:
-            conn.execute(stmt)
-            return str(conn.execute(select(SecretFingerprint.fingerprint).where(SecretFingerprint.id == 1)).scalar_one())
-
-    def holds_keyed_data(self) -> bool:
-        """True once anything keyed by the secret is stored (an instance or a crosswalk row)."""
-        with self._read("holds_keyed_data") as conn:
-            return (
-                conn.execute(select(Instance.id).limit(1)).first() is not None
-                or conn.execute(select(Crosswalk.id).limit(1)).first() is not None
-            )

@@ -11,7 +11,7 @@ import ast
 import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -21,13 +21,17 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError
 
-from deid_router.db.models import utc_now
 from deid_router.errors import QueueError
 
 MIGRATIONS_PACKAGE = "deid_router.migrations"  # the top-level migrations/ folder, installed under this name
 READ_ONLY_OPTION = "deid_router_read_only"
 _REVISION_LINE = re.compile(r"^(down_)?revision\b[^=\n]*=\s*(.+?)\s*$", re.M)
 SQLITE_BUSY_TIMEOUT_MS = 30000
+
+
+def utc_now() -> datetime:
+    """The current time, tz-aware UTC (the only kind of datetime the queue accepts)."""
+    return datetime.now(timezone.utc)
 
 
 @cache

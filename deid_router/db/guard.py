@@ -13,17 +13,32 @@ a secret; anything else that does not match refuses, naming the secret file.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy import Engine, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from deid_router.db.engine import make_engine, migrations_dir
-from deid_router.db.repository import JobRepository
 from deid_router.deid.keys import Keys
 from deid_router.errors import ConfigError, MissingDatabaseError, QueueError, SecretMismatchError
 
 __all__ = ["database_label", "keys_for_reading", "keys_for_serve", "open_existing", "probe_database"]
+
+
+
+class KeyedData(Protocol):
+    """What the secret check reads and records (``db.crosswalk_rows.CrosswalkRows``, which the
+    job repository inherits; the offline tool holds it alone)."""
+
+    def secret_fingerprint(self) -> str | None: ...
+
+    def record_secret_fingerprint(self, fingerprint: str) -> str: ...
+
+    def holds_keyed_data(self) -> bool: ...
+
+    def first_crosswalk_original(self) -> bytes | None: ...
+
 
 _FIX = "check --config (storage.root, queue.url); the node creates its database when `deid-router serve` first starts"
 
@@ -124,7 +139,7 @@ def _mismatch(secret_file: Path, label: str) -> ConfigError:
     )])
 
 
-def keys_for_serve(repo: JobRepository, secret_file: Path, label: str) -> Keys:
+def keys_for_serve(repo: KeyedData, secret_file: Path, label: str) -> Keys:
     """The node's keys, checked against (or recorded as) the database's fingerprint.
 
     A missing secret file is created only while the database holds nothing keyed by a secret
@@ -149,18 +164,19 @@ def keys_for_serve(repo: JobRepository, secret_file: Path, label: str) -> Keys:
     return keys
 
 
-def _check_against_crosswalk(repo: JobRepository, keys: Keys, secret_file: Path, label: str) -> None:
+def _check_against_crosswalk(repo: KeyedData, keys: Keys, secret_file: Path, label: str) -> None:
     """Without a recorded fingerprint, one crosswalk entry tells whether the secret is the one
     the data was written with (so a wrong secret is not recorded as the right one)."""
-    for _kind, _pseudonym, blob in repo.crosswalk_all():
-        try:
-            keys.decrypt(blob)
-        except SecretMismatchError:
-            raise _mismatch(secret_file, label) from None
+    blob = repo.first_crosswalk_original()
+    if blob is None:
         return
+    try:
+        keys.decrypt(blob)
+    except SecretMismatchError:
+        raise _mismatch(secret_file, label) from None
 
 
-def keys_for_reading(repo: JobRepository, secret_file: Path, label: str) -> Keys:
+def keys_for_reading(repo: KeyedData, secret_file: Path, label: str) -> Keys:
     """The keys for a command that decrypts or derives (crosswalk): never creates the secret."""
     keys = Keys.load(secret_file)
     recorded = repo.secret_fingerprint()

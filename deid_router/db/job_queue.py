@@ -33,9 +33,9 @@ from sqlalchemy.engine import Connection, Dialect
 from deid_router.db.batches import chunks
 from deid_router.db.claim import CLAIMED_REASON, claim_statements
 from deid_router.db.driver import DriverStatement, driver_transaction
-from deid_router.db.engine import Store
+from deid_router.db.engine import Store, utc_now
 from deid_router.db.job_events import EVENT_KEYS, INSERT_EVENT, event_row, insert_events
-from deid_router.db.models import Instance, Job, utc_now
+from deid_router.db.models import Instance, Job
 from deid_router.db.predicates import PENDING, RAW_HELD, due
 from deid_router.db.quarantine import (
     CONFLICT_DETAIL, CONFLICT_REASON, NewEntry, insert_entries, requeue_failed, retryable,

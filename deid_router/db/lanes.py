@@ -22,8 +22,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from deid_router.db.engine import read_tx, write_tx
-from deid_router.db.models import LaneLease, utc_now
+from deid_router.db.engine import read_tx, utc_now, write_tx
+from deid_router.db.models import LaneLease
 from deid_router.errors import QueueError
 
 _L = LaneLease

@@ -35,11 +35,6 @@ NAMING_CONVENTION = {
 }
 
 
-def utc_now() -> datetime:
-    """The current time, tz-aware UTC (the only kind of datetime the queue accepts)."""
-    return datetime.now(timezone.utc)
-
-
 class UTCDateTime(TypeDecorator[datetime]):
     """Store UTC, return tz-aware UTC on every backend.
 

@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy import Engine, and_, delete, exists, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from deid_router.db.engine import Store
-from deid_router.db.models import AuditEvent, DestinationState, Instance, Job, JobEvent, QuarantineRow, User, utc_now
+from deid_router.db.engine import Store, utc_now
+from deid_router.db.models import AuditEvent, DestinationState, Instance, Job, JobEvent, QuarantineRow, User
 from deid_router.db.predicates import OPEN_ENTRY, PENDING, RAW_HELD
 from deid_router.db.repository import JobRepository, StatusCounts
 from deid_router.errors import QueueError

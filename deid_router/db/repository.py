@@ -17,11 +17,11 @@ from datetime import datetime
 from sqlalchemy import Engine
 
 from deid_router.db.crosswalk_audit import CrosswalkAuditStore
+from deid_router.db.engine import utc_now
 from deid_router.db.instances import CommitState, InstanceRecords
 from deid_router.db.job_events import JobEvent
 from deid_router.db.job_queue import ClaimedJob, EnqueueResult, JobQueue, NewInstance, new_instance_id
 from deid_router.db.job_reports import DestinationDetail, JobReports, JobSummary, StatusCounts
-from deid_router.db.models import utc_now
 from deid_router.db.quarantine import CONFLICT_REASON, PurgeResult, QuarantineEntry, QuarantineStore
 from deid_router.jobs.leases import on_expiry
 from deid_router.jobs.policy import RetryPolicy

@@ -21,7 +21,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from deid_router.db.models import utc_now
+from deid_router.db.engine import utc_now
 from deid_router.errors import QueueError
 from deid_router.http.actions import NotFound
 from deid_router.http.auth import Principal, RateLimited

@@ -16,11 +16,12 @@ from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
 from typing import Generic, TypeVar
 
+from deid_router.db.quarantine import CONFLICT_REASON
 from deid_router.errors import ConfigError
 
 # Reasons a bulk retry or release never re-queues unless named (globs on the recorded reason).
 PROTECTED_REASONS: tuple[str, ...] = (
-    "conflict_same_sop_instance_uid",
+    CONFLICT_REASON,
     "deid:burned_in_annotation",
     "deid:burned_in_no_rule",
 )

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.metrics_core import Metric
 
 from deid_router import __version__
-from deid_router.db.models import utc_now
+from deid_router.db.engine import utc_now
 from deid_router.db.operations import Reports
 from deid_router.errors import QueueError
 from deid_router.jobs.states import ALL_STATES

@@ -28,7 +28,7 @@ import pytest
 from deid_router.app import Context, build_context
 from deid_router.cli import main
 from deid_router.config import load_config
-from deid_router.db.models import utc_now
+from deid_router.db.engine import utc_now
 from deid_router.db.repository import EnqueueResult, NewInstance, new_instance_id
 from deid_router.errors import ConfigError
 from deid_router.jobs.outcome import Outcome, OutcomeKind

@@ -206,3 +206,27 @@ def test_a_different_secret_is_refused_before_anything_is_written(tmp_path: Path
     res = _cli("deidentify", str(tmp_path / "in"), "--out", str(tmp_path / "second"), config=config)
     assert res.returncode == 2 and "fingerprint" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "second").exists()
+
+
+def test_offline_start_up_loads_neither_the_server_nor_the_orm(tmp_path: Path) -> None:
+    """What makes one file take well under a second: the command imports the engine, the
+    configuration and SQLAlchemy Core for the crosswalk and the secret check, nothing else."""
+    config = _config(tmp_path)
+    make_series(tmp_path / "in", 1, rows=16, cols=16)
+    probe = (
+        "import sys\n"
+        "from deid_router.cli import main\n"
+        f"rc = main(['deidentify', {str(tmp_path / 'in')!r}, '--out', {str(tmp_path / 'out')!r},"
+        f" '--config', {str(config)!r}])\n"
+        "heavy = ('sqlalchemy.orm', 'deid_router.db.models', 'deid_router.db.repository', 'pynetdicom',"
+        " 'apscheduler', 'alembic', 'deid_router.app', 'deid_router.http')\n"
+        "print(rc, sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+    )
+    # the first run creates the queue database (Alembic and the models are the migrations' own)
+    first = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert first.stdout.strip().splitlines()[-1].startswith("0 "), first.stdout + first.stderr
+    # every later run finds it current and the fingerprint recorded: nothing of the server or the ORM
+    again = subprocess.run([sys.executable, "-c", probe.replace("'out'", "'out2'")], capture_output=True,
+                           text=True, cwd=tmp_path, timeout=120)
+    assert again.stdout.strip().splitlines()[-1] == "0 []", again.stdout + again.stderr
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 1

@@ -8,20 +8,7 @@ import pytest
 
 from deid_router.config import load_config
 from deid_router.errors import ConfigError
-
-BASE = """
-[storage]
-root = "var"
-[deid]
-secret_file = "var/secret.key"
-[[destinations]]
-name = "outbox"
-type = "folder"
-path = "var/outbox"
-[[routes]]
-name = "all"
-destinations = ["outbox"]
-"""
+from tests.support.configs import FOLDER_NODE as BASE
 
 
 def _load(tmp_path: Path, http: str) -> object:

@@ -270,7 +270,7 @@ def _quarantine_three(svc: Services) -> list[int]:
     from deid_router.db.repository import NewInstance, new_instance_id
     from deid_router.jobs.outcome import Outcome, OutcomeKind
     from deid_router.jobs.policy import RetryPolicy, decide
-    from deid_router.db.models import utc_now
+    from deid_router.db.engine import utc_now
 
     for i in range(3):
         iid = new_instance_id()
@@ -358,7 +358,7 @@ def _delivered_study(svc: Services, directory: Path, n: int) -> tuple[str, str]:
 
     import pydicom
 
-    from deid_router.db.models import utc_now
+    from deid_router.db.engine import utc_now
     from deid_router.db.repository import NewInstance, new_instance_id
     from deid_router.jobs.outcome import Outcome, OutcomeKind
     from deid_router.jobs.policy import RetryPolicy, decide
