@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +21,8 @@ from deid_router.deid.engine import Deidentifier  # noqa: E402
 from deid_router.deid.keys import Keys  # noqa: E402
 from tests.support import pixeldata as px  # noqa: E402
 
+from run import timed  # noqa: E402  (bench/deid/run.py: the same median timer)
+
 HERE = Path(__file__).resolve().parent
 RULES = """
 [[rules]]
@@ -31,16 +31,6 @@ manufacturer = "ACME"
 model = "SONO1"
 regions = [[0, 0, 640, 40]]
 """
-
-
-def timed(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up
-    samples = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t) * 1000)
-    return statistics.median(samples)
 
 
 def main() -> None:
