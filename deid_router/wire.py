@@ -24,6 +24,8 @@ from pynetdicom.pdu_primitives import (
     MaximumLengthNotification,
 )
 
+from deid_router.elements import UNDEFINED, Malformed, Window, elements
+
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"  # the DICOM application context (PS3.7 A.2.1)
 # Sent in A-ASSOCIATE-RQ/AC and written into received files' meta, as before (pynetdicom's).
 IMPLEMENTATION_CLASS_UID = str(PYNETDICOM_IMPLEMENTATION_UID)
@@ -90,16 +92,13 @@ class Command:
 def decode_command(data: bytes) -> Command:
     """Parse a command set; :class:`ProtocolError` for anything malformed."""
     values: dict[int, bytes] = {}
-    pos, end = 0, len(data)
-    while pos < end:
-        if pos + 8 > end:
-            raise ProtocolError("truncated command element")
-        group, elem, length = struct.unpack_from("<HHL", data, pos)
-        pos += 8
-        if group != 0x0000 or length > end - pos:
-            raise ProtocolError("malformed command set")
-        values[elem] = data[pos : pos + length]
-        pos += length
+    try:
+        for _pos, tag, _vr, length, value, end in elements(Window.of_bytes(data), 0, len(data), implicit=True):
+            if tag >> 16 != 0x0000 or length == UNDEFINED:
+                raise ProtocolError("malformed command set")
+            values[tag & 0xFFFF] = data[value:end]
+    except Malformed as exc:
+        raise ProtocolError(f"malformed command set ({exc})") from exc
 
     def us(elem: int) -> int:
         value = values.get(elem)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -29,6 +28,7 @@ from deid_router.deid.actions import Action
 from deid_router.deid import dates, iod_types
 from deid_router.deid.accounting import check_accounted
 from deid_router.deid.crosswalk import Crosswalk, NullCrosswalk, load_patient_mapping
+from deid_router.deid.file_io import DeidResult, deidentify_file
 from deid_router.deid.keys import Keys
 from deid_router.deid.pixel_rules import OCR_CLEAR, PixelRule, find_rule, load_rules
 from deid_router.deid.profile import CURVE, EDITION, OVERLAY_COMMENTS, OVERLAY_DATA, PRIVATE, Profile
@@ -95,16 +95,6 @@ _UNCHANGED = object()
 _DEFERRED = object()  # a C value, cleaned after the walk (clean.Cleaning)
 # Remapped UIDs kept for reuse; HMAC is cheap, so the cache only has to stay small.
 _UID_CACHE_MAX = 50_000
-
-
-@dataclass(frozen=True)
-class DeidResult:
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    transfer_syntax_uid: str
-    modality: str
 
 
 class _State:
@@ -212,8 +202,6 @@ class Deidentifier:
 
     def deidentify_file(self, src: Path, dst: BinaryIO) -> DeidResult:
         """Header-only de-identification of a Part-10 file; pixel data bytes are copied raw."""
-        from deid_router.deid.file_io import deidentify_file
-
         return deidentify_file(self, src, dst)
 
     def result_of(self, ds: Dataset) -> DeidResult:
@@ -376,14 +364,10 @@ class Deidentifier:
         st.patient_key = issuer + "\0" + pid
         cfg = self.config
         subject = None
-        if self._mapping is not None:
+        if self._mapping is not None:  # a clinical trial's subject ids: every patient must be mapped
             subject = self._mapping.get(pid)
             if subject is None:
-                subject = self.crosswalk.preassigned(pid)
-            if subject is None:
                 raise DeidError("unmapped_patient", "PatientID not in the patient mapping", "PatientID")
-        else:
-            subject = self.crosswalk.preassigned(pid)
         if subject is not None:
             st.patient_id_out = subject
             core = subject

@@ -10,27 +10,52 @@ from __future__ import annotations
 import errno
 import io
 import os
-import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
+from deid_router.config import DeidConfig
 from deid_router.deid.reader import read_header
 from deid_router.deid.writer import write_header
-
+from deid_router.elements import PIXEL_DATA_TAGS, Malformed, Window, elements
 from deid_router.errors import DeidError, InfrastructureError
 
 if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
-
-    from deid_router.deid.engine import DeidResult, Deidentifier
     from deid_router.deid.pixel_rules import PixelRule
 
-_PIXEL_TAGS = frozenset({(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)})
-_LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"UC", b"UR", b"SQ", b"SV", b"UV"})
+
+@dataclass(frozen=True)
+class DeidResult:
+    """What the caller of a de-identified file needs of its output (UIDs are output UIDs)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str
+
+
+class HeaderEngine(Protocol):
+    """What this module asks of the engine (``deid.engine.Deidentifier``, which imports this
+    module; this one does not import it back)."""
+
+    config: DeidConfig
+
+    def deidentify(self, ds: Dataset) -> Dataset: ...
+
+    def pixel_decision(self, ds: Dataset) -> PixelRule | None: ...
+
+    def strong_identifiers(self, ds: Dataset) -> set[str]: ...
+
+    def result_of(self, ds: Dataset) -> DeidResult: ...
+
+
 _CHUNK = 1 << 20
 # copy_file_range refuses these pairs (another filesystem, a pipe, an old kernel): copy in Python
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF})
@@ -38,44 +63,14 @@ _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPN
 
 def pixel_element_end(fp: BinaryIO, start: int, size: int, little: bool, implicit: bool) -> int:
     """Offset just past the pixel element that starts at ``start`` (native or encapsulated)."""
-    e = "<" if little else ">"
-    fp.seek(start)
-    hdr = fp.read(8)
-    if len(hdr) < 8:
-        raise DeidError("invalid_dataset", "truncated pixel data element", "PixelData")
-    group, elem = struct.unpack(e + "HH", hdr[:4])
-    if (group, elem) not in _PIXEL_TAGS:
-        raise DeidError("invalid_dataset", "unexpected element where pixel data should start", "PixelData")
-    if implicit:
-        (length,) = struct.unpack(e + "L", hdr[4:8])
-        pos = start + 8
-    elif hdr[4:6] in _LONG_VRS:
-        more = fp.read(4)
-        if len(more) < 4:
-            raise DeidError("invalid_dataset", "truncated pixel data element", "PixelData")
-        (length,) = struct.unpack(e + "L", more)
-        pos = start + 12
-    else:
-        (length,) = struct.unpack(e + "H", hdr[6:8])
-        pos = start + 8
-    if length != 0xFFFFFFFF:
-        end = pos + length
-    else:  # encapsulated: items until the sequence delimiter
-        while True:
-            fp.seek(pos)
-            item = fp.read(8)
-            if len(item) < 8:
-                raise DeidError("invalid_dataset", "encapsulated pixel data without delimiter", "PixelData")
-            ig, ie, ilen = struct.unpack(e + "HHL", item)
-            if (ig, ie) == (0xFFFE, 0xE0DD):
-                end = pos + 8
-                break
-            if (ig, ie) != (0xFFFE, 0xE000) or ilen == 0xFFFFFFFF:
-                raise DeidError("invalid_dataset", "malformed encapsulated pixel data", "PixelData")
-            pos += 8 + ilen
-    if end > size:
-        raise DeidError("invalid_dataset", "pixel data runs past the end of the file", "PixelData")
-    return int(end)
+    try:
+        for _pos, tag, _vr, _length, _value, end in elements(Window(fp, size), start, size, implicit, little):
+            if tag not in PIXEL_DATA_TAGS:
+                raise DeidError("invalid_dataset", "unexpected element where pixel data should start", "PixelData")
+            return end
+    except Malformed as exc:
+        raise DeidError("invalid_dataset", f"pixel data: {exc}", "PixelData") from exc
+    raise DeidError("invalid_dataset", "no pixel data element", "PixelData")
 
 
 def copy_range(fp: BinaryIO, dst: BinaryIO, start: int, end: int) -> None:
@@ -123,7 +118,7 @@ def _known_encoding(ts: str) -> bool:
 
 
 def _deidentify_pixels(
-    deid: Deidentifier, ds: Dataset, rule: PixelRule, fp: BinaryIO, start: int, end: int, dst: BinaryIO,
+    deid: HeaderEngine, ds: Dataset, rule: PixelRule, fp: BinaryIO, start: int, end: int, dst: BinaryIO,
     ts: str, little: bool, implicit: bool,
 ) -> DeidResult:
     """An image with burned-in text under ``burned_in_annotation = "clean"``: header, then its
@@ -153,7 +148,7 @@ def _deidentify_pixels(
     return deid.result_of(ds)
 
 
-def deidentify_file(deid: Deidentifier, src: Path, dst: BinaryIO) -> DeidResult:
+def deidentify_file(deid: HeaderEngine, src: Path, dst: BinaryIO) -> DeidResult:
     """Read the header only, de-identify it, write it in the same transfer syntax, copy pixels raw."""
     try:
         with open(src, "rb") as fp:

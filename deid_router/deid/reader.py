@@ -12,7 +12,6 @@ truncation) makes it return None, and the caller uses ``dcmread``.
 
 from __future__ import annotations
 
-import struct
 from typing import BinaryIO
 
 from pydicom import config
@@ -23,16 +22,12 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filereader import read_sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
+from pydicom.valuerep import VR
 from pydicom.values import convert_string
 
-_VRS = frozenset(v.value.encode("ascii") for v in VR)
-_LONG = frozenset(v.encode("ascii") for v in EXPLICIT_VR_LENGTH_32)
-_PIXEL = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
-_CHUNK = 1 << 16
-_unpack_expl = struct.Struct("<HH2sH").unpack_from
-_unpack_impl = struct.Struct("<HHL").unpack_from
-_unpack_ul = struct.Struct("<L").unpack_from
+from deid_router.elements import PIXEL_DATA_TAGS, UNDEFINED, Malformed, Window, elements
+
+_VR_NAMES = {v.value.encode("ascii"): v.value for v in VR}  # the VRs pydicom knows, by their bytes
 _ts_cache: dict[str, bool | None] = {}
 
 
@@ -60,69 +55,36 @@ def _implicit_of(ts: str) -> bool | None:
     return result
 
 
-class _Buffer:
-    """The file's first bytes, grown on demand; offsets are file offsets."""
-
-    __slots__ = ("fp", "data", "size")
-
-    def __init__(self, fp: BinaryIO, size: int) -> None:
-        self.fp = fp
-        self.size = size
-        fp.seek(0)
-        self.data = fp.read(min(size, _CHUNK))
-
-    def need(self, end: int) -> bytes:
-        """The buffer, holding at least the bytes before ``end`` (which is within the file)."""
-        if end > len(self.data):
-            if end > self.size:
-                raise _Fallback
-            self.fp.seek(len(self.data))
-            self.data += self.fp.read(max(end - len(self.data), _CHUNK))
-            if end > len(self.data):
-                raise _Fallback
-        return self.data
-
-
 def read_header(fp: BinaryIO, size: int) -> tuple[FileDataset, int] | None:
     """(dataset without pixel data, offset of the pixel element or ``size``), or None to fall back."""
     try:
         return _read(fp, size)
-    except _Fallback:
+    except (_Fallback, Malformed):
         return None
+
+
+def _not_meta(tag: int) -> bool:
+    return tag >> 16 != 0x0002
 
 
 def _read(fp: BinaryIO, size: int) -> tuple[FileDataset, int]:
     if size < 144:
         raise _Fallback
-    buf = _Buffer(fp, size)
-    data = buf.data
+    src = Window(fp, size, grow=True)
+    data, _ = src.at(0, 132)
     if data[128:132] != b"DICM":
         raise _Fallback
     preamble = data[:128]
     # ---- file meta: explicit VR little endian, group 0002
-    pos = 132
     meta: dict[BaseTag, RawDataElement | DataElement] = {}
-    while True:
-        data = buf.need(pos + 8)
-        group, elem, vr_b, length = _unpack_expl(data, pos)
-        if group != 2:
-            break
-        if vr_b not in _VRS:
+    pos = 132
+    for _start, t, vr_b, length, start, pos in elements(src, 132, size, False, True, stop=_not_meta):
+        meta_vr = _VR_NAMES.get(vr_b)
+        if meta_vr is None or length == UNDEFINED:
             raise _Fallback
-        meta_vr = vr_b.decode("ascii")
-        start = pos + 8
-        if vr_b in _LONG:
-            data = buf.need(pos + 12)
-            (length,) = _unpack_ul(data, pos + 8)
-            start = pos + 12
-        if length == 0xFFFFFFFF:
-            raise _Fallback
-        end = start + length
-        data = buf.need(end)
-        value = data[start:end] if length else empty_value_for_VR(meta_vr, raw=True)
-        tag = BaseTag(group << 16 | elem)
+        value = src.value(start, length) if length else empty_value_for_VR(meta_vr, raw=True)
+        tag = BaseTag(t)
         meta[tag] = RawDataElement(tag, meta_vr, length, value, start, False, True)  # type: ignore[arg-type]
-        pos = end
     if not meta:
         raise _Fallback
     ts_elem = meta.get(BaseTag(0x00020010))
@@ -132,52 +94,39 @@ def _read(fp: BinaryIO, size: int) -> tuple[FileDataset, int]:
     implicit = _implicit_of(ts)
     if implicit is None:
         raise _Fallback
-    if group == 0 or pos + 8 > size:
-        raise _Fallback  # command set elements, or nothing after the meta group
+    if pos + 8 > size:
+        raise _Fallback  # nothing after the meta group
+    data, i = src.at(pos, 8)
+    if data[i] == 0 and data[i + 1] == 0:
+        raise _Fallback  # command set elements (group 0000)
     # the reader's heuristic checks the first element of the dataset against the syntax
-    if pos + 6 <= size:
-        v0, v1 = data[pos + 4], data[pos + 5]
-        if (not (0x40 < v0 < 0x5B and 0x40 < v1 < 0x5B)) != implicit:
-            raise _Fallback
+    v0, v1 = data[i + 4], data[i + 5]
+    if (not (0x40 < v0 < 0x5B and 0x40 < v1 < 0x5B)) != implicit:
+        raise _Fallback
     # ---- the dataset, up to the pixel element
     elems: dict[BaseTag, RawDataElement | DataElement] = {}
     encoding: str | list[str] = default_encoding
     charset_seen = False
-    while True:
-        if pos + 8 > size:
-            if pos < size:
-                raise _Fallback  # trailing bytes shorter than an element header
-            break
-        data = buf.need(pos + 8)
-        if implicit:
-            group, elem, length = _unpack_impl(data, pos)
-            vr: str | None = None
-            start = pos + 8
-        else:
-            group, elem, vr_b, length = _unpack_expl(data, pos)
-            if vr_b not in _VRS:
+    end = pos
+    for _start, t, vr_b, length, start, end in elements(src, pos, size, implicit, True, stop=PIXEL_DATA_TAGS.__contains__):
+        vr: str | None = None
+        if vr_b:
+            vr = _VR_NAMES.get(vr_b)
+            if vr is None:
                 raise _Fallback
-            vr = vr_b.decode("ascii")
-            start = pos + 8
-            if vr_b in _LONG:
-                data = buf.need(pos + 12)
-                (length,) = _unpack_ul(data, pos + 8)
-                start = pos + 12
-        t = group << 16 | elem
-        if t in _PIXEL:
-            break
-        if group == 0xFFFE:
-            raise _Fallback
         tag = BaseTag(t)
-        if length != 0xFFFFFFFF:
-            end = start + length
-            data = buf.need(end)
-            value = data[start:end] if length else empty_value_for_VR(vr, raw=True)
+        if length != UNDEFINED:
+            if length:
+                data = src.data  # grown from offset 0: file offsets index it
+                if start + length > len(data):
+                    data, _ = src.at(start, length)
+                value = data[start:start + length]
+            else:
+                value = empty_value_for_VR(vr, raw=True)
             if t == 0x00080005:
                 encoding = convert_encodings(convert_string(value or b"", True))  # type: ignore[arg-type]
                 charset_seen = True
             elems[tag] = RawDataElement(tag, vr, length, value, start, implicit, True)  # type: ignore[arg-type]
-            pos = end
             continue
         # undefined length: a sequence (as pydicom decides it), parsed by pydicom
         if vr == "UN" and config.settings.infer_sq_for_un_vr:
@@ -186,17 +135,17 @@ def _read(fp: BinaryIO, size: int) -> tuple[FileDataset, int]:
             try:
                 vr = _dictionary_vr_fast(t)
             except KeyError:
-                data = buf.need(start + 4)
-                if _unpack_impl(data + b"\0\0\0\0", start)[:2] == (0xFFFE, 0xE000):
+                buf, j = src.at(start, 4)
+                if buf[j:j + 4] == b"\xfe\xff\x00\xe0":
                     vr = "SQ"
         if vr != "SQ":
             raise _Fallback
         fp.seek(start)
         seq = read_sequence(fp, implicit, True, length, encoding)
+        if fp.tell() != end:
+            raise _Fallback  # pydicom read the sequence otherwise than the walk did
         elems[tag] = DataElement(tag, vr, seq, start, is_undefined_length=True)
-        pos = fp.tell()
-    if pos > size:
-        raise _Fallback
+    pos = end
     # ---- the same objects dcmread builds
     meta_ds = Dataset(meta)
     meta_ds.set_original_encoding(False, True, default_encoding)

@@ -18,27 +18,19 @@ import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-_LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"UC", b"UR", b"SQ", b"SV", b"UV"})
-_UNDEFINED = 0xFFFFFFFF
-_ITEM = (0xFFFE, 0xE000)
-_ITEM_END = (0xFFFE, 0xE00D)
-_SEQ_END = (0xFFFE, 0xE0DD)
-MAX_DEPTH = 32  # nested sequences deeper than this are hostile, not clinical
+from deid_router.elements import MAX_DEPTH, PIXEL_DATA_TAGS, UNDEFINED, Malformed, Window, elements
 
+__all__ = ["MAX_DEPTH", "PIXEL_DATA_TAGS", "Malformed", "TopLevel", "decode_values", "read_meta", "walk_top_level"]
 
+TRANSFER_SYNTAX_UID = 0x00020010
 SOP_CLASS_UID = 0x00080016
 SOP_INSTANCE_UID = 0x00080018
 MODALITY = 0x00080060
 ROWS = 0x00280010
-PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, pixel data
 _CAPTURED = frozenset({SOP_CLASS_UID, SOP_INSTANCE_UID, MODALITY})
 _MAX_CAPTURED_LENGTH = 256  # a UID is at most 64 bytes; anything longer is not kept
 SPECIFIC_CHARACTER_SET = 0x00080005
 _MAX_ROUTED_LENGTH = 16384  # a routed attribute longer than this is not kept (matches as "")
-
-
-class Malformed(Exception):
-    """The data set's element structure does not fit in the bytes received (a fixed reason)."""
 
 
 @dataclass
@@ -107,122 +99,27 @@ def decode_values(raw: bytes, vr: str, charset: str, little: bool = True) -> tup
     return tuple(p.rstrip("\0 ").strip() for p in parts)
 
 
-class _Walker:
-    def __init__(
-        self, fp: BinaryIO, size: int, implicit: bool, little: bool, capture: frozenset[int] = frozenset()
-    ) -> None:
-        self.fp = fp
-        self.size = size
-        self.implicit = implicit
-        self.e = "<" if little else ">"
-        self.top = TopLevel(little=little)
-        self.capture = capture | {SPECIFIC_CHARACTER_SET} if capture else frozenset()
-
-    def _read(self, pos: int, n: int) -> bytes:
-        if pos + n > self.size:
-            raise Malformed("truncated element header")
-        self.fp.seek(pos)
-        data = self.fp.read(n)
-        if len(data) < n:
-            raise Malformed("truncated element header")
-        return data
-
-    def elements(self, pos: int, end: int, implicit: bool, depth: int, in_item: bool) -> int:
-        """Walk elements from ``pos`` until ``end`` (or an item delimiter when ``in_item``)."""
-        if depth > MAX_DEPTH:
-            raise Malformed("sequences nested too deep")
-        while pos < end:
-            hdr = self._read(pos, 8)
-            group, elem = struct.unpack(self.e + "HH", hdr[:4])
-            if (group, elem) == _ITEM_END:
-                if not in_item:
-                    raise Malformed("item delimiter outside an item")
-                return pos + 8
-            if group == 0xFFFE:
-                raise Malformed("item tag where an element was expected")
-            vr = b""
-            if implicit:
-                (length,) = struct.unpack(self.e + "L", hdr[4:8])
-                pos += 8
-            else:
-                vr = hdr[4:6]
-                if vr in _LONG_VRS:
-                    (length,) = struct.unpack(self.e + "L", self._read(pos + 8, 4))
-                    pos += 12
-                else:
-                    if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
-                        raise Malformed("invalid value representation")
-                    (length,) = struct.unpack(self.e + "H", hdr[6:8])
-                    pos += 8
-            if depth == 0:
-                tag = group << 16 | elem
-                self.top.tags.add(tag)
-                if tag in _CAPTURED and length <= _MAX_CAPTURED_LENGTH:
-                    self.top.values[tag] = self._read(pos, length) if length else b""
-                elif tag in self.capture and length <= _MAX_ROUTED_LENGTH:
-                    self.top.values[tag] = self._read(pos, length) if length else b""
-                    if vr:
-                        self.top.vrs[tag] = vr.decode("ascii")
-            if length == _UNDEFINED:
-                if not implicit and vr not in (b"SQ", b"UN", b"OB", b"OW"):
-                    raise Malformed("undefined length on a non-sequence element")
-                # UN of undefined length holds an implicit VR little endian sequence (PS3.5 6.2.2)
-                pos = self.items(pos, end, implicit or vr == b"UN", depth + 1)
-            else:
-                pos += length
-                if pos > end:
-                    raise Malformed("element runs past the end of the data")
-        if in_item:
-            raise Malformed("item without delimiter")
-        return pos
-
-    def items(self, pos: int, end: int, implicit: bool, depth: int) -> int:
-        """Walk the items of an undefined-length sequence (or encapsulated pixel data)."""
-        while True:
-            hdr = self._read(pos, 8)
-            group, elem, length = struct.unpack(self.e + "HHL", hdr)
-            if (group, elem) == _SEQ_END:
-                return pos + 8
-            if (group, elem) != _ITEM:
-                raise Malformed("malformed sequence item")
-            pos += 8
-            if length == _UNDEFINED:
-                pos = self.elements(pos, end, implicit, depth + 1, in_item=True)
-            else:
-                pos += length
-                if pos > end:
-                    raise Malformed("item runs past the end of the data")
-
-
 def read_meta(fp: BinaryIO, size: int) -> tuple[str, int]:
     """(Transfer Syntax UID, offset of the data set) of a Part 10 file: 128-byte preamble,
     ``DICM``, then the group 0002 elements in explicit VR little endian."""
     fp.seek(128)
     if fp.read(4) != b"DICM":
         raise Malformed("no DICM prefix")
-    walker = _Walker(fp, size, implicit=False, little=True)
+    src = Window(fp, size)
     pos, ts = 132, b""
-    while pos + 8 <= size:
-        hdr = walker._read(pos, 8)
-        group, elem = struct.unpack("<HH", hdr[:4])
-        if group != 0x0002:
-            break
-        vr = hdr[4:6]
-        if vr in _LONG_VRS:
-            (length,) = struct.unpack("<L", walker._read(pos + 8, 4))
-            pos += 12
-        else:
-            (length,) = struct.unpack("<H", hdr[6:8])
-            pos += 8
-        if length == _UNDEFINED or pos + length > size:
+    for _start, tag, _vr, length, value, pos in elements(src, 132, size, False, True, stop=_not_meta):
+        if length == UNDEFINED:
             raise Malformed("file meta runs past the end of the data")
-        if elem == 0x0010 and length <= _MAX_CAPTURED_LENGTH:
-            ts = walker._read(pos, length)
-        pos += length
+        if tag == TRANSFER_SYNTAX_UID and length <= _MAX_CAPTURED_LENGTH:
+            ts = src.value(value, length)
     uid = ts.decode("latin-1").rstrip("\0 ").strip()
     if not uid:
         raise Malformed("no transfer syntax in the file meta")
     return uid, pos
+
+
+def _not_meta(tag: int) -> bool:
+    return tag >> 16 != 0x0002
 
 
 def walk_top_level(
@@ -239,6 +136,15 @@ def walk_top_level(
         vr = fp.read(2)
         looks_explicit = len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90
         implicit = not looks_explicit
-    walker = _Walker(fp, size, implicit, little, capture)
-    walker.elements(start, size, implicit, 0, in_item=False)
-    return walker.top
+    top = TopLevel(little=little)
+    capture = capture | {SPECIFIC_CHARACTER_SET} if capture else frozenset()
+    src = Window(fp, size)
+    for _pos, tag, vr, length, value, _end in elements(src, start, size, implicit, little):
+        top.tags.add(tag)
+        if tag in _CAPTURED and length <= _MAX_CAPTURED_LENGTH:
+            top.values[tag] = src.value(value, length)
+        elif tag in capture and length <= _MAX_ROUTED_LENGTH:
+            top.values[tag] = src.value(value, length)
+            if vr:
+                top.vrs[tag] = vr.decode("ascii")
+    return top
