@@ -71,7 +71,7 @@ class Context:
 
     def crosswalk(self, profile: str = "") -> Crosswalk:
         p = self.config.profile(profile)
-        return DbCrosswalk(self.repo, self.keys.for_scope(p.scope), p.deid.patient_mapping_csv, p.scope)
+        return DbCrosswalk(self.repo, self.keys.for_scope(p.scope), p.scope)
 
     def deidentifier(self, profile: str = "") -> Deidentifier:
         """The engine of a profile ("": [deid]), keyed by the profile's scope."""

@@ -74,7 +74,7 @@ def _init_worker(config: Config, profile: str = "") -> None:
 
     p = config.profile(profile)
     keys = Keys.load_or_create(config.deid.secret_file).for_scope(p.scope)
-    crosswalk = BufferedCrosswalk(keys, p.deid.patient_mapping_csv)
+    crosswalk = BufferedCrosswalk(keys)
     _worker_state["crosswalk"] = crosswalk
     _worker_state["deid"] = Deidentifier(p.deid, keys, crosswalk)
 

@@ -9,12 +9,11 @@ Every lookup and export is written to the audit table.
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 from typing import TextIO
 
 from deid_router.db.repository import JobRepository
 from deid_router.config import DEFAULT_SCOPE
-from deid_router.deid.crosswalk import crosswalk_token, load_patient_mapping
+from deid_router.deid.crosswalk import crosswalk_token
 from deid_router.deid.keys import Keys
 
 
@@ -22,13 +21,12 @@ class DbCrosswalk:
     """Implements ``deid_router.deid.crosswalk.Crosswalk`` on the job database."""
 
     def __init__(
-        self, repo: JobRepository, keys: Keys, mapping_csv: Path | None = None, scope: str = DEFAULT_SCOPE
+        self, repo: JobRepository, keys: Keys, scope: str = DEFAULT_SCOPE
     ) -> None:
         self._repo = repo
         self._keys = keys  # the scope's keys (Keys.for_scope)
         self._scope = scope
         self._seen: set[tuple[str, str]] = set()
-        self._mapping = load_patient_mapping(mapping_csv) if mapping_csv is not None else None
 
     def record(self, kind: str, original: str, pseudonym: str) -> None:
         token = crosswalk_token(self._keys, kind, original)
@@ -36,11 +34,6 @@ class DbCrosswalk:
             return
         self._repo.crosswalk_record(kind, token, pseudonym, self._keys.encrypt(original), self._scope)
         self._seen.add((kind, token))
-
-    def preassigned(self, patient_id: str) -> str | None:
-        if self._mapping is None:
-            return None
-        return self._mapping.get(patient_id)
 
 
 def _split_issuer(original: str) -> tuple[str, str]:

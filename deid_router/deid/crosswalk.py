@@ -1,7 +1,8 @@
-"""Where pseudonyms are recorded and pre-assigned subject ids come from.
+"""Where pseudonyms are recorded, and the clinical-trial mapping (PatientID -> SubjectID).
 
 The engine only sees the ``Crosswalk`` protocol; the database-backed implementation lives
-elsewhere. ``CsvPreassigned`` adds a clinical-trial mapping (PatientID -> SubjectID).
+elsewhere. The mapping CSV is read by :func:`load_patient_mapping`, once, by the engine that
+uses it (``deid.patient_mapping_csv``); no crosswalk holds a copy.
 """
 
 from __future__ import annotations
@@ -17,16 +18,11 @@ from deid_router.errors import ConfigError
 class Crosswalk(Protocol):
     def record(self, kind: str, original: str, pseudonym: str) -> None: ...
 
-    def preassigned(self, patient_id: str) -> str | None: ...
-
 
 class NullCrosswalk:
-    """Records nothing and pre-assigns nothing."""
+    """Records nothing."""
 
     def record(self, kind: str, original: str, pseudonym: str) -> None:
-        return None
-
-    def preassigned(self, patient_id: str) -> str | None:
         return None
 
 
@@ -51,25 +47,6 @@ def load_patient_mapping(path: Path) -> dict[str, str]:
     return mapping
 
 
-class CsvPreassigned:
-    """Wraps another crosswalk; pre-assigned subject ids come from a CSV mapping."""
-
-    def __init__(self, inner: Crosswalk, mapping: dict[str, str]) -> None:
-        self.inner = inner
-        self.mapping = mapping
-
-    @classmethod
-    def from_csv(cls, inner: Crosswalk, path: Path) -> CsvPreassigned:
-        return cls(inner, load_patient_mapping(path))
-
-    def record(self, kind: str, original: str, pseudonym: str) -> None:
-        self.inner.record(kind, original, pseudonym)
-
-    def preassigned(self, patient_id: str) -> str | None:
-        found = self.mapping.get(patient_id)
-        return found if found is not None else self.inner.preassigned(patient_id)
-
-
 def crosswalk_token(keys: Keys, kind: str, original: str) -> str:
     """The keyed token the crosswalk table is unique on (with ``kind``), never the original."""
     return keys.token(f"crosswalk:{kind}", original)
@@ -86,11 +63,10 @@ class BufferedCrosswalk:
     ``JobRepository.crosswalk_record_many``, one transaction per chunk.
     """
 
-    def __init__(self, keys: Keys, mapping_csv: Path | None = None) -> None:
+    def __init__(self, keys: Keys) -> None:
         self._keys = keys
         self._seen: set[tuple[str, str]] = set()
         self._rows: list[CrosswalkRow] = []
-        self._mapping = load_patient_mapping(mapping_csv) if mapping_csv is not None else None
 
     def record(self, kind: str, original: str, pseudonym: str) -> None:
         token = crosswalk_token(self._keys, kind, original)
@@ -98,9 +74,6 @@ class BufferedCrosswalk:
             return
         self._rows.append((kind, token, pseudonym, self._keys.encrypt(original)))
         self._seen.add((kind, token))
-
-    def preassigned(self, patient_id: str) -> str | None:
-        return None if self._mapping is None else self._mapping.get(patient_id)
 
     def take(self) -> list[CrosswalkRow]:
         """The rows recorded since the last call (each ``(kind, token)`` once per buffer)."""

@@ -160,9 +160,6 @@ def test_worker_chunks_and_in_process_write_the_same_files_and_the_whole_crosswa
         def record(self, kind: str, original: str, pseudonym: str) -> None:
             recorded.append((kind, original, pseudonym))
 
-        def preassigned(self, patient_id: str) -> str | None:
-            return None
-
     deid = Deidentifier(config.deid, keys, Recording())
     direct = {}
     for src in inputs[:7] + inputs[8:]:
@@ -230,3 +227,31 @@ def test_offline_start_up_loads_neither_the_server_nor_the_orm(tmp_path: Path) -
                            text=True, cwd=tmp_path, timeout=120)
     assert again.stdout.strip().splitlines()[-1] == "0 []", again.stdout + again.stderr
     assert len(list((tmp_path / "out").rglob("*.dcm"))) == 1
+
+
+def test_offline_patient_mapping_gives_subject_ids_and_quarantines_the_unmapped(tmp_path: Path) -> None:
+    """A clinical trial's PatientID -> SubjectID mapping, read once by the engine of each
+    worker: mapped patients get their subject id (also in the crosswalk), others are refused."""
+    inputs = make_series(tmp_path / "in", 6, patients=3, rows=16, cols=16)
+    pids = sorted({str(pydicom.dcmread(p, stop_before_pixels=True).PatientID) for p in inputs})
+    assert len(pids) == 3
+    mapping = tmp_path / "subjects.csv"
+    mapping.write_text(f"PatientID,SubjectID\n{pids[0]},TRIAL-001\n{pids[1]},TRIAL-002\n", encoding="utf-8")
+    config = _config(tmp_path, patient_mapping_csv=str(mapping))
+    out = tmp_path / "export" / "out"
+    res = _cli("deidentify", str(tmp_path / "in"), "--out", str(out), "--workers", "2", config=config)
+    assert res.returncode == 1, res.stderr  # the unmapped patient's instances are quarantined
+    written = [pydicom.dcmread(p, stop_before_pixels=True) for p in out.rglob("*.dcm")]
+    by_subject: dict[str, int] = {}
+    for ds in written:
+        by_subject[str(ds.PatientID)] = by_subject.get(str(ds.PatientID), 0) + 1
+        assert str(ds.PatientName) == f"ANON^{ds.PatientID}"
+    unmapped = sum(1 for p in inputs if str(pydicom.dcmread(p, stop_before_pixels=True).PatientID) == pids[2])
+    assert set(by_subject) == {"TRIAL-001", "TRIAL-002"} and sum(by_subject.values()) == len(inputs) - unmapped
+    reasons = [p.read_text() for p in (tmp_path / "export" / "quarantine").glob("*.reason.txt")]
+    assert len(reasons) == unmapped and all("unmapped_patient" in r and pids[2] not in r for r in reasons)
+    engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'queue.sqlite3'}")
+    try:
+        assert {p for _, p, _ in JobRepository(engine).crosswalk_all()} >= {"TRIAL-001", "TRIAL-002"}
+    finally:
+        engine.dispose()

@@ -18,9 +18,6 @@ class DownCrosswalk:
     def record(self, kind: str, original: str, pseudonym: str) -> None:
         raise QueueError("queue database error during crosswalk_record")
 
-    def preassigned(self, patient_id: str) -> str | None:
-        return None
-
 
 def test_crosswalk_failure_propagates_as_queue_error(tmp_path: Path) -> None:
     deid = Deidentifier(DeidConfig(secret_file=tmp_path / "k"), Keys(b"k" * 32), DownCrosswalk())

@@ -196,9 +196,6 @@ def test_crosswalk_records_every_pseudonym() -> None:
         def record(self, kind: str, original: str, pseudonym: str) -> None:
             self.rows.append((kind, original, pseudonym))
 
-        def preassigned(self, patient_id: str) -> str | None:
-            return None
-
     rec = Rec()
     d = make()
     d2 = Deidentifier(d.config, Keys(SECRET), rec)
