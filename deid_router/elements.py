@@ -95,6 +95,11 @@ class Window:
         return buf[i:i + length]
 
 
+def past_file_meta(tag: int) -> bool:
+    """The stop condition of a walk of the file meta: the first element outside group 0002."""
+    return tag >> 16 != 0x0002
+
+
 def elements(
     src: Window, pos: int, end: int, implicit: bool, little: bool = True,
     stop: Callable[[int], bool] | None = None,

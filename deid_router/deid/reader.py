@@ -3,9 +3,9 @@
 ``read_header`` builds exactly what ``dcmread(fp, stop_before_pixels=True)`` builds (the same
 RawDataElements, the same undefined-length sequences, the same encodings) for files with a
 preamble and an explicit VR little endian file meta group followed by an implicit or explicit
-VR little endian dataset. It works on one buffered read of the header instead of pydicom's
-two reads per element. Undefined-length sequences are handed to pydicom's own
-``read_sequence``. Whatever it does not recognise (no preamble, command set, big endian,
+VR little endian dataset. It walks the elements with the shared walker (``deid_router.elements``)
+on one buffered read of the header, instead of pydicom's two reads per element.
+Undefined-length sequences are handed to pydicom's own ``read_sequence``. Whatever it does not recognise (no preamble, command set, big endian,
 deflate, private syntaxes, unknown VRs, VR switches, undefined-length non-sequence values,
 truncation) makes it return None, and the caller uses ``dcmread``.
 """
@@ -25,7 +25,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import VR
 from pydicom.values import convert_string
 
-from deid_router.elements import PIXEL_DATA_TAGS, UNDEFINED, Malformed, Window, elements
+from deid_router.elements import PIXEL_DATA_TAGS, UNDEFINED, Malformed, Window, elements, past_file_meta
 
 _VR_NAMES = {v.value.encode("ascii"): v.value for v in VR}  # the VRs pydicom knows, by their bytes
 _ts_cache: dict[str, bool | None] = {}
@@ -63,10 +63,6 @@ def read_header(fp: BinaryIO, size: int) -> tuple[FileDataset, int] | None:
         return None
 
 
-def _not_meta(tag: int) -> bool:
-    return tag >> 16 != 0x0002
-
-
 def _read(fp: BinaryIO, size: int) -> tuple[FileDataset, int]:
     if size < 144:
         raise _Fallback
@@ -78,7 +74,7 @@ def _read(fp: BinaryIO, size: int) -> tuple[FileDataset, int]:
     # ---- file meta: explicit VR little endian, group 0002
     meta: dict[BaseTag, RawDataElement | DataElement] = {}
     pos = 132
-    for _start, t, vr_b, length, start, pos in elements(src, 132, size, False, True, stop=_not_meta):
+    for _start, t, vr_b, length, start, pos in elements(src, 132, size, False, True, stop=past_file_meta):
         meta_vr = _VR_NAMES.get(vr_b)
         if meta_vr is None or length == UNDEFINED:
             raise _Fallback

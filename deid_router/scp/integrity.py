@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from deid_router.elements import MAX_DEPTH, PIXEL_DATA_TAGS, UNDEFINED, Malformed, Window, elements
+from deid_router.elements import MAX_DEPTH, PIXEL_DATA_TAGS, UNDEFINED, Malformed, Window, elements, past_file_meta
 
 __all__ = ["MAX_DEPTH", "PIXEL_DATA_TAGS", "Malformed", "TopLevel", "decode_values", "read_meta", "walk_top_level"]
 
@@ -107,7 +107,7 @@ def read_meta(fp: BinaryIO, size: int) -> tuple[str, int]:
         raise Malformed("no DICM prefix")
     src = Window(fp, size)
     pos, ts = 132, b""
-    for _start, tag, _vr, length, value, pos in elements(src, 132, size, False, True, stop=_not_meta):
+    for _start, tag, _vr, length, value, pos in elements(src, 132, size, False, True, stop=past_file_meta):
         if length == UNDEFINED:
             raise Malformed("file meta runs past the end of the data")
         if tag == TRANSFER_SYNTAX_UID and length <= _MAX_CAPTURED_LENGTH:
@@ -116,10 +116,6 @@ def read_meta(fp: BinaryIO, size: int) -> tuple[str, int]:
     if not uid:
         raise Malformed("no transfer syntax in the file meta")
     return uid, pos
-
-
-def _not_meta(tag: int) -> bool:
-    return tag >> 16 != 0x0002
 
 
 def walk_top_level(
