@@ -26,7 +26,6 @@ from deid_router.errors import ConfigError, MissingDatabaseError, QueueError, Se
 __all__ = ["database_label", "keys_for_reading", "keys_for_serve", "open_existing", "probe_database"]
 
 
-
 class KeyedData(Protocol):
     """What the secret check reads and records (``db.crosswalk_rows.CrosswalkRows``, which the
     job repository inherits; the offline tool holds it alone)."""

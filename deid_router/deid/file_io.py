@@ -15,17 +15,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from deid_router.config import DeidConfig
 from deid_router.deid.reader import read_header
 from deid_router.deid.writer import write_header
 from deid_router.elements import PIXEL_DATA_TAGS, Malformed, Window, elements
 from deid_router.errors import DeidError, InfrastructureError
 
 if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from deid_router.config import DeidConfig
     from deid_router.deid.pixel_rules import PixelRule
 
 
