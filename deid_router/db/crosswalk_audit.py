@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import func, insert, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from deid_router.db.crosswalk_rows import CrosswalkRows
 from deid_router.db.models import AuditEvent, Crosswalk
@@ -23,11 +21,6 @@ __all__ = ["CrosswalkAuditStore"]
 
 class CrosswalkAuditStore(CrosswalkRows):
     """Crosswalk rows, audit records and (inherited, Core only) the batch insert and the secret's fingerprint."""
-
-    def _insert_ignoring(self, model: Any, values: dict[str, Any], keys: list[str]) -> Any:
-        """``INSERT ... ON CONFLICT (keys) DO NOTHING`` in the engine's dialect."""
-        dialect: Any = postgresql if self._pg else sqlite
-        return dialect.insert(model).values(**values).on_conflict_do_nothing(index_elements=keys)
 
     def crosswalk_record(
         self, kind: str, token: str, pseudonym: str, original_encrypted: bytes, scope: str = "default"

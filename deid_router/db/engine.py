@@ -207,3 +207,10 @@ class Store:
     def _read(self, op: str) -> AbstractContextManager[Connection]:
         """A read-only transaction (:func:`read_tx`)."""
         return read_tx(self._engine, op)
+
+    def _insert_ignoring(self, table: Any, values: dict[str, Any] | list[dict[str, Any]], keys: list[str]) -> Any:
+        """``INSERT ... ON CONFLICT (keys) DO NOTHING`` of one row or many, in the engine's dialect."""
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        dialect: Any = postgresql if self._pg else sqlite
+        return dialect.insert(table).values(values).on_conflict_do_nothing(index_elements=keys)

@@ -14,37 +14,23 @@ listener needs for every acknowledged instance), and only a free lane is written
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, and_, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from deid_router.db.engine import read_tx, utc_now, write_tx
+from deid_router.db.engine import Store, utc_now
 from deid_router.db.models import LaneLease
-from deid_router.errors import QueueError
 
 _L = LaneLease
 
 
-class LaneLeases:
+class LaneLeases(Store):
     """Take, renew, give back and ask for lanes of destinations."""
 
     def __init__(self, engine: Engine, clock: Callable[[], datetime] = utc_now) -> None:
-        self._engine = engine
-        self._clock = clock
-        self._pg = engine.dialect.name == "postgresql"
+        super().__init__(engine, clock)
         self._made: set[tuple[str, int]] = set()
-
-    def _tx(self, op: str) -> AbstractContextManager[Connection]:
-        """One write transaction (``db.engine.write_tx``)."""
-        return write_tx(self._engine, op)
-
-    def _read(self, op: str) -> AbstractContextManager[Connection]:
-        """A read-only transaction (``db.engine.read_tx``)."""
-        return read_tx(self._engine, op)
 
     def _free(self, destination: str, count: int, now: datetime) -> ColumnElement[bool]:
         return and_(
@@ -58,8 +44,7 @@ class LaneLeases:
         if (destination, count) in self._made:
             return
         rows = [{"destination": destination, "lane": i} for i in range(count)]
-        dialect = postgresql if self._pg else sqlite
-        stmt = dialect.insert(LaneLease).values(rows).on_conflict_do_nothing(index_elements=["destination", "lane"])
+        stmt = self._insert_ignoring(LaneLease, rows, ["destination", "lane"])
         with self._tx("lane_create") as conn:
             conn.execute(stmt)
         self._made.add((destination, count))
